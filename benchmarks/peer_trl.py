@@ -1,0 +1,594 @@
+"""Our GRPO step against TRL's GRPOTrainer: same tiny model, same data, same batch shape, one run.
+
+Setting (both sides, measured one after the other in this one process, `torch.set_num_threads(2)`)
+    * Model: the embedded tiny Qwen3 model (`rlsd_trainer.task.build_model_dir`), given a short
+      supervised warm-up (`rlsd_trainer.warmup.supervised_warmup`, `--warmup-sft-steps`, default 150,
+      batch 64, lr 2e-3: about 90 s on 2 cores; 60 steps leave the reward near 0.01) so that rewards
+      are not all zero; the result is saved once and both trainers load that very directory, so
+      they start from the same weights. float32 on CPU.
+    * Data: train rows of the embedded arithmetic task (`rlsd_trainer.task.generate_examples`),
+      written to a JSONL file for our trainer. The question becomes a one-turn user message under
+      the tokenizer's chat template on both sides (ours: `models.encode_prompt`; TRL: conversational
+      `prompt` column). Both sides see the same prompts in the same order: the TRL dataset is laid
+      out in the order our trainer's `ResumableSampler` draws rows, and TRL's shuffling is off.
+    * Batch: `--prompts` prompts (default 16) x `--group` completions (default 8) per optimizer step;
+      at most `--max-new-tokens` (64) new tokens, temperature 1.0, top-p 1.0; AdamW lr 1e-4,
+      weight decay 0.01, grad clip 1.0, constant LR; GRPO advantages normalised by the group std; no
+      KL (beta 0), no entropy bonus, one PPO epoch; token-mean loss over the whole batch (ours:
+      `algorithms.token_mean`; TRL: `loss_type="dapo"`); clip 0.2 / 0.28 (on-policy, so the ratio is
+      1 and clipping does not act). Reward: `rlsd_trainer.verifiers.numeric_match` on both sides.
+    * Ours: `rlsd_trainer.local.LocalTrainer` (algorithm `grpo`, eval off, no checkpoints, no
+      Prometheus), stepped with `trainer.train_step(rewards)` inside `RewardPool`, as `run()` does.
+      A step = rollout (our KV-cache sampler on its own copy of the weights) + reward + log-probs,
+      loss, backward, optimizer step + weight push to the sampler.
+    * TRL: `GRPOTrainer`/`GRPOConfig` with `per_device_train_batch_size = prompts x group`,
+      `gradient_accumulation_steps = 1` (so one generation batch of the same size per optimizer step,
+      generated with `model.generate`), `num_generations = group`, `use_vllm=False`, `use_cpu=True`,
+      bf16/fp16 off, gradient checkpointing off (TRL defaults it on; off is faster for a model this
+      small), no logging, saving, evaluation or reporting. A step = its `on_step_begin` ->
+      `on_step_end` callback interval (generation, reward, loss, backward, optimizer step).
+
+Throughput (the same definition for both sides)
+    tokens/s of a step = (prompt tokens + completion tokens of all rollouts of that step) / step
+    wall time, averaged over the timed steps; the first `--warmup-steps` (default 2) of each side are
+    run but not timed. Tokens are counted from what was actually generated: on our side by wrapping
+    the rollout engine's `generate` (prompt ids x n and the returned completion ids); on TRL's side in
+    the reward function from the `completion_ids` it receives and the chat-templated prompts, and
+    cross-checked against TRL's own `state.num_input_tokens_seen` (prompt + completion tokens it
+    counts per generation). Completion tokens include the stop token and no padding on both sides.
+
+Output: a table on stdout, `benchmarks/results/peer_trl.json` and `benchmarks/results/peer_trl.png`.
+Target: ours/TRL tokens/s >= 2.
+
+Running it
+    TRL is needed by this benchmark only and is not a dependency of the trainer, so this module does
+    not import it at module level. Install it into a separate virtual environment:
+
+        python3 -m venv .venv-peer
+        .venv-peer/bin/pip install -e trainer trl            # pip's wheel cache makes torch quick
+        .venv-peer/bin/python benchmarks/peer_trl.py [--steps 10 ...]
+
+    or simply `benchmarks/peer_trl.sh [args]`, which creates `.venv-peer` when missing (pinning
+    torch and transformers to the versions of `.venv`) and runs this script with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class CpuWatch:
+    """CPU time other processes used while a side ran: /proc/stat minus this process and its reaped children.
+
+    On 2 cores a second busy process makes torch's worker threads wait on each other and can slow a
+    step down many times over, so each side reports how many cores others kept busy meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        try:
+            with open("/proc/stat") as handle:
+                fields = [int(x) for x in handle.readline().split()[1:]]
+        except OSError:
+            return time.perf_counter(), float("nan"), 0.0
+        ticks = os.sysconf("SC_CLK_TCK")
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        busy = (sum(fields[:8]) - idle) / ticks
+        own = sum(
+            getattr(resource.getrusage(who), attr)
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+            for attr in ("ru_utime", "ru_stime")
+        )
+        return time.perf_counter(), busy, own
+
+    def foreign_cores(self) -> float:
+        """Mean number of cores busy with other processes since construction."""
+        wall0, busy0, own0 = self.start
+        wall1, busy1, own1 = self._sample()
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(wall1 - wall0, 1e-9)
+
+
+@dataclass
+class StepRecord:
+    seconds: float
+    prompt_tokens: int
+    completion_tokens: int
+    reward_mean: float
+    timed: bool
+    # TRL only: tokens by TRL's own count (state.num_input_tokens_seen difference).
+    framework_tokens: int | None = None
+    # Seconds per phase: ours as `train_step` reports them; TRL's generation and the rest.
+    phases: dict[str, float] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+@dataclass
+class SideResult:
+    name: str
+    steps: list[StepRecord] = field(default_factory=list)
+    setup_seconds: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def timed(self) -> list[StepRecord]:
+        return [s for s in self.steps if s.timed]
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Mean seconds per phase over the timed steps."""
+        timed = [s.phases for s in self.timed() if s.phases]
+        names = dict.fromkeys(name for phases in timed for name in phases)
+        return {name: statistics.fmean(p.get(name, 0.0) for p in timed) for name in names}
+
+    def summary(self) -> dict[str, float]:
+        timed = self.timed()
+        return {
+            "tokens_per_second": statistics.fmean(s.tokens_per_second for s in timed),
+            "step_seconds": statistics.fmean(s.seconds for s in timed),
+            "tokens_per_step": statistics.fmean(s.tokens for s in timed),
+            "completion_tokens_per_step": statistics.fmean(s.completion_tokens for s in timed),
+            "reward_mean": statistics.fmean(s.reward_mean for s in timed),
+            "timed_steps": len(timed),
+        }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps run first on each side")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (group size)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--warmup-sft-steps", type=int, default=60, help="supervised warm-up of the start model"
+    )
+    parser.add_argument("--num-train", type=int, default=2000, help="train rows generated")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--order", default="ours,trl", help="which side runs first, e.g. 'trl,ours'")
+    parser.add_argument(
+        "--work-dir", type=Path, default=None, help="keep the model, data and run files here (default: temp)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "peer_trl.json", help="JSON results")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "peer_trl.png", help="PNG ('' skips)")
+    return parser
+
+
+# ---- common set-up ------------------------------------------------------------------------------
+
+
+def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, list[Any]]:
+    """The warmed-up start model, the train JSONL, and the rows in the order our sampler draws them."""
+    from rlsd_trainer.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection, WarmupSection
+    from rlsd_trainer.data import ResumableSampler
+    from rlsd_trainer.models import load_model
+    from rlsd_trainer.task import build_model_dir, generate_examples
+    from rlsd_trainer.warmup import supervised_warmup
+
+    task = EmbeddedTaskSection(num_train=args.num_train)
+    rows = generate_examples(task, "train", args.seed)
+    jsonl = work / "train.jsonl"
+    with jsonl.open("w") as handle:
+        for row in rows:
+            handle.write(
+                json.dumps({"question": row.question, "answer": row.answer, "reference": row.reference})
+            )
+            handle.write("\n")
+
+    start = work / f"start-model-sft{args.warmup_sft_steps}-seed{args.seed}"
+    if not (start / "config.json").exists():
+        base = build_model_dir(work / "base-model", task, args.seed)
+        loaded = load_model(base, ModelSection())
+        started = time.perf_counter()
+        losses = supervised_warmup(
+            loaded.model,
+            loaded.tokenizer,
+            rows,
+            WarmupSection(steps=args.warmup_sft_steps, batch_size=64, lr=2e-3),
+            DEFAULT_TEACHER_TEMPLATE,
+            args.seed,
+            512,
+        )
+        print(
+            f"supervised warm-up: {args.warmup_sft_steps} steps in {time.perf_counter() - started:.0f} s, "
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            if losses
+            else "supervised warm-up: 0 steps"
+        )
+        loaded.model.save_pretrained(start, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(start)
+
+    # The rows our trainer will draw, step by step (its sampler is ResumableSampler(len, run.seed)).
+    sampler = ResumableSampler(len(rows), args.seed)
+    total = (args.warmup_steps + args.steps) * args.prompts
+    ordered = [rows[i] for i in sampler.next_indices(total)]
+    return start, jsonl, ordered
+
+
+# ---- our trainer --------------------------------------------------------------------------------
+
+
+def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path) -> SideResult:
+    import torch
+
+    from rlsd_trainer.config import parse_config
+    from rlsd_trainer.local import LocalTrainer
+    from rlsd_trainer.verifiers import RewardPool
+
+    torch.set_num_threads(args.threads)
+    setup_started = time.perf_counter()
+    big = 10**9  # no checkpoint, no end of run inside the benchmark
+    config = parse_config(
+        {
+            "run": {
+                "name": "peer-ours",
+                "seed": args.seed,
+                "output_dir": str(work / "ours"),
+                "total_steps": big,
+            },
+            "model": {"path": str(model_dir)},
+            "data": {"train": {"kind": "jsonl", "path": str(jsonl)}, "eval": None},
+            "algorithm": {"name": "grpo", "group_size": args.group},
+            "rollout": {
+                "prompts_per_step": args.prompts,
+                "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
+            },
+            "optim": {"lr": args.lr, "weight_decay": 0.01, "grad_clip": 1.0, "warmup_steps": 0},
+            "reward": {"verifier": "numeric"},
+            "warmup": {"steps": 0},
+            "checkpoint": {"every": big},
+            "metrics": {"prometheus_port": None, "progress_bar": False},
+        },
+        "peer_trl.py",
+    )
+    trainer = LocalTrainer(config)
+    side = SideResult("ours", notes={"micro_batch_tokens": config.learner.micro_batch_tokens})
+
+    # Count the tokens of every rollout from what the engine was given and returned.
+    counts = {"prompt": 0, "completion": 0}
+    generate = trainer.engine.generate
+
+    def counting_generate(prompts, params):  # type: ignore[no-untyped-def]
+        groups = generate(prompts, params)
+        counts["prompt"] += sum(len(p) for p in prompts) * params.n
+        counts["completion"] += sum(len(c.token_ids) for group in groups for c in group)
+        return groups
+
+    trainer.engine.generate = counting_generate  # type: ignore[method-assign]
+    side.setup_seconds = time.perf_counter() - setup_started
+
+    watch = None
+    with RewardPool(config.reward) as rewards:
+        for index in range(args.warmup_steps + args.steps):
+            if index == args.warmup_steps:
+                watch = CpuWatch()
+            counts.update(prompt=0, completion=0)
+            started = time.perf_counter()
+            values = trainer.train_step(rewards)
+            seconds = time.perf_counter() - started
+            side.steps.append(
+                StepRecord(
+                    seconds=seconds,
+                    prompt_tokens=counts["prompt"],
+                    completion_tokens=counts["completion"],
+                    reward_mean=values["reward_mean"],
+                    timed=index >= args.warmup_steps,
+                    phases={
+                        key.removeprefix("time_").removesuffix("_seconds"): value
+                        for key, value in values.items()
+                        if key.startswith("time_")
+                    },
+                )
+            )
+            _progress("ours", index, args, side.steps[-1])
+    if watch is not None:
+        side.notes["foreign_cpu_cores"] = watch.foreign_cores()
+    trainer.metrics.close()
+    return side
+
+
+# ---- TRL ----------------------------------------------------------------------------------------
+
+
+def run_trl(args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], work: Path) -> SideResult:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlsd_trainer.models import encode_prompt
+    from rlsd_trainer.verifiers import numeric_match
+
+    torch.set_num_threads(args.threads)
+    setup_started = time.perf_counter()
+    side = SideResult("trl", notes={"trl_version": trl.__version__})
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    dataset = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": row.question}], "answer": row.answer}
+            for row in ordered_rows
+        ]
+    )
+    batch = args.prompts * args.group
+    config = GRPOConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        num_generations=args.group,
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=args.lr,
+        weight_decay=0.01,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=1.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        scale_rewards="group",
+        use_vllm=False,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        max_steps=args.warmup_steps + args.steps,
+        shuffle_dataset=False,
+        seed=args.seed,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        log_completions=False,
+        dataloader_num_workers=0,
+    )
+
+    current: dict[str, Any] = {}
+
+    def numeric_reward(prompts, completions, completion_ids, answer, **kwargs):  # type: ignore[no-untyped-def]
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        scores = [numeric_match(text, gold) for text, gold in zip(texts, answer, strict=True)]
+        current["completion_tokens"] += sum(len(ids) for ids in completion_ids)
+        current["prompt_tokens"] += sum(len(encode_prompt(tokenizer, p[-1]["content"])) for p in prompts)
+        current["rewards"].extend(scores)
+        return scores
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, _args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            current.update(
+                prompt_tokens=0,
+                completion_tokens=0,
+                rewards=[],
+                seen=state.num_input_tokens_seen,
+                generate=0.0,
+            )
+            if len(side.steps) == args.warmup_steps:
+                current["watch"] = CpuWatch()
+            current["start"] = time.perf_counter()
+
+        def on_step_end(self, _args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            seconds = time.perf_counter() - current["start"]
+            index = len(side.steps)
+            side.steps.append(
+                StepRecord(
+                    seconds=seconds,
+                    prompt_tokens=current["prompt_tokens"],
+                    completion_tokens=current["completion_tokens"],
+                    reward_mean=statistics.fmean(current["rewards"]) if current["rewards"] else float("nan"),
+                    timed=index >= args.warmup_steps,
+                    framework_tokens=int(state.num_input_tokens_seen - current["seen"]),
+                    phases={"generate": current["generate"], "rest": seconds - current["generate"]},
+                )
+            )
+            _progress("trl", index, args, side.steps[-1])
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[numeric_reward],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    # Time TRL's generation too (a private method; skipped if it is renamed), for the phase split.
+    generate_single_turn = getattr(trainer, "_generate_single_turn", None)
+    if generate_single_turn is not None:
+
+        def timed_generate(*a, **k):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            try:
+                return generate_single_turn(*a, **k)
+            finally:
+                current["generate"] = current.get("generate", 0.0) + time.perf_counter() - started
+
+        trainer._generate_single_turn = timed_generate  # type: ignore[method-assign]
+    side.setup_seconds = time.perf_counter() - setup_started
+    trainer.train()
+    if "watch" in current:
+        side.notes["foreign_cpu_cores"] = current["watch"].foreign_cores()
+    mismatched = [i for i, s in enumerate(side.steps) if s.framework_tokens != s.tokens]
+    side.notes["token_count_matches_trl"] = not mismatched
+    if mismatched:
+        print(f"warning: TRL's own token count differs from ours at steps {mismatched}")
+    return side
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def _progress(name: str, index: int, args: argparse.Namespace, step: StepRecord) -> None:
+    kind = "timed" if step.timed else "warm-up"
+    print(
+        f"  {name:<4} step {index + 1:>2}/{args.warmup_steps + args.steps} ({kind}): {step.seconds:6.2f} s, "
+        f"{step.prompt_tokens} + {step.completion_tokens} tokens, {step.tokens_per_second:7.0f} tok/s, "
+        f"reward {step.reward_mean:.3f}"
+        + ("".join(f", {k} {v:.2f} s" for k, v in step.phases.items()) if step.phases else ""),
+        flush=True,
+    )
+
+
+def plot(sides: dict[str, SideResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    colours = {"ours": "#4c72b0", "trl": "#dd8452"}
+    for name, side in sides.items():
+        timed = side.timed()
+        left.plot(
+            range(1, len(timed) + 1),
+            [s.tokens_per_second for s in timed],
+            "o-",
+            label=name,
+            color=colours[name],
+        )
+    left.set_xlabel("timed step")
+    left.set_ylabel("tokens/s (prompt + completion)")
+    left.set_ylim(bottom=0)
+    left.legend()
+    names = list(sides)
+    means = [sides[n].summary()["tokens_per_second"] for n in names]
+    bars = right.bar(names, means, color=[colours[n] for n in names])
+    for bar, name in zip(bars, names, strict=True):
+        summary = sides[name].summary()
+        right.annotate(
+            f"{summary['tokens_per_second']:.0f} tok/s\n{summary['step_seconds']:.2f} s/step",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    right.set_ylim(0, max(means) * 1.25)
+    right.set_title("mean over timed steps", fontsize=10)
+    fig.suptitle("GRPO step throughput, embedded tiny model, CPU", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args: argparse.Namespace, sides: dict[str, SideResult]) -> dict[str, Any]:
+    ours, peer = sides["ours"].summary(), sides["trl"].summary()
+    ratio = ours["tokens_per_second"] / peer["tokens_per_second"]
+    print()
+    print(
+        f"{args.prompts} prompts x {args.group} completions per step, max {args.max_new_tokens} new tokens, "
+        f"{args.threads} threads; mean over {args.steps} timed steps after {args.warmup_steps} untimed"
+    )
+    header = f"{'':<24}{'ours':>12}{'TRL':>12}{'ours/TRL':>10}"
+    print(header)
+    print("-" * len(header))
+    rows = [
+        ("tokens/s", "tokens_per_second", ".0f"),
+        ("step seconds", "step_seconds", ".2f"),
+        ("tokens per step", "tokens_per_step", ".0f"),
+        ("completion tokens/step", "completion_tokens_per_step", ".0f"),
+        ("reward mean", "reward_mean", ".3f"),
+    ]
+    for label, key, fmt in rows:
+        share = ours[key] / peer[key] if peer[key] else float("nan")
+        print(f"{label:<24}{ours[key]:>12{fmt}}{peer[key]:>12{fmt}}{share:>10.2f}")
+    print(
+        "tokens/s = (prompt + completion tokens of all rollouts of the step) / step wall time, "
+        "averaged over the timed steps"
+    )
+    for name, side in sides.items():
+        split = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in side.phase_seconds().items())
+        print(f"mean phase split, {name}: {split}")
+    foreign = {name: side.notes.get("foreign_cpu_cores", float("nan")) for name, side in sides.items()}
+    print(
+        "cores kept busy by other processes during the timed steps: "
+        + ", ".join(f"{name} {cores:.2f}" for name, cores in foreign.items())
+    )
+    if any(cores > 0.2 for cores in foreign.values()):
+        print("warning: other processes competed for the CPU; timings are not trustworthy, rerun when idle")
+    print(f"throughput ratio ours/TRL = {ratio:.2f} (target >= 2: {'met' if ratio >= 2 else 'MISSED'})")
+    return {
+        "setting": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "throughput_definition": "(prompt + completion tokens of all rollouts of a step) / step wall time, "
+        "mean over timed steps",
+        "ratio_ours_over_trl": ratio,
+        "target_ratio": 2.0,
+        "target_met": ratio >= 2,
+        "sides": {
+            name: {
+                "summary": side.summary(),
+                "phase_seconds": side.phase_seconds(),
+                "setup_seconds": side.setup_seconds,
+                "notes": side.notes,
+                "steps": [asdict(s) for s in side.steps],
+            }
+            for name, side in sides.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    order = [name.strip() for name in args.order.split(",")]
+    if sorted(order) != ["ours", "trl"]:
+        raise SystemExit("--order must name 'ours' and 'trl' once each")
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "TRL is not installed in this environment; run benchmarks/peer_trl.sh, which sets up .venv-peer "
+            "(see this script's docstring)"
+        ) from None
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="peer-trl-") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model_dir, jsonl, ordered = prepare(args, work)
+        sides: dict[str, SideResult] = {}
+        for name in order:
+            print(f"running {name} ...", flush=True)
+            if name == "ours":
+                sides[name] = run_ours(args, model_dir, jsonl, work)
+            else:
+                sides[name] = run_trl(args, model_dir, ordered, work)
+    results = report(args, sides)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if str(args.plot) not in ("", "."):
+        plot(sides, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,309 @@
+"""The one configuration object of a run, validated at start-up.
+
+The same YAML file drives the local (no-Kubernetes) mode and, rendered by the operator from an
+RLSDRun spec, the distributed roles. Every model forbids unknown fields, so a typo fails at once
+with its dotted path and the fields that are allowed there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_TEACHER_TEMPLATE = (
+    "{question}\n\n"
+    "Here is a reference solution to this problem:\n"
+    "{reference}\n\n"
+    "After reading the reference solution above, solve the problem yourself in your own way."
+)
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names every bad field and its fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(_Section):
+    name: str = "rlsd-run"
+    seed: int = 0
+    output_dir: str = "runs/rlsd-run"
+    total_steps: Annotated[int, Field(ge=1)] = 100
+
+
+class ModelSection(_Section):
+    # A Hugging Face causal-LM directory or hub id, or "embedded" for the tiny model built locally.
+    path: str = "embedded"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class EmbeddedTaskSection(_Section):
+    """The synthetic verifiable reasoning task shipped with the embedded default."""
+
+    num_train: Annotated[int, Field(ge=1)] = 20000
+    num_eval: Annotated[int, Field(ge=1)] = 256
+    min_terms: Annotated[int, Field(ge=2)] = 3
+    max_terms: Annotated[int, Field(ge=2)] = 6
+    max_operand: Annotated[int, Field(ge=1)] = 9
+
+    @model_validator(mode="after")
+    def _terms_ordered(self) -> EmbeddedTaskSection:
+        if self.max_terms < self.min_terms:
+            raise ValueError("max_terms must be >= min_terms")
+        return self
+
+
+class DataSourceSection(_Section):
+    kind: Literal["jsonl", "parquet", "hf", "embedded"] = "embedded"
+    # File path for jsonl/parquet; dataset name or saved-to-disk directory for hf.
+    path: str | None = None
+    split: str = "train"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    reference_field: str = "reference"
+
+    @model_validator(mode="after")
+    def _path_when_needed(self) -> DataSourceSection:
+        if self.kind != "embedded" and not self.path:
+            raise ValueError(f"path is required when kind is {self.kind!r}")
+        return self
+
+
+class DataSection(_Section):
+    train: DataSourceSection = DataSourceSection()
+    eval: DataSourceSection | None = DataSourceSection(split="eval")
+    embedded: EmbeddedTaskSection = EmbeddedTaskSection()
+    max_prompt_tokens: Annotated[int, Field(ge=8)] = 512
+
+
+class LambdaSchedule(_Section):
+    """lam(step): warm-up at `initial`, then linear decay to `final` over `decay_steps` (RLSD.md)."""
+
+    kind: Literal["linear", "constant"] = "linear"
+    initial: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    final: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    decay_steps: Annotated[int, Field(ge=1)] = 60
+
+
+class AlgorithmSection(_Section):
+    name: Literal["rlsd", "grpo", "opsd", "grpo+opsd"] = "rlsd"
+    group_size: Annotated[int, Field(ge=2)] = 8
+    lam: LambdaSchedule = LambdaSchedule()
+    eps_w: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    clip_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    clip_high: Annotated[float, Field(gt=0.0)] = 0.28
+    dual_clip: Annotated[float, Field(gt=1.0)] | None = 3.0
+    advantage_eps: Annotated[float, Field(gt=0.0)] = 1e-6
+    kl_coef: Annotated[float, Field(ge=0.0)] = 0.0
+    entropy_coef: Annotated[float, Field(ge=0.0)] = 0.0
+    # Weight of the OPSD term in grpo+opsd.
+    opsd_coef: Annotated[float, Field(ge=0.0)] = 1.0
+    ppo_epochs: Annotated[int, Field(ge=1)] = 1
+
+
+class OptimSection(_Section):
+    lr: Annotated[float, Field(gt=0.0)] = 1e-6
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+
+
+class SamplingSection(_Section):
+    temperature: Annotated[float, Field(ge=0.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
+
+
+class RolloutSection(_Section):
+    backend: Literal["local"] = "local"
+    prompts_per_step: Annotated[int, Field(ge=1)] = 256
+    sampling: SamplingSection = SamplingSection()
+    # Responses generated per forward batch by the local engine (bounds its memory).
+    max_batch_size: Annotated[int, Field(ge=1)] = 256
+
+
+class TeacherSection(_Section):
+    mode: Literal["frozen", "live"] = "frozen"
+    # Frozen teacher is overwritten with the current policy every `sync_interval` steps.
+    sync_interval: Annotated[int, Field(ge=1)] = 20
+    template: str = DEFAULT_TEACHER_TEMPLATE
+    max_reference_tokens: Annotated[int, Field(ge=1)] = 2048
+
+    @model_validator(mode="after")
+    def _template_placeholders(self) -> TeacherSection:
+        for placeholder in ("{question}", "{reference}"):
+            if placeholder not in self.template:
+                raise ValueError(f"template must contain {placeholder}")
+        return self
+
+
+class RewardSection(_Section):
+    verifier: Literal["exact", "numeric", "math", "callable"] = "math"
+    # "package.module:function" with signature (response: str, answer: str) -> float; for `callable`.
+    callable: str | None = None
+    timeout_s: Annotated[float, Field(gt=0.0)] = 5.0
+    workers: Annotated[int, Field(ge=1)] = 2
+
+    @model_validator(mode="after")
+    def _callable_when_needed(self) -> RewardSection:
+        if self.verifier == "callable" and not self.callable:
+            raise ValueError("callable ('package.module:function') is required when verifier is 'callable'")
+        if self.callable and ":" not in self.callable:
+            raise ValueError("callable must look like 'package.module:function'")
+        return self
+
+
+class WarmupSection(_Section):
+    """Supervised warm-up on (question, reference) rows before RL; 0 steps skips it."""
+
+    steps: Annotated[int, Field(ge=0)] = 0
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    # Share of warm-up rows shown in the teacher's privileged format, so a model trained from
+    # scratch learns to read a reference (a pretrained LLM already can).
+    privileged_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    # Share of (non-privileged) rows whose target is the bare final answer instead of the worked
+    # solution: the warmed-up policy then mixes a reliable and an unreliable way of answering, and RL
+    # has to discover which one the verifier rewards.
+    direct_answer_fraction: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+
+
+class LearnerSection(_Section):
+    # Tokens per micro-batch (prompt + response, padded); gradients accumulate across micro-batches.
+    micro_batch_tokens: Annotated[int, Field(ge=64)] = 16384
+    # Tokens per chunk of the output projection, bounding the float32 logits held at once.
+    logprob_chunk_tokens: Annotated[int, Field(ge=16)] = 512
+
+
+class CheckpointSection(_Section):
+    every: Annotated[int, Field(ge=1)] = 20
+    keep_last: Annotated[int, Field(ge=1)] = 3
+
+
+class MetricsSection(_Section):
+    # Port of the Prometheus /metrics endpoint; 0 picks a free port, null disables it.
+    prometheus_port: Annotated[int, Field(ge=0, le=65535)] | None = 0
+    console_every: Annotated[int, Field(ge=1)] = 10
+    progress_bar: bool = True
+
+
+class EvalSection(_Section):
+    every: Annotated[int, Field(ge=1)] = 20
+    max_examples: Annotated[int, Field(ge=1)] = 256
+    # Held-out accuracy is measured with greedy decoding unless a temperature is given.
+    temperature: Annotated[float, Field(ge=0.0)] = 0.0
+    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
+
+
+class RunConfig(_Section):
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    algorithm: AlgorithmSection = AlgorithmSection()
+    optim: OptimSection = OptimSection()
+    rollout: RolloutSection = RolloutSection()
+    teacher: TeacherSection = TeacherSection()
+    reward: RewardSection = RewardSection()
+    warmup: WarmupSection = WarmupSection()
+    learner: LearnerSection = LearnerSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    metrics: MetricsSection = MetricsSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _embedded_pairs(self) -> RunConfig:
+        embedded_data = self.data.train.kind == "embedded"
+        if (self.model.path == "embedded") != embedded_data:
+            raise ValueError(
+                "model.path 'embedded' and data.train.kind 'embedded' go together: the embedded model's "
+                "tokenizer is built for the embedded task; set both or neither"
+            )
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+
+def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "<root>"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_fields(root, error["loc"][:-1])
+        message = f"unknown field; allowed fields here: {', '.join(allowed)}"
+    return f"  {path}: {message}"
+
+
+def _allowed_fields(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model: Any = root
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Validate a raw mapping into a RunConfig or raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(error, RunConfig) for error in exc.errors()]
+        raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file, apply `section.field=value` overrides, and validate it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for override in overrides or []:
+        apply_override(raw, override)
+    return parse_config(raw, str(path))
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested mapping; the value is parsed as YAML (so 3, 0.5, true work),
+    falling back to the raw string when it is not valid YAML."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected section.field=value")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        # Not a YAML scalar (a template such as "{question} ..."): keep it as the string it is.
+        node[leaf] = value
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

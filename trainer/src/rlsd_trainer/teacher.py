@@ -1,0 +1,85 @@
+"""The self-distillation teacher: the same model family, prompted with privileged information.
+
+The teacher sees the question plus the reference solution (through a configurable template) and
+scores the student's sampled response tokens; no gradient flows through it. Modes:
+- `live`: the current policy weights score (one extra no-grad forward).
+- `frozen`: a snapshot of the initial policy, overwritten with the current policy every
+  `sync_interval` steps (the reference code's default, interval 20).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlsd_trainer.config import TeacherSection
+from rlsd_trainer.logprobs import pack, response_logprobs
+from rlsd_trainer.models import encode_prompt
+
+
+def render_teacher_prompt(template: str, question: str, reference: str) -> str:
+    """Fill `{question}` and `{reference}` (plain substitution, so braces in math text are safe)."""
+    return template.replace("{question}", question).replace("{reference}", reference)
+
+
+def truncate_reference(tokenizer: PreTrainedTokenizerBase, reference: str, max_tokens: int) -> str:
+    ids = tokenizer(reference, add_special_tokens=False)["input_ids"]
+    return reference if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+class Teacher:
+    """Scores response tokens under the privileged prompt; colocated with the learner."""
+
+    def __init__(self, config: TeacherSection, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        self.config = config
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.snapshot = self._frozen_copy(policy) if config.mode == "frozen" else None
+        self.last_sync_step = 0
+
+    @staticmethod
+    def _frozen_copy(policy: PreTrainedModel) -> PreTrainedModel:
+        return copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        return self.snapshot if self.snapshot is not None else self.policy
+
+    def prompt_ids(self, question: str, reference: str) -> list[int]:
+        reference = truncate_reference(self.tokenizer, reference, self.config.max_reference_tokens)
+        return encode_prompt(self.tokenizer, render_teacher_prompt(self.config.template, question, reference))
+
+    def maybe_sync(self, step: int) -> bool:
+        """Overwrite the frozen snapshot with the policy when `sync_interval` steps have passed."""
+        if self.snapshot is None or step - self.last_sync_step < self.config.sync_interval:
+            return False
+        self.snapshot.load_state_dict(self.policy.state_dict())
+        self.last_sync_step = step
+        return True
+
+    @torch.no_grad()
+    def score(
+        self, prompts: list[list[int]], responses: list[list[int]], pad_id: int, chunk_tokens: int
+    ) -> torch.Tensor:
+        """Teacher log-probs `[B, T]` of each response token after its privileged prompt."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logprobs, _ = response_logprobs(self.model, pack(prompts, responses, pad_id), chunk_tokens)
+        finally:
+            self.model.train(was_training)
+        return logprobs
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"last_sync_step": self.last_sync_step}
+        if self.snapshot is not None:
+            state["snapshot"] = self.snapshot.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_sync_step = int(state["last_sync_step"])
+        if self.snapshot is not None:
+            self.snapshot.load_state_dict(state["snapshot"])
