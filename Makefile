@@ -36,7 +36,7 @@ bench-memory: $(VENV)/.trainer-installed
 	$(BIN)/python benchmarks/logprob_memory.py
 
 bench-peer: $(VENV)/.trainer-installed
-	$(BIN)/python benchmarks/peer_trl.py
+	benchmarks/peer_trl.sh
 
 clean:
 	rm -rf $(VENV) runs

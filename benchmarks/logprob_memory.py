@@ -273,7 +273,7 @@ def compare(reference: Path, other: Path) -> dict[str, float]:
     }
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, length: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,8 +291,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             va="bottom",
             fontsize=8,
         )
+    naive = next((r for r in rows if r["path"] == "naive"), None)
+    if naive is not None:
+        target = 0.25 * naive["peak_increase_mib"] / 1024
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target: 0.25 x naive")
+        ax.legend(loc="upper right", fontsize=8)
     ax.set_ylabel("peak RSS increase (GiB)")
-    ax.set_title("log-prob + clipped loss + backward, one 4096-token sequence", fontsize=10)
+    ax.set_title(f"log-prob + clipped loss + backward, one {length}-token sequence", fontsize=10)
     ax.set_ylim(0, max(peaks) * 1.25)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
     if str(args.plot) not in ("", "."):
-        plot(rows, args.plot)
+        plot(rows, args.plot, length)
         print(f"wrote {args.plot}")
     return 0
 

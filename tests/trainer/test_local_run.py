@@ -97,3 +97,15 @@ def test_cli_reports_a_bad_config_with_exit_code_3(tmp_path: Path) -> None:
     )
     assert result.returncode == 3
     assert "algorithm.name" in result.stderr and "'rlsd'" in result.stderr
+
+
+def test_optional_terms_live_teacher_and_several_epochs(tmp_path: Path) -> None:
+    raw = tiny_config(tmp_path, total_steps=1)
+    raw["algorithm"].update(kl_coef=0.1, entropy_coef=0.01, ppo_epochs=2)
+    raw["teacher"]["mode"] = "live"
+    raw["learner"]["micro_batch_tokens"] = 64  # several micro-batches per step
+    run_local(parse_config(raw))
+    (record,) = [r for r in records(tmp_path) if "policy_loss" in r]
+    # The first epoch is on-policy (ratio 1, policy == reference), so the KL term starts at 0.
+    assert record["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert record["entropy"] > 0 and math.isfinite(record["grad_norm"])

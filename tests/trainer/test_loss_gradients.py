@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from tiny_models import tiny_model
 
 from rlsd_trainer.algorithms import (
     clipped_policy_loss,
@@ -14,7 +14,7 @@ from rlsd_trainer.algorithms import (
     rlsd_token_advantages,
     token_mean,
 )
-from rlsd_trainer.logprobs import pack, response_logprobs
+from rlsd_trainer.logprobs import _ChunkedTokenLogprobs, pack, response_logprobs
 
 F64 = torch.float64
 
@@ -159,23 +159,11 @@ def test_kl_penalty_gradcheck() -> None:
 # Chunked response log-probs against the naive full-logits computation
 # --------------------------------------------------------------------------------------------------
 
-VOCAB = 97
 PAD = 0
 
 
 def _tiny_model(tie: bool, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        tie_word_embeddings=tie,
-    )
-    return AutoModelForCausalLM.from_config(config).double()
+    return tiny_model(seed, tie).double()
 
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20], [30, 31]]
@@ -238,3 +226,18 @@ def test_chunked_logprobs_without_grad_match_with_grad() -> None:
     torch.testing.assert_close(plain, chunked.detach(), atol=1e-6, rtol=1e-6)
     naive_lp, _, _ = _naive(model, PROMPTS, RESPONSES)
     torch.testing.assert_close(plain.double(), naive_lp.detach(), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_chunked_projection_gradients_match_finite_differences(softcap: float | None) -> None:
+    """The hand-written backward of the chunked projection (log-probs and entropies, with and
+    without logit soft-capping) against numerical gradients, with chunks that split the tokens."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(7, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.tensor([0, 3, 6, 3, 1])
+
+    def both(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _ChunkedTokenLogprobs.apply(h, w, targets, 2, softcap)
+
+    assert torch.autograd.gradcheck(both, (hidden, weight))

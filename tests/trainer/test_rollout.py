@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from tiny_models import tiny_model
 
-from rlsd_trainer.logprobs import pack, response_logprobs
+from rlsd_trainer.logprobs import pack, response_logprobs, shared_prompt_logprobs
 from rlsd_trainer.rollout import Completion, LocalEngine, SamplingParams, sample_next
 
 PAD = 0
@@ -15,17 +15,7 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20], [30, 31, 32, 33]]
 
 
 def _tiny_model(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    return AutoModelForCausalLM.from_config(config)
+    return tiny_model(seed)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +168,19 @@ def test_update_weights_changes_outputs_and_version() -> None:
         assert torch.equal(param, dict(new_model.named_parameters())[name]), name
     reference = LocalEngine(new_model, pad_id=PAD, stop_ids=[]).generate(PROMPTS, greedy)
     assert [c.token_ids for c in _flat(after)] == [c.token_ids for c in _flat(reference)]
+
+
+def test_shared_prompt_logprobs_equal_the_concatenated_rows(model: torch.nn.Module) -> None:
+    """The teacher's path (each prompt run once, its KV cache repeated for the group) scores exactly
+    what the learner's path scores on `prompt + response` rows."""
+    group = 2
+    responses = [[40, 41, 42], [43], [50, 51, 52, 53, 54], [55, 56], [60], [61, 62, 63], [70, 71], [72]]
+    shared = shared_prompt_logprobs(model, PROMPTS, responses, group, PAD, chunk_tokens=4)
+    rows = [prompt for prompt in PROMPTS for _ in range(group)]
+    with torch.no_grad():
+        expected, _ = response_logprobs(model, pack(rows, responses, PAD), chunk_tokens=4)
+    assert shared.shape == expected.shape
+    torch.testing.assert_close(shared, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(shared[expected == 0] == 0)  # padding stays exactly 0
+    with pytest.raises(ValueError, match="group"):
+        shared_prompt_logprobs(model, PROMPTS, responses[:-1], group, PAD)

@@ -180,7 +180,7 @@ class LearnerSection(_Section):
     # Tokens per micro-batch (prompt + response, padded); gradients accumulate across micro-batches.
     micro_batch_tokens: Annotated[int, Field(ge=64)] = 16384
     # Tokens per chunk of the output projection, bounding the float32 logits held at once.
-    logprob_chunk_tokens: Annotated[int, Field(ge=16)] = 512
+    logprob_chunk_tokens: Annotated[int, Field(ge=16)] = 256
 
 
 class CheckpointSection(_Section):

@@ -255,9 +255,11 @@ class LocalTrainer:
         teacher_logprobs = None
         if self.teacher is not None:
             with timer.phase("teacher"):
-                teacher_prompts = [self.teacher.prompt_ids(e.question, e.reference or e.answer) for e in rows]
+                teacher_prompts = [
+                    self.teacher.prompt_ids(e.question, e.reference or e.answer) for e in examples
+                ]
                 teacher_logprobs = self.teacher.score(
-                    teacher_prompts, responses, self.pad_id, cfg.learner.logprob_chunk_tokens
+                    teacher_prompts, responses, group, self.pad_id, cfg.learner.logprob_chunk_tokens
                 )
 
         with timer.phase("learn"):
@@ -349,7 +351,8 @@ class LocalTrainer:
                         ref_lp, _ = response_logprobs(self.reference, micro, cfg.learner.logprob_chunk_tokens)
                     kl = algorithms.token_mean(algorithms.kl_penalty(logprobs, ref_lp), m, global_tokens)
                     loss = loss + algo.kl_coef * kl
-                    totals["kl"] += float(kl)
+                    if epoch == 0:
+                        totals["kl"] += kl.item()
                 if algo.entropy_coef > 0:
                     loss = loss - algo.entropy_coef * algorithms.token_mean(entropy, m, global_tokens)
                 loss.backward()
@@ -390,8 +393,13 @@ class LocalTrainer:
 
     @torch.no_grad()
     def _old_logprobs(self, batch: PackedBatch) -> torch.Tensor:
-        logprobs, _ = response_logprobs(self.policy, batch, self.config.learner.logprob_chunk_tokens)
-        return logprobs
+        """Log-probs before any update of this step, for the ratio of epochs after the first."""
+        old = torch.zeros_like(batch.response_mask)
+        for rows in self._micro_batches(batch):
+            micro = _select(batch, rows)
+            logprobs, _ = response_logprobs(self.policy, micro, self.config.learner.logprob_chunk_tokens)
+            old[rows, : logprobs.shape[1]] = logprobs
+        return old
 
     # ---- the run --------------------------------------------------------------------------------
     def run(self) -> RunSummary:

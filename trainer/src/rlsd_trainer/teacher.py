@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlsd_trainer.config import TeacherSection
-from rlsd_trainer.logprobs import pack, response_logprobs
+from rlsd_trainer.logprobs import shared_prompt_logprobs
 from rlsd_trainer.models import encode_prompt
 
 
@@ -62,16 +62,23 @@ class Teacher:
 
     @torch.no_grad()
     def score(
-        self, prompts: list[list[int]], responses: list[list[int]], pad_id: int, chunk_tokens: int
+        self,
+        prompts: list[list[int]],
+        responses: list[list[int]],
+        group_size: int,
+        pad_id: int,
+        chunk_tokens: int,
     ) -> torch.Tensor:
-        """Teacher log-probs `[B, T]` of each response token after its privileged prompt."""
+        """Teacher log-probs `[B, T]` of each response token after its group's privileged prompt.
+
+        `prompts` holds one privileged prompt per group; `responses` the groups' responses in order.
+        """
         was_training = self.model.training
         self.model.eval()
         try:
-            logprobs, _ = response_logprobs(self.model, pack(prompts, responses, pad_id), chunk_tokens)
+            return shared_prompt_logprobs(self.model, prompts, responses, group_size, pad_id, chunk_tokens)
         finally:
             self.model.train(was_training)
-        return logprobs
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"last_sync_step": self.last_sync_step}
