@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from importlib import resources
 
 from rlsd_trainer.config import ConfigError, load_config
@@ -41,6 +42,9 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # transformers >= 5.2x renames the `past_key_values` argument to `cache`; we keep the old name,
+    # which every supported version (pinned below 5.40, where it goes) understands.
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:

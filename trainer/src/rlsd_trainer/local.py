@@ -405,6 +405,8 @@ class LocalTrainer:
     def run(self) -> RunSummary:
         cfg = self.config
         resumed = self.restore()
+        if self.metrics.port is not None:
+            tqdm.write(f"Prometheus metrics: http://127.0.0.1:{self.metrics.port}/metrics")
         with RewardPool(cfg.reward) as rewards:
             if not resumed:
                 self.start_accuracy = self.evaluate(rewards)
