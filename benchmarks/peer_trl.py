@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument(
-        "--warmup-sft-steps", type=int, default=60, help="supervised warm-up of the start model"
+        "--warmup-sft-steps", type=int, default=150, help="supervised warm-up of the start model"
     )
     parser.add_argument("--num-train", type=int, default=2000, help="train rows generated")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
