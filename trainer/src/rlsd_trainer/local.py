@@ -288,7 +288,8 @@ class LocalTrainer:
             "verifier_timeouts": float(scored.timeouts),
             "policy_version": float(self.step),
             "step_seconds": elapsed,
-            "tokens_per_second": (response_tokens + float(batch.attention_mask.sum())) / elapsed,
+            # Prompt + response tokens of the step's rollouts (the packed rows hold both).
+            "tokens_per_second": float(batch.attention_mask.sum()) / elapsed,
             "lr": self.scheduler.get_last_lr()[0],
             **learn,
             **{f"time_{name}_seconds": seconds for name, seconds in timer.seconds.items()},
