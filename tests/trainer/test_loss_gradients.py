@@ -238,6 +238,6 @@ def test_chunked_projection_gradients_match_finite_differences(softcap: float | 
     targets = torch.tensor([0, 3, 6, 3, 1])
 
     def both(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _ChunkedTokenLogprobs.apply(h, w, targets, 2, softcap)
+        return _ChunkedTokenLogprobs.apply(h, w, targets, 2, softcap, True)
 
     assert torch.autograd.gradcheck(both, (hidden, weight))

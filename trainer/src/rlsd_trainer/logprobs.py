@@ -79,15 +79,18 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         targets: torch.Tensor,
         chunk_tokens: int,
         softcap: float | None,
+        with_entropy: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logprobs = torch.empty(targets.shape[0], dtype=_compute_dtype(hidden), device=hidden.device)
-        entropy = torch.empty_like(logprobs)
+        # Entropies cost one more vocabulary-sized softmax per chunk: only when asked (else zeros).
+        entropy = torch.zeros_like(logprobs)
         for start in range(0, targets.shape[0], chunk_tokens):
             chunk = slice(start, start + chunk_tokens)
             logits = _chunk_logits(hidden[chunk], weight, softcap)
             normaliser = logits.logsumexp(dim=-1)
             logprobs[chunk] = logits.gather(-1, targets[chunk].unsqueeze(-1)).squeeze(-1) - normaliser
-            entropy[chunk] = normaliser - torch.linalg.vecdot(torch.softmax(logits, dim=-1), logits)
+            if with_entropy:
+                entropy[chunk] = normaliser - torch.linalg.vecdot(torch.softmax(logits, dim=-1), logits)
         ctx.save_for_backward(hidden, weight, targets)
         # An output nobody differentiates gets None in backward, not a zero tensor to multiply.
         ctx.set_materialize_grads(False)
@@ -97,7 +100,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         hidden, weight, targets = ctx.saved_tensors
         softcap = ctx.softcap
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -127,7 +130,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[chunk] = (grad @ weight.to(dtype)).to(hidden.dtype)
             grad_weight.addmm_(grad.t(), hidden[chunk].to(dtype))
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def response_logprobs(
@@ -216,7 +219,7 @@ def _project_tokens(
     weight = model.get_output_embeddings().weight
     softcap = getattr(model.config, "final_logit_softcapping", None)
     token_logprobs, token_entropy = _ChunkedTokenLogprobs.apply(
-        selected_hidden, weight, targets, chunk_tokens, softcap
+        selected_hidden, weight, targets, chunk_tokens, softcap, with_entropy
     )
     shape = response_mask.shape
     logprobs = token_logprobs.new_zeros(shape).index_put((rows, cols), token_logprobs)
