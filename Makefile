@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= trainer/src/rlsd_trainer/configs/embedded.yaml
 
-.PHONY: train test lint bench-learning bench-cost bench-memory bench-peer clean
+.PHONY: train test lint k8s-assets bench-learning bench-cost bench-memory bench-peer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,23 @@ $(VENV)/.trainer-installed: $(BIN)/python trainer/pyproject.toml
 	$(BIN)/pip install -e 'trainer[test]'
 	touch $@
 
+$(VENV)/.operator-installed: $(BIN)/python operator/pyproject.toml
+	$(BIN)/pip install -e 'operator[test]'
+	touch $@
+
+# The real control plane for tests/k8s (kube-apiserver, etcd, scheduler, controller-manager, kwok),
+# built from the Go module proxy into a cache; a no-op once built (see tests/k8s/README.md).
+k8s-assets:
+	nice -n 19 tests/k8s/build-control-plane.sh
+
 train: $(VENV)/.trainer-installed
 	$(BIN)/rlsd-trainer local --config $(CONFIG)
 
-lint: $(VENV)/.trainer-installed
-	$(BIN)/ruff check trainer tests benchmarks
-	$(BIN)/ruff format --check trainer tests benchmarks
+lint: $(VENV)/.trainer-installed $(VENV)/.operator-installed
+	$(BIN)/ruff check trainer operator tests benchmarks
+	$(BIN)/ruff format --check trainer operator tests benchmarks
 
-test: lint
+test: lint k8s-assets
 	$(BIN)/python -m pytest -q
 
 bench-learning: $(VENV)/.trainer-installed

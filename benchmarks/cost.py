@@ -21,7 +21,7 @@ import yaml
 
 from rlsd_trainer.cli import quiet_libraries
 from rlsd_trainer.config import parse_config
-from rlsd_trainer.local import LocalTrainer
+from rlsd_trainer.loop import Trainer
 from rlsd_trainer.verifiers import RewardPool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +29,14 @@ DEFAULT_CONFIG = ROOT / "trainer/src/rlsd_trainer/configs/embedded.yaml"
 PHASES = ("rollout", "reward", "teacher", "learn", "sync", "checkpoint")
 
 
-def trainer_for(raw: dict, algorithm: str, work_dir: Path, warmup_steps: int) -> LocalTrainer:
+def trainer_for(raw: dict, algorithm: str, work_dir: Path, warmup_steps: int) -> Trainer:
     raw = json.loads(json.dumps(raw))
     raw["run"].update(output_dir=str(work_dir / algorithm), total_steps=10_000)
     raw["algorithm"]["name"] = algorithm
     raw["warmup"]["steps"] = warmup_steps
     raw["checkpoint"] = {"every": 1, "keep_last": 1}
     raw["metrics"] = {"prometheus_port": None, "progress_bar": False}
-    return LocalTrainer(parse_config(raw))
+    return Trainer(parse_config(raw))
 
 
 def main() -> None:

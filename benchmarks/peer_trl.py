@@ -17,7 +17,7 @@ Setting (both sides, measured one after the other in this one process, `torch.se
       KL (beta 0), no entropy bonus, one PPO epoch; token-mean loss over the whole batch (ours:
       `algorithms.token_mean`; TRL: `loss_type="dapo"`); clip 0.2 / 0.28 (on-policy, so the ratio is
       1 and clipping does not act). Reward: `rlsd_trainer.verifiers.numeric_match` on both sides.
-    * Ours: `rlsd_trainer.local.LocalTrainer` (algorithm `grpo`, eval off, no checkpoints, no
+    * Ours: `rlsd_trainer.loop.Trainer` (algorithm `grpo`, eval off, no checkpoints, no
       Prometheus), stepped with `trainer.train_step(rewards)` inside `RewardPool`, as `run()` does.
       A step = rollout (our KV-cache sampler on its own copy of the weights) + reward + log-probs,
       loss, backward, optimizer step + weight push to the sampler.
@@ -233,7 +233,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
     import torch
 
     from rlsd_trainer.config import parse_config
-    from rlsd_trainer.local import LocalTrainer
+    from rlsd_trainer.loop import Trainer
     from rlsd_trainer.verifiers import RewardPool
 
     torch.set_num_threads(args.threads)
@@ -262,7 +262,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
         },
         "peer_trl.py",
     )
-    trainer = LocalTrainer(config)
+    trainer = Trainer(config)
     side = SideResult("ours", notes={"micro_batch_tokens": config.learner.micro_batch_tokens})
 
     # Count the tokens of every rollout from what the engine was given and returned.

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlsd_trainer.config import parse_config
-from rlsd_trainer.local import run_local
+from rlsd_trainer.loop import run_training as run_local
 
 pytestmark = pytest.mark.slow
 

@@ -53,3 +53,8 @@ def by_response(response: str, answer: str) -> object:
 
 
 NOT_CALLABLE = 42
+
+
+def digit_share(response: str, answer: str) -> float:
+    """A dense reward for runs of an untrained model: the share of digits in the response."""
+    return sum(ch.isdigit() for ch in response) / max(1, len(response))

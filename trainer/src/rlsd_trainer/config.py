@@ -122,12 +122,51 @@ class SamplingSection(_Section):
     max_new_tokens: Annotated[int, Field(ge=1)] = 4096
 
 
+class WeightTransferSection(_Section):
+    """How new policy weights reach rollout/teacher servers (vLLM's weight-transfer protocol)."""
+
+    # nccl: vLLM's native broadcast (GPU); gloo: the same protocol on CPU (our servers);
+    # filesystem: safetensors in `shared_dir` plus a reload call, for clusters where NCCL cannot
+    # cross pods.
+    backend: Literal["nccl", "gloo", "filesystem"] = "nccl"
+    # Address the servers use to reach learner rank 0 (its pod IP or Service name in a cluster).
+    host: str = "127.0.0.1"
+    # Port of the transfer rendezvous on learner rank 0; 0 picks a free one.
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    shared_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _shared_dir_when_needed(self) -> WeightTransferSection:
+        if self.backend == "filesystem" and not self.shared_dir:
+            raise ValueError("shared_dir (a directory every server can read) is required for 'filesystem'")
+        return self
+
+
+class ServersSection(_Section):
+    """Remote replicas of one role; requests are balanced over the healthy ones and retried."""
+
+    urls: list[str] = []
+    # Name the servers serve the model under (vLLM's --served-model-name).
+    model_name: str = "policy"
+    request_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
+    max_retries: Annotated[int, Field(ge=0)] = 2
+    weight_transfer: WeightTransferSection = WeightTransferSection()
+
+
 class RolloutSection(_Section):
-    backend: Literal["local"] = "local"
+    # local: an in-process engine on learner rank 0; remote: vLLM (or our CPU server) at `servers`.
+    backend: Literal["local", "remote"] = "local"
+    servers: ServersSection = ServersSection()
     prompts_per_step: Annotated[int, Field(ge=1)] = 256
     sampling: SamplingSection = SamplingSection()
     # Responses generated per forward batch by the local engine (bounds its memory).
     max_batch_size: Annotated[int, Field(ge=1)] = 256
+
+    @model_validator(mode="after")
+    def _servers_when_remote(self) -> RolloutSection:
+        if self.backend == "remote" and not self.servers.urls:
+            raise ValueError("servers.urls must list at least one rollout server when backend is 'remote'")
+        return self
 
 
 class TeacherSection(_Section):
@@ -136,12 +175,18 @@ class TeacherSection(_Section):
     sync_interval: Annotated[int, Field(ge=1)] = 20
     template: str = DEFAULT_TEACHER_TEMPLATE
     max_reference_tokens: Annotated[int, Field(ge=1)] = 2048
+    # colocated: the learners score with one extra no-grad forward (default for small runs);
+    # remote: teacher servers at `servers` score, so large runs scale the teacher apart.
+    placement: Literal["colocated", "remote"] = "colocated"
+    servers: ServersSection = ServersSection()
 
     @model_validator(mode="after")
     def _template_placeholders(self) -> TeacherSection:
         for placeholder in ("{question}", "{reference}"):
             if placeholder not in self.template:
                 raise ValueError(f"template must contain {placeholder}")
+        if self.placement == "remote" and not self.servers.urls:
+            raise ValueError("servers.urls must list at least one teacher server when placement is 'remote'")
         return self
 
 
@@ -181,11 +226,22 @@ class LearnerSection(_Section):
     micro_batch_tokens: Annotated[int, Field(ge=64)] = 16384
     # Tokens per chunk of the output projection, bounding the float32 logits held at once.
     logprob_chunk_tokens: Annotated[int, Field(ge=16)] = 256
+    # Recompute each decoder layer's activations in backward instead of keeping them.
+    activation_checkpointing: bool = False
+    # Parameter dtype of the sharded forward/backward on GPU (gradients reduce in float32).
+    mixed_precision: Literal["bfloat16", "float32"] = "bfloat16"
+    # Seconds a collective may wait for the other ranks before the job fails.
+    collective_timeout_s: Annotated[float, Field(gt=0.0)] = 1800.0
 
 
 class CheckpointSection(_Section):
     every: Annotated[int, Field(ge=1)] = 20
     keep_last: Annotated[int, Field(ge=1)] = 3
+    # Write in a background thread while training goes on; committed at the next step boundary.
+    async_save: bool = False
+    # After SIGTERM: seconds to reach the end of the step and save before giving up (exit 76).
+    # Keep it below the pod's terminationGracePeriodSeconds.
+    preemption_grace_s: Annotated[float, Field(gt=0.0)] = 120.0
 
 
 class MetricsSection(_Section):

@@ -225,3 +225,30 @@ def _project_tokens(
     logprobs = token_logprobs.new_zeros(shape).index_put((rows, cols), token_logprobs)
     entropy = token_entropy.new_zeros(shape).index_put((rows, cols), token_entropy) if with_entropy else None
     return logprobs, entropy
+
+
+class PolicyScorer(torch.nn.Module):
+    """A causal LM with the two log-prob paths above as methods.
+
+    Wrapping the model gives FSDP2 one root module whose log-prob methods it can hook (see
+    `distributed.prepare_policy`); unsharded, the methods simply call the functions above.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = model
+
+    def response_logprobs(
+        self, batch: PackedBatch, chunk_tokens: int = 256, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return response_logprobs(self.lm, batch, chunk_tokens, with_entropy)
+
+    def shared_prompt_logprobs(
+        self,
+        prompts: list[list[int]],
+        responses: list[list[int]],
+        group_size: int,
+        pad_id: int,
+        chunk_tokens: int = 256,
+    ) -> torch.Tensor:
+        return shared_prompt_logprobs(self.lm, prompts, responses, group_size, pad_id, chunk_tokens)

@@ -44,6 +44,10 @@ class RolloutEngine(Protocol):
         """Load new policy weights; later completions carry `version`."""
         ...
 
+    def close(self) -> None:
+        """Release connections and transfer groups."""
+        ...
+
 
 def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
@@ -80,6 +84,9 @@ class LocalEngine:
             for name, tensor in named_tensors:
                 params[name].copy_(tensor)
         self.policy_version = version
+
+    def close(self) -> None:
+        pass
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:

@@ -9,14 +9,11 @@ scores the student's sampled response tokens; no gradient flows through it. Mode
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from rlsd_trainer.config import TeacherSection
-from rlsd_trainer.logprobs import shared_prompt_logprobs
+from rlsd_trainer.logprobs import PolicyScorer
 from rlsd_trainer.models import encode_prompt
 
 
@@ -31,21 +28,30 @@ def truncate_reference(tokenizer: PreTrainedTokenizerBase, reference: str, max_t
 
 
 class Teacher:
-    """Scores response tokens under the privileged prompt; colocated with the learner."""
+    """Builds privileged prompts, scores colocated, and keeps the frozen snapshot in sync.
 
-    def __init__(self, config: TeacherSection, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    `policy` and `snapshot` are `PolicyScorer`s (sharded alike across learner ranks); `snapshot`
+    is given in `frozen` mode. A remote teacher (`teacher_server`) scores instead when configured;
+    this object still owns the prompts and the sync schedule.
+    """
+
+    def __init__(
+        self,
+        config: TeacherSection,
+        policy: PolicyScorer,
+        tokenizer: PreTrainedTokenizerBase,
+        snapshot: PolicyScorer | None,
+    ) -> None:
+        if (config.mode == "frozen") != (snapshot is not None):
+            raise ValueError("a snapshot is needed exactly in frozen mode")
         self.config = config
         self.policy = policy
         self.tokenizer = tokenizer
-        self.snapshot = self._frozen_copy(policy) if config.mode == "frozen" else None
+        self.snapshot = snapshot.eval().requires_grad_(False) if snapshot is not None else None
         self.last_sync_step = 0
 
-    @staticmethod
-    def _frozen_copy(policy: PreTrainedModel) -> PreTrainedModel:
-        return copy.deepcopy(policy).eval().requires_grad_(False)
-
     @property
-    def model(self) -> PreTrainedModel:
+    def scorer(self) -> PolicyScorer:
         return self.snapshot if self.snapshot is not None else self.policy
 
     def prompt_ids(self, question: str, reference: str) -> list[int]:
@@ -56,7 +62,9 @@ class Teacher:
         """Overwrite the frozen snapshot with the policy when `sync_interval` steps have passed."""
         if self.snapshot is None or step - self.last_sync_step < self.config.sync_interval:
             return False
-        self.snapshot.load_state_dict(self.policy.state_dict())
+        with torch.no_grad():
+            for target, source in zip(self.snapshot.parameters(), self.policy.parameters(), strict=True):
+                target.copy_(source)
         self.last_sync_step = step
         return True
 
@@ -73,20 +81,9 @@ class Teacher:
 
         `prompts` holds one privileged prompt per group; `responses` the groups' responses in order.
         """
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.scorer.training
+        self.scorer.eval()
         try:
-            return shared_prompt_logprobs(self.model, prompts, responses, group_size, pad_id, chunk_tokens)
+            return self.scorer.shared_prompt_logprobs(prompts, responses, group_size, pad_id, chunk_tokens)
         finally:
-            self.model.train(was_training)
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"last_sync_step": self.last_sync_step}
-        if self.snapshot is not None:
-            state["snapshot"] = self.snapshot.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_sync_step = int(state["last_sync_step"])
-        if self.snapshot is not None:
-            self.snapshot.load_state_dict(state["snapshot"])
+            self.scorer.train(was_training)

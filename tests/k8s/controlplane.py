@@ -1,0 +1,458 @@
+"""A real Kubernetes control plane on 127.0.0.1 for the operator tests.
+
+etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok run as child processes of the
+test session, with certificates made here. kwok plays the kubelet of a few fake GPU nodes, so pods
+that the real scheduler binds to them become Running. The binaries come from
+build-control-plane.sh (or from KUBEBUILDER_ASSETS, see README.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import functools
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kubernetes import client, config
+
+BUILD_SCRIPT = Path(__file__).with_name("build-control-plane.sh")
+SERVICE_CIDR = "10.0.0.0/24"
+POD_CIDR = "10.244.0.0/16"
+KUBERNETES_SERVICE_NAMES = [
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+]
+GPU = "nvidia.com/gpu"
+# How a pod lands on a fake node: kwok manages nodes with this annotation, and they carry this
+# label and taint so that nothing else is scheduled there by accident.
+KWOK_NODE_ANNOTATION = {"kwok.x-k8s.io/node": "fake"}
+KWOK_NODE_SELECTOR = {"type": "kwok"}
+KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedule"}
+KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+T = TypeVar("T")
+GPU_NODE_CAPACITY = {GPU: "8", "cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1Ti"}
+
+
+@functools.cache
+def build_assets() -> Path:
+    """Runs build-control-plane.sh (a no-op once built) and returns the directory of the binaries.
+
+    The script's progress goes to stderr; a failed build raises, so the tests fail rather than skip.
+    """
+    result = subprocess.run(
+        ["nice", "-n", "19", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{BUILD_SCRIPT} failed with exit code {result.returncode}; see its stderr")
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+class Pki:
+    """A throw-away certificate authority and the keys and certificates it issues, as PEM files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._ca_key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rlsd-test-ca")])
+        builder = _cert_builder(name, name, self._ca_key.public_key())
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        builder = builder.add_extension(_key_usage(cert_sign=True), critical=True)
+        self._ca_cert = builder.sign(self._ca_key, hashes.SHA256())
+        self.ca_cert = self._write("ca.crt", self._ca_cert.public_bytes(serialization.Encoding.PEM))
+        self.ca_key = self._write_key("ca.key", self._ca_key)
+
+    def issue(
+        self, name: str, common_name: str, groups: Sequence[str] = (), hosts: Sequence[str] = ()
+    ) -> tuple[Path, Path]:
+        """Writes `name`.crt/.key: a client certificate for user `common_name` in `groups`, or a
+        serving certificate when `hosts` (DNS names or IP addresses) are given."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, group) for group in groups]
+        subject = x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        builder = _cert_builder(subject, self._ca_cert.subject, key.public_key())
+        builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        builder = builder.add_extension(_key_usage(), critical=True)
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if hosts else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if hosts:
+            builder = builder.add_extension(x509.SubjectAlternativeName(_san(hosts)), critical=False)
+        cert = builder.sign(self._ca_key, hashes.SHA256())
+        return (
+            self._write(f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM)),
+            self._write_key(f"{name}.key", key),
+        )
+
+    def signing_key(self, name: str) -> tuple[Path, Path]:
+        """Writes a bare key pair, `name`.key and `name`.pub (for service-account tokens)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return self._write_key(f"{name}.key", key), self._write(f"{name}.pub", public)
+
+    def _write(self, name: str, data: bytes) -> Path:
+        path = self.dir / name
+        path.write_bytes(data)
+        return path
+
+    def _write_key(self, name: str, key: ec.EllipticCurvePrivateKey) -> Path:
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path = self._write(name, pem)
+        path.chmod(0o600)
+        return path
+
+
+def _cert_builder(subject: x509.Name, issuer: x509.Name, public_key: Any) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+    )
+
+
+def _key_usage(cert_sign: bool = False) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _san(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> Path:
+    """Writes a kubeconfig (JSON, which is YAML too) for one user of one cluster."""
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "rlsd-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}],
+        "contexts": [{"name": "rlsd-test", "context": {"cluster": "rlsd-test", "user": user}}],
+        "current-context": "rlsd-test",
+    }
+    path.write_text(json.dumps(kubeconfig, indent=2))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel sends it SIGTERM when the test process dies."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ControlPlane:
+    """etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok with fake GPU nodes.
+
+    `start()` returns once all are healthy and the nodes are Ready; `stop()` ends them all (it is
+    safe to call after a failed start). Logs stay in `workdir`/logs.
+    """
+
+    def __init__(self, assets: Path, workdir: Path, gpu_nodes: int = 2) -> None:
+        self.assets = assets
+        self.workdir = workdir
+        self.gpu_nodes = [f"kwok-gpu-{i}" for i in range(gpu_nodes)]
+        self.logdir = workdir / "logs"
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.pki = Pki(workdir / "pki")
+        self.port = free_port()
+        self.server = f"https://127.0.0.1:{self.port}"
+        self.kubeconfig = workdir / "admin.kubeconfig"
+        self.etcd_url = f"http://127.0.0.1:{free_port()}"
+        self._sa_key, self._sa_pub = self.pki.signing_key("service-account")
+        self._procs: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
+
+    # -- life cycle -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        self.kubeconfig_for("admin", ["system:masters"], self.kubeconfig)
+        self._start_etcd(deadline)
+        self._start_apiserver(deadline)
+        with self.api_client() as api:
+            core = client.CoreV1Api(api)
+            self._start_controllers(core, deadline)
+            self._start_kwok(core, deadline)
+
+    def stop(self) -> None:
+        for name in reversed(list(self._procs)):
+            proc, log = self._procs.pop(name)
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()
+        shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # keep the logs only
+
+    def _start_etcd(self, deadline: float) -> None:
+        client_url = self.etcd_url
+        peer_url = f"http://127.0.0.1:{free_port()}"
+        self._spawn(
+            "etcd",
+            f"--data-dir={self.workdir / 'etcd'}",
+            "--name=etcd",
+            f"--listen-client-urls={client_url}",
+            f"--advertise-client-urls={client_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=etcd={peer_url}",
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        )
+        self._wait("etcd /health", lambda: _get(f"{client_url}/health"), deadline)
+
+    def _start_apiserver(self, deadline: float) -> None:
+        cert, key = self.pki.issue(
+            "apiserver",
+            "kube-apiserver",
+            hosts=["localhost", "127.0.0.1", "10.0.0.1", *KUBERNETES_SERVICE_NAMES],
+        )
+        # The aggregation layer's front proxy has a CA of its own, as in kubeadm clusters.
+        front_proxy = Pki(self.workdir / "front-proxy")
+        proxy_cert, proxy_key = front_proxy.issue("front-proxy-client", "front-proxy-client")
+        self._spawn(
+            "kube-apiserver",
+            f"--etcd-servers={self.etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.port}",
+            f"--cert-dir={self.workdir / 'apiserver'}",
+            f"--tls-cert-file={cert}",
+            f"--tls-private-key-file={key}",
+            f"--client-ca-file={self.pki.ca_cert}",
+            "--authorization-mode=Node,RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={self._sa_pub}",
+            f"--service-account-signing-key-file={self._sa_key}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--requestheader-client-ca-file={front_proxy.ca_cert}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={proxy_cert}",
+            f"--proxy-client-key-file={proxy_key}",
+            "--endpoint-reconciler-type=none",  # a loopback address is no valid endpoint
+            "--allow-privileged=true",
+            "--profiling=false",
+        )
+        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        admin_cert, admin_key = self.pki.dir / "admin.crt", self.pki.dir / "admin.key"
+        context.load_cert_chain(str(admin_cert), str(admin_key))
+        self._wait("kube-apiserver /readyz", lambda: _get(f"{self.server}/readyz", context), deadline)
+
+    def _start_controllers(self, core: client.CoreV1Api, deadline: float) -> None:
+        insecure = ssl.create_default_context()  # their serving certificates are self-signed
+        insecure.check_hostname = False
+        insecure.verify_mode = ssl.CERT_NONE
+        for name, user, extra in [
+            (
+                "kube-controller-manager",
+                "system:kube-controller-manager",
+                [
+                    "--use-service-account-credentials=true",
+                    f"--service-account-private-key-file={self._sa_key}",
+                    f"--root-ca-file={self.pki.ca_cert}",
+                    f"--cluster-signing-cert-file={self.pki.ca_cert}",
+                    f"--cluster-signing-key-file={self.pki.ca_key}",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                ],
+            ),
+            ("kube-scheduler", "system:kube-scheduler", []),
+        ]:
+            kubeconfig = self.kubeconfig_for(user)
+            port = free_port()
+            self._spawn(
+                name,
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--cert-dir={self.workdir / name}",
+                "--leader-elect=false",
+                *extra,
+            )
+            url = f"https://127.0.0.1:{port}/healthz"
+            self._wait(f"{name} /healthz", lambda url=url: _get(url, insecure), deadline)
+        # The service-account controller at work: pods can't be created in a namespace before.
+        default_sa = functools.partial(core.read_namespaced_service_account, "default", "default")
+        self._wait("the default service account", default_sa, deadline)
+
+    def _start_kwok(self, core: client.CoreV1Api, deadline: float) -> None:
+        self._spawn(
+            "kwok",
+            f"--kubeconfig={self.kubeconfig_for('kwok', ['system:masters'])}",
+            f"--config={self.assets / 'kwok-stages.yaml'}",
+            "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={_selector(KWOK_NODE_ANNOTATION)}",
+            f"--cidr={POD_CIDR}",
+            "--node-ip=127.0.0.1",
+            env={"KWOK_WORKDIR": str(self.workdir / "kwok")},  # ignore any ~/.kwok/kwok.yaml
+        )
+        for name in self.gpu_nodes:
+            core.create_node(gpu_node(name))
+
+        def nodes_ready() -> bool:
+            nodes = core.list_node(label_selector=_selector(KWOK_NODE_SELECTOR)).items
+            ready = [n for n in nodes if _condition(n.status.conditions, "Ready")]
+            return len(ready) == len(self.gpu_nodes)
+
+        self._wait("the kwok GPU nodes to be Ready", nodes_ready, deadline)
+
+    # -- clients ----------------------------------------------------------------------------------
+
+    def kubeconfig_for(self, user: str, groups: Sequence[str] = (), path: Path | None = None) -> Path:
+        """A kubeconfig for `user` in `groups`, authenticated by a client certificate."""
+        cert, key = self.pki.issue(user.replace(":", "-"), user, groups)
+        path = path or self.workdir / f"{user.replace(':', '-')}.kubeconfig"
+        return write_kubeconfig(path, self.server, self.pki.ca_cert, cert, key, user)
+
+    def api_client(self, kubeconfig: Path | None = None) -> client.ApiClient:
+        """A kubernetes ApiClient for `kubeconfig` (the cluster admin by default)."""
+        return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+
+    # -- processes and logs -----------------------------------------------------------------------
+
+    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        log = (self.logdir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(
+            [str(self.assets / name), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+        self._procs[name] = (proc, log)
+
+    def _wait(self, what: str, ready: Callable[[], object], deadline: float) -> None:
+        error: Exception | None = None
+        while time.monotonic() < deadline:
+            for name, (proc, _) in self._procs.items():
+                if proc.poll() is not None:
+                    message = f"{name} exited with {proc.returncode} while waiting for {what}"
+                    raise RuntimeError(f"{message}\n{self.logs()}")
+            try:
+                if ready():
+                    return
+            except Exception as exc:  # not up yet: connection refused, 5xx, 404, ...
+                error = exc
+            time.sleep(0.3)
+        raise RuntimeError(f"timed out waiting for {what} (last error: {error!r})\n{self.logs()}")
+
+    def logs(self, lines: int = 30) -> str:
+        """The last `lines` lines of each component's log."""
+        parts = []
+        for path in sorted(self.logdir.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"===== {path} (last {len(tail)} lines) =====\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+def wait_until(
+    condition: Callable[[], T | None],
+    what: str,
+    timeout: float = 60.0,
+    retry_on: tuple[type[Exception], ...] = (client.ApiException,),
+) -> T:
+    """Polls `condition` until it returns something truthy, and returns that; raises on timeout.
+
+    Exceptions of the `retry_on` types (a 404 before an object exists, say) count as not yet.
+    """
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            last = condition()
+            if last:
+                return last
+        except retry_on as exc:
+            last = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; last result: {last!r}")
+        time.sleep(0.3)
+
+
+def _get(url: str, context: ssl.SSLContext | None = None) -> bool:
+    with urllib.request.urlopen(url, context=context, timeout=5) as response:
+        return response.status == 200
+
+
+def _selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in labels.items())
+
+
+def _condition(conditions: Iterable[Any] | None, kind: str) -> bool:
+    """Whether the condition of type `kind` is True in a list of API object conditions."""
+    return any(c.type == kind and c.status == "True" for c in conditions or [])
+
+
+def gpu_node(name: str, capacity: dict[str, str] = GPU_NODE_CAPACITY) -> dict[str, Any]:
+    """A Node object that kwok manages, with 8 GPUs by default."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": dict(KWOK_NODE_ANNOTATION),
+            "labels": {
+                **KWOK_NODE_SELECTOR,
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+            },
+        },
+        "spec": {"taints": [dict(KWOK_TAINT)]},
+        "status": {"capacity": dict(capacity), "allocatable": dict(capacity)},
+    }

@@ -1,0 +1,243 @@
+"""The distributed pipeline on CPU: 2 torchrun learner ranks (FSDP2 over gloo), 2 rollout servers and
+1 teacher server, all real processes on loopback; preemption, crashes and lost servers.
+
+The chaos test interrupts one run at random moments with SIGTERM (graceful preemption) and SIGKILL
+(a node lost), corrupts its newest checkpoint once, and requires the final weights to be bitwise
+equal to those of an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from processes import Server, kill_session, start_learners, start_server, wait_healthy
+from safetensors.torch import load_file
+
+from rlsd_trainer.config import EmbeddedTaskSection
+from rlsd_trainer.lifecycle import EXIT_BAD_CONFIG, EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED
+from rlsd_trainer.task import build_model_dir
+
+pytestmark = pytest.mark.slow
+
+SEED = 3
+TASK = {"num_train": 200, "num_eval": 8, "min_terms": 2, "max_terms": 3}
+TOTAL_STEPS = 12
+RUN_TIMEOUT_S = 600
+
+
+def run_config(output_dir: Path, servers: dict[str, list[Server]], **changes: dict) -> Path:
+    """A 2-rank RLSD run with remote rollout and teacher; returns the path of its YAML file."""
+    remote = {"model_name": "policy", "request_timeout_s": 60, "max_retries": 2}
+    config = {
+        "run": {"seed": SEED, "output_dir": str(output_dir), "total_steps": TOTAL_STEPS},
+        "model": {"path": "embedded"},
+        "data": {
+            "train": {"kind": "embedded", "split": "train"},
+            "eval": {"kind": "embedded", "split": "eval"},
+            "embedded": TASK,
+        },
+        "algorithm": {"name": "rlsd", "group_size": 4, "lam": {"decay_steps": TOTAL_STEPS}},
+        "rollout": {
+            "backend": "remote",
+            "servers": {
+                **remote,
+                "urls": [s.url for s in servers["rollout"]],
+                "weight_transfer": {"backend": "gloo"},
+            },
+            "prompts_per_step": 4,
+            "sampling": {"max_new_tokens": 12},
+        },
+        "teacher": {
+            "mode": "frozen",
+            "sync_interval": 4,
+            "placement": "remote",
+            "servers": {
+                **remote,
+                "urls": [s.url for s in servers["teacher"]],
+                "weight_transfer": {"backend": "gloo"},
+            },
+        },
+        "optim": {"lr": 1e-3},
+        "reward": {"verifier": "callable", "callable": "verifier_fixtures:digit_share", "workers": 1},
+        "checkpoint": {"every": 2, "keep_last": 3, "async_save": True, "preemption_grace_s": 60},
+        "metrics": {"prometheus_port": None, "progress_bar": False},
+        "eval": {"every": 100, "max_examples": 8, "max_new_tokens": 12},
+        "learner": {"micro_batch_tokens": 128},
+    }
+    for section, values in changes.items():
+        config[section] = {**config[section], **values}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def prepare_output(output_dir: Path, model_dir: Path) -> None:
+    """The embedded model the servers serve, where the learners look for it."""
+    shutil.copytree(model_dir, output_dir / "embedded-model")
+
+
+def run_to_end(config: Path, log: Path) -> int:
+    process = start_learners(config, log)
+    try:
+        return process.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        kill_session(process)
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "final-policy" / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("model") / "embedded-model"
+    build_model_dir(directory, EmbeddedTaskSection(**TASK), SEED)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[Server]]]:
+    logs = tmp_path_factory.mktemp("server-logs")
+    started = {
+        "rollout": [start_server("rollout", model_dir, logs, "policy") for _ in range(2)],
+        "teacher": [start_server("teacher", model_dir, logs, "policy")],
+    }
+    everything = [s for group in started.values() for s in group]
+    try:
+        wait_healthy(everything)
+        yield started
+    finally:
+        for server in everything:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(
+    servers: dict[str, list[Server]], model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, torch.Tensor]:
+    """Final weights of the uninterrupted run."""
+    output = tmp_path_factory.mktemp("reference")
+    prepare_output(output, model_dir)
+    log = output / "learner.log"
+    code = run_to_end(run_config(output, servers), log)
+    assert code == 0, log.read_text()[-5000:]
+    return final_weights(output)
+
+
+def newest_checkpoint(output_dir: Path) -> Path | None:
+    committed = sorted(p for p in (output_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+    return committed[-1] if committed else None
+
+
+def corrupt(checkpoint: Path) -> None:
+    shard = next(checkpoint.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_chaos_sigterm_and_sigkill_resume_bitwise(
+    servers: dict[str, list[Server]],
+    model_dir: Path,
+    reference: dict[str, torch.Tensor],
+    tmp_path: Path,
+) -> None:
+    prepare_output(tmp_path, model_dir)
+    config = run_config(tmp_path, servers)
+    log = tmp_path / "learner.log"
+    chance = random.Random(20261126)
+    signals = [signal.SIGTERM, signal.SIGKILL] * 6
+    chance.shuffle(signals)
+    outcomes: list[tuple[str, float, int]] = []
+    corrupted = False
+    for index, sent in enumerate(signals):
+        process = start_learners(config, log)
+        delay = chance.uniform(1.0, 14.0)
+        try:
+            process.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            if sent == signal.SIGTERM:
+                process.send_signal(sent)  # the pod is being deleted: the launcher forwards it
+            else:
+                kill_session(process)  # the node is gone: every process dies at once
+            try:
+                code = process.wait(timeout=120)
+            finally:
+                kill_session(process)
+            outcomes.append((sent.name, round(delay, 1), code))
+        else:
+            pytest.fail(f"the run ended (exit {process.returncode}) before interruption {index + 1}")
+        if sent == signal.SIGTERM:
+            # Saved at a step boundary (75); or caught before a rank could save (76); or so early that
+            # the launcher itself had not started (-15).
+            assert code in (EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED, -signal.SIGTERM), outcomes
+        else:
+            assert code == -signal.SIGKILL, outcomes
+        newest = newest_checkpoint(tmp_path)
+        if not corrupted and index >= 5 and newest is not None and newest.name != "step-00000002":
+            corrupt(newest)
+            corrupted = True
+        time.sleep(0.2)
+    assert len(outcomes) >= 10
+    assert sum(code == EXIT_PREEMPTED for _, _, code in outcomes) >= 3, outcomes
+    assert corrupted
+    assert run_to_end(config, log) == 0, log.read_text()[-5000:]
+    text = log.read_text()
+    assert "failed verification; falling back" in text
+    assert "resumed from" in text
+    assert_bitwise_equal(final_weights(tmp_path), reference)
+
+
+def test_lost_rollout_server_is_routed_around(
+    servers: dict[str, list[Server]],
+    model_dir: Path,
+    reference: dict[str, torch.Tensor],
+    tmp_path: Path,
+) -> None:
+    prepare_output(tmp_path, model_dir)
+    config = run_config(tmp_path, servers)
+    log = tmp_path / "learner.log"
+    process = start_learners(config, log)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while newest_checkpoint(tmp_path) is None:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.2)
+        servers["rollout"][1].kill()
+        code = process.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        kill_session(process)
+    assert code == 0, log.read_text()[-5000:]
+    # Requests are split by the configured replica count, so the surviving replica serves exactly
+    # what the lost one would have: the run is unchanged.
+    assert_bitwise_equal(final_weights(tmp_path), reference)
+
+
+def test_config_error_found_by_the_ranks_exits_3(model_dir: Path, tmp_path: Path) -> None:
+    prepare_output(tmp_path, model_dir)
+    servers = {"rollout": [], "teacher": []}
+    config = run_config(
+        tmp_path,
+        servers,
+        rollout={"backend": "local", "servers": {}, "prompts_per_step": 1},
+        teacher={"placement": "colocated", "servers": {}},
+    )
+    log = tmp_path / "learner.log"
+    assert run_to_end(config, log) == EXIT_BAD_CONFIG, log.read_text()[-5000:]
+    assert "every rank needs at least one group" in log.read_text()

@@ -1,0 +1,308 @@
+"""Rollout and teacher servers as real processes on loopback, and the clients that talk to them.
+
+The servers run `rlsd-trainer serve ...` on a tiny random Qwen3 saved to disk; this process plays
+learner rank 0 for gloo weight transfers. Every server and this process compute with one thread, so
+their float results can be compared exactly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from processes import Server, start_server, wait_healthy
+from tiny_models import VOCAB, tiny_model
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from rlsd_trainer.cli import main as cli_main
+from rlsd_trainer.logprobs import shared_prompt_logprobs
+from rlsd_trainer.replicas import chunk_bounds
+from rlsd_trainer.rollout import Completion, LocalEngine, SamplingParams
+from rlsd_trainer.rollout_client import (
+    RemoteRolloutEngine,
+    RolloutError,
+    chunk_seed,
+    completion_request,
+    parse_completions,
+)
+from rlsd_trainer.teacher_client import RemoteTeacherClient
+
+PAD, EOS = 0, 1
+NAME = "policy"
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [20], [30, 31, 32, 33]]
+PARAMS = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=11)
+
+
+@contextmanager
+def _servers(specs: list[tuple[str, str]], model_dir: Path, log_dir: Path) -> Iterator[list[Server]]:
+    servers = [start_server(role, model_dir, log_dir, NAME, backend) for role, backend in specs]
+    try:
+        wait_healthy(servers)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a word-level tokenizer (`t<id>`; pad t0, EOS t1) in Hugging Face format."""
+    directory = tmp_path_factory.mktemp("model")
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="t1", pad_token="t0", unk_token="t2"
+    ).save_pretrained(directory)
+    tiny_model(seed=0).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """Two gloo rollout replicas, one disk rollout replica and one gloo teacher, started together."""
+    specs = {
+        "r1": ("rollout", "gloo"),
+        "r2": ("rollout", "gloo"),
+        "disk": ("rollout", "disk"),
+        "teacher": ("teacher", "gloo"),
+    }
+    with _servers(list(specs.values()), model_dir, tmp_path_factory.mktemp("logs")) as started:
+        yield dict(zip(specs, started, strict=True))
+
+
+def _load(model_dir: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+def _local_chunks(
+    model: PreTrainedModel, prompts: list[list[int]], params: SamplingParams, replicas: int, version: int
+) -> list[list[Completion]]:
+    """What the remote engine must return: LocalEngine on each chunk, with the chunk's seed."""
+    engine = LocalEngine(model, PAD, [EOS])
+    engine.policy_version = version
+    groups: list[list[Completion]] = []
+    for start, stop in chunk_bounds(len(prompts), replicas):
+        groups += engine.generate(prompts[start:stop], replace(params, seed=chunk_seed(params.seed, start)))
+    return groups
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout
+# --------------------------------------------------------------------------------------------------
+
+
+def test_completion_equals_local_engine_and_is_identical_across_replicas(
+    servers: dict[str, Server], model_dir: Path
+) -> None:
+    body = completion_request(NAME, PROMPTS, PARAMS, seed=PARAMS.seed)
+    answers = [httpx.post(servers[r].url + "/v1/completions", json=body).json() for r in ("r1", "r2")]
+    assert answers[0]["choices"] == answers[1]["choices"]
+    expected = LocalEngine(_load(model_dir), PAD, [EOS]).generate(PROMPTS, PARAMS)
+    assert parse_completions(answers[0], len(PROMPTS), PARAMS.n, 0) == expected
+    choice = answers[0]["choices"][PARAMS.n]  # prompt 1, sample 0
+    assert choice["prompt_token_ids"] == PROMPTS[1] and choice["index"] == PARAMS.n
+    assert answers[0]["usage"]["completion_tokens"] == sum(len(c.token_ids) for g in expected for c in g)
+
+    engine = RemoteRolloutEngine([servers["r1"].url, servers["r2"].url], NAME, "gloo")
+    try:
+        assert engine.generate(PROMPTS, PARAMS) == _local_chunks(_load(model_dir), PROMPTS, PARAMS, 2, 0)
+    finally:
+        engine.close()
+    assert httpx.get(servers["r1"].url + "/v1/models").json()["data"][0]["id"] == NAME
+
+
+def test_gloo_update_makes_replicas_generate_what_the_new_weights_do(
+    servers: dict[str, Server], model_dir: Path
+) -> None:
+    urls = [servers["r1"].url, servers["r2"].url]
+    engine = RemoteRolloutEngine(urls, NAME, "gloo", transfer_host="127.0.0.1", transfer_port=0)
+    new = tiny_model(seed=1)
+    try:
+        engine.update_weights(new.named_parameters(), version=1)
+        assert engine.policy_version == 1
+        assert engine.generate(PROMPTS, PARAMS) == _local_chunks(new, PROMPTS, PARAMS, 2, 1)
+        assert all(httpx.get(url + "/weight_info").json() == {"weight_version": "1"} for url in urls)
+        assert _metric(urls[0], "rlsd_rollout_policy_version") == 1.0
+    finally:
+        # Leave the replicas on the initial policy for the other tests (same group, no rebuild).
+        engine.update_weights(_load(model_dir).named_parameters(), version=0)
+        assert engine.replicas.sender.groups_built == 1
+        engine.close()
+
+
+def test_filesystem_update_reloads_from_the_shared_directory(
+    servers: dict[str, Server], tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    engine = RemoteRolloutEngine([servers["disk"].url], NAME, "filesystem", shared_dir=shared)
+    try:
+        for version, seed in ((3, 2), (4, 3)):
+            new = tiny_model(seed=seed)
+            engine.update_weights(new.named_parameters(), version=version)
+            assert engine.generate(PROMPTS, PARAMS) == _local_chunks(new, PROMPTS, PARAMS, 1, version)
+            # Written under a temp name then renamed; older versions are pruned once all servers hold it.
+            assert [p.name for p in shared.iterdir()] == [f"policy-v{version:08d}"]
+    finally:
+        engine.close()
+
+
+def test_replica_killed_mid_request_is_retried_elsewhere_then_all_dead_is_a_clear_error(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    params = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_new_tokens=120, seed=5)
+    prompts = [[3 + i, 40 + i] for i in range(8)]
+    with _servers([("rollout", "gloo"), ("rollout", "gloo")], model_dir, tmp_path) as (first, second):
+        urls = [first.url, second.url]
+        engine = RemoteRolloutEngine(urls, NAME, "gloo", request_timeout_s=60.0, max_retries=1)
+        try:
+            engine.update_weights(_load(model_dir).named_parameters(), version=1)
+            baseline = engine.generate(prompts, params)
+            assert baseline == _local_chunks(_load(model_dir), prompts, params, 2, 1)
+            served_before = _metric(second.url, 'rlsd_rollout_requests_total{outcome="ok"}')
+
+            # Kill the first replica while it works on chunk 0: the chunk is redone on the second.
+            result: list[list[list[Completion]]] = []
+            worker = threading.Thread(target=lambda: result.append(engine.generate(prompts, params)))
+            worker.start()
+            while _metric(first.url, "rlsd_rollout_requests_in_flight") < 1:
+                assert worker.is_alive(), "chunk 0 finished before the replica could be killed"
+            first.kill()
+            worker.join()
+            assert result == [baseline]
+            assert _metric(second.url, 'rlsd_rollout_requests_total{outcome="ok"}') == served_before + 2
+
+            # Dead before the request: the health probe leaves it out.
+            assert engine.generate(prompts, params) == baseline
+            # The live set changed: the next update builds a new group (new port) with the survivor.
+            new = tiny_model(seed=4)
+            engine.update_weights(new.named_parameters(), version=2)
+            assert engine.replicas.sender.groups_built == 2
+            assert engine.generate(prompts, params) == _local_chunks(new, prompts, params, 2, 2)
+
+            second.kill()
+            with pytest.raises(RolloutError) as error:
+                engine.generate(prompts, params)
+            assert first.url in str(error.value) and second.url in str(error.value)
+            with pytest.raises(RolloutError, match="could not push policy version 3"):
+                engine.update_weights(new.named_parameters(), version=3)
+        finally:
+            engine.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher
+# --------------------------------------------------------------------------------------------------
+
+
+def test_teacher_scores_equal_the_colocated_computation_bit_for_bit(
+    servers: dict[str, Server], model_dir: Path
+) -> None:
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    responses = [[9, 10, EOS], [11], [12, 13, 14, 15], [16, 17]]
+    url = servers["teacher"].url
+    client = RemoteTeacherClient([url], NAME, "gloo")
+    try:
+        expected = shared_prompt_logprobs(_load(model_dir), prompts, responses, 2, PAD)
+        assert torch.equal(client.score(prompts, responses, group_size=2), expected)
+        groups = [
+            {"prompt_ids": p, "response_ids": responses[2 * i : 2 * i + 2]} for i, p in enumerate(prompts)
+        ]
+        answer = httpx.post(url + "/v1/score", json={"model": NAME, "groups": groups}).json()
+        assert answer["groups"][1]["logprobs"][0] == expected[2, :4].tolist()
+
+        new = tiny_model(seed=5)
+        client.update_weights(new.named_parameters(), version=7)
+        scored = client.score(prompts, responses, group_size=2)
+        assert torch.equal(scored, shared_prompt_logprobs(new.eval(), prompts, responses, 2, PAD))
+        assert _metric(url, "rlsd_teacher_policy_version") == 7.0
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Malformed requests
+# --------------------------------------------------------------------------------------------------
+
+
+UNEQUAL_GROUPS = [{"prompt_ids": [1], "response_ids": [[2]]}, {"prompt_ids": [1], "response_ids": [[2], [3]]}]
+MALFORMED = [
+    ("/v1/completions", {"model": NAME}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2]], "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[5, 6], []]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hello"}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2]], "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": [[1, 500]]}, 400, "prompt[0][1]"),
+    ("/v1/completions", {"prompt": [[1, 2]], "logprobs": 5}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": [[1, 2]], "model": "other"}, 404, "model"),
+    ("/v1/completions", b"{bad json", 400, "body"),
+    ("/v1/complete", {"prompt": [[1, 2]]}, 404, None),
+    ("/init_weight_transfer_engine", {"init_info": {"bogus": 1}}, 400, "init_info.bogus"),
+    ("/update_weights", {"updates": {}}, 400, "update_info"),
+    ("/finish_weight_update", {"weight_version": "v2"}, 400, "weight_version"),
+    ("/finish_weight_update", {"weight_version": "2"}, 409, None),  # no update was started
+    ("/v1/score", {"groups": [UNEQUAL_GROUPS[0], {"prompt_ids": [1]}]}, 400, "groups[1].response_ids"),
+    ("/v1/score", {"groups": UNEQUAL_GROUPS}, 400, "groups[1].response_ids"),
+    ("/v1/score", {"groups": [{"prompt_ids": [1.5], "response_ids": [[2]]}]}, 400, "groups[0].prompt_ids[0]"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "status", "param"), MALFORMED)
+def test_malformed_requests_get_4xx_naming_the_field_and_the_server_stays_up(
+    servers: dict[str, Server], route: str, body: dict | bytes, status: int, param: str | None
+) -> None:
+    url = servers["teacher" if route == "/v1/score" else "disk"].url
+    if isinstance(body, bytes):
+        answer = httpx.post(url + route, content=body, headers={"content-type": "application/json"})
+    else:
+        answer = httpx.post(url + route, json=body)
+    assert answer.status_code == status, answer.text
+    if param is not None:
+        error = answer.json()["error"]
+        assert error["param"] == param and param.split(".")[0].split("[")[0] in error["message"]
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_disk_update_with_a_bad_path_names_it(servers: dict[str, Server]) -> None:
+    url = servers["disk"].url
+    httpx.post(url + "/start_weight_update").raise_for_status()
+    answer = httpx.post(url + "/update_weights", json={"update_info": {"path": "relative/dir"}})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "update_info.path"
+    assert "absolute" in answer.json()["error"]["message"]
+
+
+def test_serve_rejects_a_backend_it_cannot_receive() -> None:
+    code = cli_main(
+        ["serve", "rollout", "--model", "unused", "--weight-transfer-config", '{"backend": "nccl"}']
+    )
+    assert code == 3
+
+
+def test_chunks_are_contiguous_and_depend_only_on_the_configured_replica_count() -> None:
+    assert chunk_bounds(5, 2) == [(0, 3), (3, 5)]
+    assert chunk_bounds(1, 3) == [(0, 1)]
+    assert chunk_bounds(0, 2) == []
+    assert chunk_seed(11, 0) != chunk_seed(11, 3) and chunk_seed(11, 3) == chunk_seed(11, 3)

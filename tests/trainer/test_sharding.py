@@ -1,0 +1,129 @@
+"""Learner sharding: FSDP2 over 2 gloo ranks computes the gradient of the single-process loss, the
+rank shares and exit-code rules, and activation checkpointing leaves gradients unchanged."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlsd_trainer.config import LearnerSection
+from rlsd_trainer.distributed import DistContext, prepare_policy, share_of
+from rlsd_trainer.lifecycle import (
+    EXIT_BAD_CONFIG,
+    EXIT_FAILED,
+    EXIT_FINISHED,
+    EXIT_PREEMPTED,
+    EXIT_PREEMPTED_UNSAVED,
+    launcher_exit_code,
+)
+
+# Builds a fixed batch, takes this rank's rows, and writes the full gradient of
+#   loss = sum over this rank's response tokens of -logprob * advantage / (global token count)
+# summed over ranks (FSDP2 reduce-scatter), to compare with one process doing all rows.
+WORKER = r"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from tiny_models import tiny_model
+from rlsd_trainer.algorithms import token_mean
+from rlsd_trainer.config import LearnerSection
+from rlsd_trainer.distributed import all_reduce, full_parameters, init_distributed, prepare_policy, share_of
+from rlsd_trainer.logprobs import pack
+
+ctx = init_distributed(60)
+generator = torch.Generator().manual_seed(0)
+prompts = [torch.randint(2, 97, (int(n),), generator=generator).tolist() for n in (3, 5, 4, 2, 6, 3)]
+responses = [torch.randint(2, 97, (int(n),), generator=generator).tolist() for n in (4, 1, 6, 3, 5, 2)]
+advantages = torch.randn(6, generator=generator)
+rows = share_of(6, ctx)
+batch = pack([prompts[i] for i in rows], [responses[i] for i in rows], 0)
+(global_tokens,) = all_reduce([float(batch.response_mask.sum())], ctx)
+policy = prepare_policy(tiny_model(seed=1), ctx, LearnerSection())
+logprobs, _ = policy.response_logprobs(batch, chunk_tokens=4)
+loss = token_mean(-logprobs * advantages[list(rows)].unsqueeze(1), batch.response_mask, global_tokens)
+loss.backward()
+grads = {}
+for (name, param) in policy.named_parameters():
+    grad = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+    grads[name] = grad.clone()
+if ctx.rank == 0:
+    torch.save(grads, sys.argv[1])
+if ctx.distributed:
+    dist.destroy_process_group()
+"""
+
+
+def _run(tmp_path: Path, nproc: int) -> dict[str, torch.Tensor]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / f"grads-{nproc}.pt"
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        command = [sys.executable, str(script), str(out), tests_dir]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        command += ["--standalone", str(script), str(out), tests_dir]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_give_the_single_process_gradient(tmp_path: Path) -> None:
+    single, sharded = _run(tmp_path, 1), _run(tmp_path, 2)
+    assert single.keys() == sharded.keys()
+    for name in single:
+        assert single[name].abs().sum() > 0, name
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_activation_checkpointing_keeps_gradients() -> None:
+    from tiny_models import tiny_model
+
+    from rlsd_trainer.logprobs import pack
+
+    batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]], 0)
+    grads = []
+    for checkpointing in (False, True):
+        policy = prepare_policy(
+            tiny_model(seed=2).train(), DistContext(), LearnerSection(activation_checkpointing=checkpointing)
+        )
+        assert policy.lm.is_activation_checkpointing == checkpointing
+        logprobs, _ = policy.response_logprobs(batch, chunk_tokens=4)
+        logprobs.sum().backward()
+        grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+EVEN_SPLITS = [
+    (6, 2, [range(0, 3), range(3, 6)]),
+    (5, 2, [range(0, 3), range(3, 5)]),
+    (3, 3, [range(0, 1), range(1, 2), range(2, 3)]),
+]
+
+
+@pytest.mark.parametrize(("count", "world", "expected"), EVEN_SPLITS)
+def test_share_of_splits_contiguously_and_evenly(count: int, world: int, expected: list[range]) -> None:
+    assert [share_of(count, DistContext(rank=r, world_size=world)) for r in range(world)] == expected
+
+
+@pytest.mark.parametrize(
+    ("torchrun", "workers", "terminated", "expected"),
+    [
+        (0, [0, 0], False, EXIT_FINISHED),
+        (1, [75, 75], True, EXIT_PREEMPTED),
+        (1, [75, 76], True, EXIT_PREEMPTED_UNSAVED),  # one rank could not save: the step is lost
+        (1, [], True, EXIT_PREEMPTED_UNSAVED),  # signal before the ranks started
+        (1, [3, 1], False, EXIT_BAD_CONFIG),
+        (1, [1, 75], False, EXIT_FAILED),
+        (1, [], False, EXIT_FAILED),  # a rank died without recording anything (OOM kill)
+    ],
+)
+def test_launcher_exit_code(torchrun: int, workers: list[int], terminated: bool, expected: int) -> None:
+    assert launcher_exit_code(torchrun, workers, terminated) == expected

@@ -1,0 +1,119 @@
+"""Exit codes of the trainer's processes and the SIGTERM-to-checkpoint preemption path.
+
+The operator reads only the exit code of a learner (never its logs):
+
+- 0 finished: `run.total_steps` reached, final policy exported (operator: Succeeded).
+- 1 failed: an unexpected error (operator: counts against the back-off budget).
+- 3 bad configuration or dataset, message on stderr (operator: Failed at once; retrying cannot help).
+- 75 preempted: SIGTERM, stopped at a step boundary and saved a checkpoint there (operator: gang
+  restart, counted as a preemption, not a failure).
+- 76 preempted: SIGTERM, but the grace period ran out before a checkpoint could be saved; the run
+  resumes from the previous one (operator: as 75).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+EXIT_FINISHED = 0
+EXIT_FAILED = 1
+EXIT_BAD_CONFIG = 3
+EXIT_PREEMPTED = 75
+EXIT_PREEMPTED_UNSAVED = 76
+
+
+STATUS_DIR_ENV = "RLSD_EXIT_STATUS_DIR"
+
+
+def record_exit(code: int) -> None:
+    """Leave this rank's exit code where the `learner` launcher looks (torchrun's own exit code
+    cannot tell a preempted worker from a failed one)."""
+    directory = os.environ.get(STATUS_DIR_ENV)
+    if directory:
+        path = os.path.join(directory, f"rank-{os.environ.get('RANK', '0')}")
+        with open(path, "w") as handle:
+            handle.write(str(code))
+
+
+def launcher_exit_code(torchrun_code: int, worker_codes: list[int], terminated: bool) -> int:
+    """The learner pod's exit code from torchrun's, the workers' recorded ones, and whether the pod
+    was sent SIGTERM (a rank that had not yet started, or died of the signal, saved nothing)."""
+    if torchrun_code == EXIT_FINISHED:
+        return EXIT_FINISHED
+    if EXIT_BAD_CONFIG in worker_codes:
+        return EXIT_BAD_CONFIG
+    if worker_codes and set(worker_codes) == {EXIT_PREEMPTED}:
+        return EXIT_PREEMPTED
+    return EXIT_PREEMPTED_UNSAVED if terminated else EXIT_FAILED
+
+
+class Preempted(Exception):
+    """Raised at a step boundary after SIGTERM, once the checkpoint of that step is committed."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preempted at step {step}; checkpoint saved")
+        self.step = step
+
+
+class PreemptionWatch:
+    """Turns SIGTERM into a flag the loop checks at step boundaries, with a deadline.
+
+    If the loop has not saved and exited `grace_s` seconds after the first signal, the process
+    exits with `EXIT_PREEMPTED_UNSAVED`; checkpoints are atomic, so the previous one stays valid.
+    """
+
+    def __init__(self, grace_s: float = 120.0) -> None:
+        self.grace_s = grace_s
+        self.requested = threading.Event()
+        self._deadline: threading.Timer | None = None
+
+    def install(self) -> PreemptionWatch:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested.is_set():
+            return
+        self.requested.set()
+        log.warning("SIGTERM: stopping after this step to save a checkpoint (grace %.0f s)", self.grace_s)
+        self._deadline = threading.Timer(self.grace_s, self._give_up)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _give_up(self) -> None:
+        log.error("grace period of %.0f s over before a checkpoint was saved; exiting", self.grace_s)
+        record_exit(EXIT_PREEMPTED_UNSAVED)
+        logging.shutdown()
+        os._exit(EXIT_PREEMPTED_UNSAVED)
+
+
+_process_watch: PreemptionWatch | None = None
+
+
+def watch_for_preemption() -> PreemptionWatch:
+    """This process's SIGTERM watch, installed on first use. A learner rank calls it first thing
+    (see `__main__`), so a pod deleted while the rank still imports torch is not lost."""
+    global _process_watch
+    if _process_watch is None:
+        _process_watch = PreemptionWatch().install()
+    return _process_watch
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            children.append(int(stat.parent.name))
+    return children

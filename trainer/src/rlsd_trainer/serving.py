@@ -1,0 +1,325 @@
+"""What the rollout and teacher servers share: the served model behind one lock, the policy version
+it serves, vLLM's weight-transfer routes (see `weight_transfer.py`), `/health`, `/v1/models`,
+`/metrics`, and 4xx answers that name the offending field.
+
+Requests run one at a time (the lock), so an answer depends only on the request and the weights,
+never on what else the server is doing: the same request gives the same tokens on every replica.
+Errors use the OpenAI/vLLM shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, StrictInt, StrictStr, ValidationError
+from transformers import PreTrainedModel
+
+from rlsd_trainer.config import ModelSection
+from rlsd_trainer.models import LoadedModel, load_model
+from rlsd_trainer.weight_transfer import ReceiverBackend, TransferError, UpdateOrderError, WeightReceiver
+
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    500: "InternalServerError",
+}
+
+
+class RequestError(Exception):
+    """A request the server refuses; answered with `status` and the field (`param`) at fault."""
+
+    def __init__(self, param: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.status = status
+
+
+def _error(status: int, message: str, param: str | None) -> JSONResponse:
+    body = {"message": message, "type": _ERROR_TYPES.get(status, "Error"), "param": param, "code": status}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def _field_path(loc: Sequence[str | int]) -> str:
+    """`("groups", 0, "prompt_ids")` -> `groups[0].prompt_ids`."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
+def _describe_errors(errors: Sequence[Any], prefix: str = "") -> tuple[str, str]:
+    """(param, message) for pydantic/FastAPI errors, naming the first offending field."""
+    messages, first = [], None
+    for error in errors:
+        loc = [part for part in error["loc"] if part != "body"]
+        if error["type"] == "json_invalid":
+            param, text = "body", f"body: invalid JSON: {error.get('ctx', {}).get('error', error['msg'])}"
+        else:
+            param = _field_path([*([prefix] if prefix else []), *loc]) or "body"
+            text = f"{param}: {error['msg'].removeprefix('Value error, ')}"
+        first = first or param
+        messages.append(text)
+    return first or "body", "; ".join(messages)
+
+
+class ServerMetrics:
+    """The Prometheus series of one server, named `rlsd_<role>_*`."""
+
+    def __init__(self, role: str, work_unit: str, work_help: str) -> None:
+        self.registry = CollectorRegistry()
+        prefix = f"rlsd_{role}"
+        self.requests = Counter(
+            f"{prefix}_requests", f"{role} requests handled, by outcome", ["outcome"], registry=self.registry
+        )
+        self.tokens = Counter(f"{prefix}_{work_unit}", work_help, registry=self.registry)
+        self.latency = Histogram(
+            f"{prefix}_request_latency_seconds",
+            f"Time from receiving a {role} request to answering it (waiting included)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            f"{prefix}_requests_in_flight",
+            f"{role} requests received, not yet answered",
+            registry=self.registry,
+        )
+        self.policy_version = Gauge(
+            f"{prefix}_policy_version", "Policy version served", registry=self.registry
+        )
+        self.weight_updates = Counter(
+            f"{prefix}_weight_updates", "Weight updates applied", registry=self.registry
+        )
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        self.in_flight.inc()
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.requests.labels("error").inc()
+            raise
+        else:
+            self.requests.labels("ok").inc()
+        finally:
+            self.in_flight.dec()
+            self.latency.observe(time.perf_counter() - start)
+
+
+class ModelHost:
+    """The served model, the policy version it holds and the lock every use of it takes."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        receiver: WeightReceiver,
+        metrics: ServerMetrics,
+        served_name: str,
+        model_path: str,
+    ) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.receiver = receiver
+        self.metrics = metrics
+        self.served_name = served_name
+        self.model_path = model_path
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.lock = threading.Lock()
+        self.version = 0
+        self.updated = False
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.served_name:
+            raise RequestError("model", f"The model `{name}` does not exist.", status=404)
+
+    def check_token_ids(self, param: str, ids: Sequence[int]) -> None:
+        for position, token in enumerate(ids):
+            if not 0 <= token < self.vocab_size:
+                raise RequestError(
+                    f"{param}[{position}]",
+                    f"token id {token} is outside the vocabulary [0, {self.vocab_size})",
+                )
+
+    def apply(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        """Load a complete update (all checked first, so a bad one changes nothing) as `version`."""
+        params = dict(self.model.named_parameters())
+        for name, tensor in tensors.items():
+            if name not in params:
+                raise RequestError("update_info.names", f"unknown parameter {name!r}")
+            if tensor.shape != params[name].shape:
+                raise RequestError(
+                    "update_info.shapes",
+                    f"{name}: shape {list(tensor.shape)} is not the model's {list(params[name].shape)}",
+                )
+        with self.lock, torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
+            self.version = version
+            self.updated = True
+        self.metrics.policy_version.set(version)
+        self.metrics.weight_updates.inc()
+
+
+class InitRequest(BaseModel):
+    init_info: dict[str, Any]
+
+
+class UpdateRequest(BaseModel):
+    update_info: dict[str, Any]
+
+
+class FinishRequest(BaseModel):
+    weight_version: StrictStr | StrictInt | None = None
+
+
+def _weight_router(host: ModelHost) -> APIRouter:
+    """vLLM's weight-transfer routes (vllm/entrypoints/serve/dev/rlhf/api_router.py), same bodies."""
+    router = APIRouter()
+    receiver = host.receiver
+
+    @router.post("/init_weight_transfer_engine")
+    def init_weight_transfer_engine(request: InitRequest) -> dict[str, str]:
+        try:
+            receiver.init(request.init_info)
+        except ValidationError as exc:
+            raise RequestError(*_describe_errors(exc.errors(), "init_info")) from exc
+        return {"message": "Weight transfer initialized"}
+
+    @router.post("/start_weight_update")
+    def start_weight_update() -> dict[str, str]:
+        receiver.start()
+        return {"message": "Weight update started"}
+
+    @router.post("/update_weights")
+    def update_weights(request: UpdateRequest) -> dict[str, str]:
+        try:
+            receiver.receive(request.update_info)
+        except ValidationError as exc:
+            raise RequestError(*_describe_errors(exc.errors(), "update_info")) from exc
+        return {"message": "Weights updated"}
+
+    @router.post("/finish_weight_update")
+    def finish_weight_update(request: FinishRequest | None = None) -> dict[str, str]:
+        # vLLM's own HTTP client sends no version: count the update as the next one.
+        version = (
+            host.version + 1 if request is None or request.weight_version is None else request.weight_version
+        )
+        try:
+            version = int(version)
+        except ValueError as exc:
+            raise RequestError("weight_version", f"must be an integer, got {version!r}") from exc
+        host.apply(receiver.finish(), version)
+        return {"message": "Weight update finished"}
+
+    @router.get("/weight_info")
+    def weight_info() -> dict[str, str | None]:
+        return {"weight_version": str(host.version) if host.updated else None}
+
+    @router.get("/get_world_size")
+    def get_world_size() -> dict[str, int]:
+        return {"world_size": 1}
+
+    return router
+
+
+def create_app(role: str, host: ModelHost, role_router: APIRouter) -> FastAPI:
+    app = FastAPI(title=f"rlsd {role} server")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        param, message = _describe_errors(exc.errors())
+        return _error(400, message, param)
+
+    @app.exception_handler(RequestError)
+    async def _refused(_: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.status, str(exc), exc.param)
+
+    @app.exception_handler(UpdateOrderError)
+    async def _out_of_order(_: Request, exc: UpdateOrderError) -> JSONResponse:
+        return _error(409, str(exc), None)
+
+    @app.exception_handler(TransferError)
+    async def _transfer_failed(_: Request, exc: TransferError) -> JSONResponse:
+        return _error(500, str(exc), None)
+
+    @app.get("/health")
+    def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(host.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        card = {
+            "id": host.served_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "rlsd",
+            "root": host.model_path,
+            "parent": None,
+        }
+        return {"object": "list", "data": [card]}
+
+    app.include_router(_weight_router(host))
+    app.include_router(role_router)
+    return app
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def parse_transfer_config(text: str) -> ReceiverBackend:
+    """The backend of `--weight-transfer-config` (vLLM's flag: a JSON object with "backend")."""
+    try:
+        backend = json.loads(text).get("backend")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"--weight-transfer-config must be a JSON object, got {text!r}") from exc
+    if backend not in ("gloo", "disk"):
+        raise ValueError(
+            f"--weight-transfer-config: backend must be 'gloo' or 'disk', got {backend!r} "
+            "(the nccl backend is vLLM's; this CPU server receives over gloo or from a shared directory)"
+        )
+    return backend
+
+
+def load_host(
+    role: str,
+    work_unit: str,
+    work_help: str,
+    model_path: str,
+    served_name: str | None,
+    dtype: str,
+    backend: ReceiverBackend,
+    transfer_timeout_s: float,
+) -> tuple[ModelHost, LoadedModel]:
+    """Load the model a server starts with (the initial policy) and wrap it for serving."""
+    loaded = load_model(model_path, ModelSection(dtype=dtype))
+    host = ModelHost(
+        loaded.model,
+        WeightReceiver(backend, transfer_timeout_s),
+        ServerMetrics(role, work_unit, work_help),
+        served_name or model_path,
+        model_path,
+    )
+    return host, loaded
