@@ -1,4 +1,5 @@
-"""Fixtures for the tests that run against a real control plane (see README.md).
+"""Fixtures for the tests that run against a real control plane (see k8s/README.md), shared by
+tests/k8s and tests/operator (`controlplane` is importable through pytest's `pythonpath`).
 
 `control_plane` (session): etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
 with fake GPU nodes, all on 127.0.0.1; `kubeconfig` (session): the admin's kubeconfig path;

@@ -1,0 +1,299 @@
+"""Pure functions from an RLSDRun (a dict, as the API server returns it) to the Kubernetes objects
+the operator creates for it. No I/O: the handlers create what these return.
+
+Every object carries the run's labels and an owner reference to the run (`kopf.adopt`), so the
+garbage collector deletes them with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import kopf
+import yaml
+
+from rlsd_operator import names
+from rlsd_operator.trainer_config import (
+    SERVER_TRANSFER_BACKEND,
+    build_trainer_config,
+    remote_rollout,
+    remote_teacher,
+    rollout_transfer,
+)
+
+Object = dict[str, Any]
+# Seconds a learner pod gets after SIGTERM beyond `checkpoint.preemptionGraceSeconds` (process exit).
+TERMINATION_SLACK_SECONDS = 30
+
+
+def _run_name(run: Object) -> str:
+    return run["metadata"]["name"]
+
+
+def _owned(run: Object, obj: Object) -> Object:
+    kopf.adopt(obj, owner=run)
+    return obj
+
+
+def spec_hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_config_map(run: Object, cluster_domain: str = "cluster.local") -> Object:
+    """The trainer's config file, and the spec it was rendered from (to name deferred changes)."""
+    name, namespace = _run_name(run), run["metadata"]["namespace"]
+    config = build_trainer_config(run["spec"], name, namespace, cluster_domain)
+    return _owned(
+        run,
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": names.config_map_name(name), "labels": names.labels(name)},
+            "data": {
+                names.CONFIG_FILE: yaml.safe_dump(config, sort_keys=False),
+                names.APPLIED_SPEC_FILE: json.dumps(run["spec"], sort_keys=True),
+            },
+        },
+    )
+
+
+def build_claim(run: Object) -> Object | None:
+    """The checkpoint PersistentVolumeClaim made from `claimTemplate`, or None for an existing claim."""
+    template = run["spec"]["checkpoint"]["volume"].get("claimTemplate")
+    if template is None:
+        return None
+    name = _run_name(run)
+    # Every learner and server pod mounts it; one pod alone may have it read-write-once.
+    pods = run["spec"]["learner"]["nodes"] + len(build_server_pods(run))
+    spec = {"accessModes": ["ReadWriteOnce" if pods == 1 else "ReadWriteMany"], **template}
+    return _owned(
+        run,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": names.claim_name(name), "labels": names.labels(name)},
+            "spec": spec,
+        },
+    )
+
+
+def build_service(run: Object, role: str) -> Object:
+    """A headless Service: stable DNS names for the pods of `role` (rendezvous, server URLs)."""
+    name = _run_name(run)
+    ports = (
+        [
+            {"name": "rendezvous", "port": names.RENDEZVOUS_PORT},
+            {"name": "metrics", "port": names.METRICS_PORT},
+        ]
+        if role == names.LEARNER
+        else [{"name": "http", "port": names.SERVER_PORT}]
+    )
+    return _owned(
+        run,
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": names.service_name(name, role), "labels": names.labels(name, role)},
+            "spec": {
+                "clusterIP": "None",
+                "selector": names.labels(name, role),
+                "ports": ports,
+                # Ranks resolve each other while they start, before any of them is ready.
+                "publishNotReadyAddresses": role == names.LEARNER,
+            },
+        },
+    )
+
+
+def build_services(run: Object) -> list[Object]:
+    spec = run["spec"]
+    roles = [names.LEARNER]
+    roles += [names.ROLLOUT] if remote_rollout(spec) else []
+    roles += [names.TEACHER] if remote_teacher(spec) else []
+    return [build_service(run, role) for role in roles]
+
+
+def _resources(section: Object) -> Object:
+    """Resource requirements with every quantity as a string, as the API's Quantity type has them."""
+    return {
+        kind: {resource: str(quantity) for resource, quantity in quantities.items()}
+        for kind, quantities in (section.get("resources") or {}).items()
+    }
+
+
+def _env(spec: Object, section: Object, extra: list[Object]) -> list[Object]:
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *extra]
+    token = spec.get("huggingFaceTokenSecret")
+    if token:
+        secret = {"name": token["name"], "key": token["key"]}
+        env.append({"name": names.HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": secret}})
+    return env + list(section.get("env") or [])
+
+
+def _volumes(run: Object, with_config: bool) -> tuple[list[Object], list[Object]]:
+    """(volumes, mounts): the checkpoint volume, a memory-backed /dev/shm and, for learners, the config."""
+    checkpoint = run["spec"]["checkpoint"]
+    claim = checkpoint["volume"].get("claimName") or names.claim_name(_run_name(run))
+    volumes = [
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        {"name": "checkpoints", "mountPath": checkpoint["mountPath"]},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
+    if with_config:
+        volumes.append({"name": "config", "configMap": {"name": names.config_map_name(_run_name(run))}})
+        mounts.append({"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _pod(
+    run: Object,
+    name: str,
+    pod_labels: dict[str, str],
+    container: Object,
+    hostname: str,
+    subdomain: str,
+    with_config: bool = False,
+) -> Object:
+    spec = run["spec"]
+    scheduling = spec.get("scheduling") or {}
+    volumes, mounts = _volumes(run, with_config)
+    container = {"terminationMessagePolicy": "FallbackToLogsOnError", "volumeMounts": mounts, **container}
+    pod_spec: Object = {
+        "hostname": hostname,
+        "subdomain": subdomain,
+        # The operator restarts (a whole gang, from a checkpoint); the kubelet never does.
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": spec["checkpoint"]["preemptionGraceSeconds"]
+        + TERMINATION_SLACK_SECONDS,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName", "schedulerName"):
+        if scheduling.get(field):
+            pod_spec[field] = scheduling[field]
+    if spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = spec["imagePullSecrets"]
+    return _owned(
+        run,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": pod_labels},
+            "spec": pod_spec,
+        },
+    )
+
+
+def learner_command(run: Object, node_rank: int, cluster_domain: str = "cluster.local") -> list[str]:
+    learner = run["spec"]["learner"]
+    master = names.learner_dns(_run_name(run), run["metadata"]["namespace"], cluster_domain)
+    return [
+        "rlsd-trainer",
+        "learner",
+        "--config",
+        f"{names.CONFIG_DIR}/{names.CONFIG_FILE}",
+        "--nnodes",
+        str(learner["nodes"]),
+        "--nproc-per-node",
+        str(learner["nprocPerNode"]),
+        "--node-rank",
+        str(node_rank),
+        "--master-addr",
+        master,
+        "--master-port",
+        str(names.RENDEZVOUS_PORT),
+    ]
+
+
+def build_learner_pod(
+    run: Object, node_rank: int, attempt: int, cluster_domain: str = "cluster.local"
+) -> Object:
+    name = _run_name(run)
+    spec = run["spec"]
+    learner = spec["learner"]
+    extra_env = [{"name": "RLSD_ATTEMPT", "value": str(attempt)}]
+    container = {
+        "name": names.LEARNER,
+        "image": learner["image"],
+        "command": learner_command(run, node_rank, cluster_domain),
+        "env": _env(spec, learner, extra_env),
+        "ports": [
+            {"name": "rendezvous", "containerPort": names.RENDEZVOUS_PORT},
+            {"name": "metrics", "containerPort": names.METRICS_PORT},
+        ],
+        "resources": _resources(learner),
+    }
+    if learner.get("imagePullPolicy"):
+        container["imagePullPolicy"] = learner["imagePullPolicy"]
+    pod_labels = names.labels(
+        name, names.LEARNER, **{names.LABEL_ATTEMPT: str(attempt), names.LABEL_RANK: str(node_rank)}
+    )
+    return _pod(
+        run,
+        names.learner_pod_name(name, attempt, node_rank),
+        pod_labels,
+        container,
+        hostname=names.learner_hostname(name, node_rank),
+        subdomain=names.service_name(name, names.LEARNER),
+        with_config=True,
+    )
+
+
+def server_command(spec: Object, role: str) -> list[str]:
+    """vLLM's server, or the trainer's CPU server, with the weight-transfer backend the learners use."""
+    section = spec[role]
+    backend = rollout_transfer(spec) if role == names.ROLLOUT else section["weightTransfer"]
+    transfer = json.dumps({"backend": SERVER_TRANSFER_BACKEND[backend]})
+    model = spec["model"]["path"]
+    common = [
+        "--served-model-name",
+        names.SERVED_MODEL_NAME,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(names.SERVER_PORT),
+    ]
+    common += ["--weight-transfer-config", transfer]
+    if spec["model"].get("dtype"):
+        common += ["--dtype", spec["model"]["dtype"]]
+    if role == names.ROLLOUT and section["backend"] == "vllm":
+        command = ["vllm", "serve", model, *common]
+    else:
+        command = ["rlsd-trainer", "serve", role, "--model", model, *common]
+    return command + list(section.get("extraArgs") or [])
+
+
+def build_server_pod(run: Object, role: str, index: int) -> Object:
+    """Rollout or teacher replica `index`; its name (and so its DNS name) is the same forever."""
+    name = _run_name(run)
+    spec = run["spec"]
+    section = spec[role]
+    extra_env = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}] if section.get("backend") == "vllm" else []
+    pod_name = names.server_pod_name(name, role, index)
+    container = {
+        "name": role,
+        "image": section["image"],
+        "command": server_command(spec, role),
+        "env": _env(spec, section, extra_env),
+        "ports": [{"name": "http", "containerPort": names.SERVER_PORT}],
+        "resources": _resources(section),
+        "readinessProbe": {"httpGet": {"path": "/health", "port": names.SERVER_PORT}, "periodSeconds": 5},
+    }
+    pod = _pod(run, pod_name, names.labels(name, role), container, pod_name, names.service_name(name, role))
+    pod["metadata"]["annotations"] = {names.ANNOTATION_SPEC_HASH: spec_hash(pod["spec"])}
+    return pod
+
+
+def build_server_pods(run: Object) -> list[Object]:
+    spec = run["spec"]
+    pods = []
+    if remote_rollout(spec):
+        pods += [build_server_pod(run, names.ROLLOUT, i) for i in range(spec["rollout"]["replicas"])]
+    if remote_teacher(spec):
+        pods += [build_server_pod(run, names.TEACHER, i) for i in range(spec["teacher"]["replicas"])]
+    return pods

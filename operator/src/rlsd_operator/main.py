@@ -1,0 +1,32 @@
+"""`rlsd-operator`: run the operator (one replica; see operator/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+
+import kopf
+from prometheus_client import start_http_server
+
+from rlsd_operator import handlers  # noqa: F401  (importing it registers the handlers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="rlsd-operator", description=__doc__)
+    parser.add_argument("--namespace", action="append", default=[], help="watch only these (default: all)")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="rlsd_operator_* metrics; 0 disables")
+    parser.add_argument("--liveness-port", type=int, default=8080, help="serves /healthz")
+    args = parser.parse_args(argv)
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    kopf.configure(verbose=False)
+    kopf.run(
+        registry=kopf.get_default_registry(),
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz",
+    )
+
+
+if __name__ == "__main__":
+    main()

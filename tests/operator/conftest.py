@@ -1,0 +1,115 @@
+"""Fixtures of the operator tests: the RLSDRun CRD on the real API server, the operator in-process
+(kopf's KopfRunner against the admin's kubeconfig), and what a run's pods need in a namespace."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from controlplane import wait_until
+from kopf.testing import KopfRunner
+from kubernetes import client
+
+from rlsd_operator import handlers, names
+
+
+@pytest.fixture(scope="session")
+def rlsd_crd(api_client: client.ApiClient) -> str:
+    """The RLSDRun CRD from the package, applied (create or replace) and served."""
+    crd = yaml.safe_load(names.CRD_PATH.read_text())
+    extensions = client.ApiextensionsV1Api(api_client)
+    try:
+        extensions.create_custom_resource_definition(crd)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+        crd["metadata"]["resourceVersion"] = extensions.read_custom_resource_definition(
+            crd["metadata"]["name"]
+        ).metadata.resource_version
+        extensions.replace_custom_resource_definition(crd["metadata"]["name"], crd)
+
+    def established() -> bool:
+        status = extensions.read_custom_resource_definition(crd["metadata"]["name"]).status
+        return any(c.type == "Established" and c.status == "True" for c in status.conditions or [])
+
+    wait_until(established, "the RLSDRun CRD to be Established")
+    custom = client.CustomObjectsApi(api_client)
+    wait_until(
+        lambda: custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.PLURAL), "discovery"
+    )
+    return crd["metadata"]["name"]
+
+
+@pytest.fixture
+def custom(api_client: client.ApiClient, rlsd_crd: str) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+@pytest.fixture
+def core(api_client: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(api_client)
+
+
+@pytest.fixture
+def checkpoint_claim(core: client.CoreV1Api, namespace: str) -> Iterator[str]:
+    """A claim named `checkpoints`, bound to a hostPath volume made for it (the scheduler waits for a
+    bound claim). Runs that use a claimTemplate bind `pv_for` themselves."""
+    with pv_for(core, namespace, "checkpoints"):
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": "checkpoints"},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+        yield "checkpoints"
+
+
+@contextlib.contextmanager
+def pv_for(core: client.CoreV1Api, namespace: str, claim: str) -> Iterator[None]:
+    """A PersistentVolume pre-bound to claim `claim` in `namespace`, deleted afterwards."""
+    name = f"{namespace}-{claim}"
+    volume = {
+        "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": "1Ti"},
+            "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+            "hostPath": {"path": f"/tmp/{name}"},
+            "claimRef": {"namespace": namespace, "name": claim},
+            "storageClassName": "",
+        },
+    }
+    core.create_persistent_volume(volume)
+    try:
+        yield
+    finally:
+        core.delete_persistent_volume(name)
+
+
+@pytest.fixture
+def operator_env(kubeconfig: Path, rlsd_crd: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Environment of an in-process operator: the admin's kubeconfig, fast scrapes and retries."""
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setattr(handlers, "SCRAPE_SECONDS", 0.5)
+    monkeypatch.setattr(handlers, "REFERENCE_RETRY_SECONDS", 1.0)
+
+
+OPERATOR_ARGS = ["run", "--all-namespaces", "--standalone", "-m", "rlsd_operator.handlers"]
+
+
+def start_operator() -> KopfRunner:
+    return KopfRunner(OPERATOR_ARGS, timeout=60)
+
+
+@pytest.fixture
+def operator(operator_env: None) -> Iterator[KopfRunner]:
+    with start_operator() as runner:
+        yield runner
+    assert runner.exception is None, runner.output

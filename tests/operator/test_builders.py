@@ -1,0 +1,336 @@
+"""The pure parts of the operator, without a cluster: trainer config, Kubernetes objects, decisions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from rlsdrun_samples import defaulted_run
+
+from rlsd_operator import builders, handlers, lifecycle, metrics, names
+from rlsd_operator.lifecycle import Verdict
+from rlsd_operator.trainer_config import build_trainer_config, spec_problems
+
+LEARNER0 = "demo-learner-0.demo-learners.team-a.svc.cluster.local"
+
+
+def config_of(spec: dict | None = None) -> dict:
+    run = defaulted_run(spec=spec)
+    return build_trainer_config(run["spec"], "demo", "team-a")
+
+
+def test_trainer_config_maps_every_field_to_the_trainer_schema() -> None:
+    config = config_of(
+        {
+            "seed": 7,
+            "algorithm": {"name": "grpo+opsd", "groupSize": 16, "epsW": 0.3, "klCoef": 0.01},
+            "optim": {"lr": "1e-6", "gradClip": 0.5},
+            "reward": {"verifier": "numeric", "timeoutSeconds": 2.5, "workers": 4},
+            "checkpoint": {"every": 5, "asyncSave": True},
+            "dataset": {"eval": {"kind": "parquet", "path": "/data/test.parquet", "answerField": "ans"}},
+        }
+    )
+    config["algorithm"]["lam"] = config["algorithm"].get("lam", {})
+    assert config["run"] == {"name": "demo", "output_dir": "/checkpoints/demo", "total_steps": 100, "seed": 7}
+    assert config["algorithm"] == {
+        "name": "grpo+opsd",
+        "group_size": 16,
+        "eps_w": 0.3,
+        "kl_coef": 0.01,
+        "lam": {},
+    }
+    assert config["optim"] == {"lr": 1e-6, "grad_clip": 0.5}
+    assert config["reward"] == {"verifier": "numeric", "timeout_s": 2.5, "workers": 4}
+    assert config["checkpoint"] == {"every": 5, "async_save": True, "preemption_grace_s": 120}
+    assert config["data"]["train"] == {
+        "kind": "jsonl",
+        "path": "/data/train.jsonl",
+        "question_field": "problem",
+    }
+    assert config["data"]["eval"] == {"kind": "parquet", "path": "/data/test.parquet", "answer_field": "ans"}
+    assert config["metrics"]["prometheus_port"] == names.METRICS_PORT
+
+
+def test_lambda_schedule_maps_to_lam() -> None:
+    config = config_of({"algorithm": {"lambda": {"kind": "constant", "initial": 0.3, "decaySteps": 9}}})
+    assert config["algorithm"]["lam"] == {"kind": "constant", "initial": 0.3, "decay_steps": 9}
+
+
+def test_remote_rollout_and_teacher_get_stable_dns_urls_and_learner_0_as_transfer_host() -> None:
+    config = config_of(
+        {"teacher": {"placement": "remote", "replicas": 1, "image": "t", "weightTransfer": "gloo"}}
+    )
+    servers = config["rollout"]["servers"]
+    assert config["rollout"]["backend"] == "remote"
+    assert servers["urls"] == [
+        f"http://demo-rollout-{i}.demo-rollout.team-a.svc.cluster.local:{names.SERVER_PORT}" for i in range(2)
+    ]
+    assert servers["weight_transfer"] == {"backend": "nccl", "host": LEARNER0, "port": 29600}
+    teacher = config["teacher"]["servers"]
+    assert teacher["urls"] == ["http://demo-teacher-0.demo-teacher.team-a.svc.cluster.local:8000"]
+    assert teacher["weight_transfer"] == {"backend": "gloo", "host": LEARNER0, "port": 29700}
+
+
+def test_cpu_rollout_defaults_to_gloo_and_filesystem_gets_a_shared_dir() -> None:
+    assert (
+        config_of({"rollout": {"backend": "cpu"}})["rollout"]["servers"]["weight_transfer"]["backend"]
+        == "gloo"
+    )
+    transfer = config_of({"rollout": {"weightTransfer": "filesystem"}})["rollout"]["servers"][
+        "weight_transfer"
+    ]
+    assert transfer["shared_dir"] == "/checkpoints/demo/weights"
+
+
+def test_local_rollout_renders_no_servers() -> None:
+    config = config_of({"rollout": {"backend": "local", "promptsPerStep": 8}})
+    assert config["rollout"] == {"prompts_per_step": 8}
+
+
+def test_trainer_config_is_merged_last() -> None:
+    config = config_of(
+        {"trainerConfig": {"algorithm": {"ppo_epochs": 2}, "run": {"seed": 3}, "eval": {"every": 5}}}
+    )
+    assert config["algorithm"]["ppo_epochs"] == 2
+    assert config["run"]["seed"] == 3 and config["run"]["name"] == "demo"
+    assert config["eval"] == {"every": 5}
+
+
+def test_rendered_config_is_valid_for_the_trainer() -> None:
+    trainer_config = pytest.importorskip(
+        "rlsd_trainer.config"
+    )  # tests may import it; the operator never does
+    spec = {
+        "algorithm": {"name": "rlsd", "lambda": {"initial": 0.5, "final": 0.0}, "epsW": 0.2},
+        "optim": {"lr": "1e-6"},
+        "teacher": {"placement": "remote", "replicas": 2, "image": "t", "weightTransfer": "filesystem"},
+        "trainerConfig": {"eval": {"every": 10}},
+    }
+    config = trainer_config.parse_config(config_of(spec))
+    assert config.rollout.servers.weight_transfer.host == LEARNER0
+    assert config.teacher.servers.weight_transfer.shared_dir == "/checkpoints/demo/weights"
+    assert trainer_config.CheckpointSection().every == handlers.TRAINER_CHECKPOINT_EVERY
+
+
+def test_config_map_holds_the_config_and_the_applied_spec() -> None:
+    run = defaulted_run()
+    config_map = builders.build_config_map(run)
+    assert config_map["metadata"]["name"] == "demo-config"
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["run"]["name"] == "demo"
+    assert json.loads(config_map["data"]["spec.json"]) == run["spec"]
+
+
+def test_learner_pod() -> None:
+    run = defaulted_run(
+        spec={
+            "huggingFaceTokenSecret": {"name": "hf", "key": "token"},
+            "imagePullSecrets": [{"name": "registry"}],
+            "scheduling": {"priorityClassName": "training", "schedulerName": "volcano"},
+            "learner": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]},
+        }
+    )
+    pod = builders.build_learner_pod(run, node_rank=1, attempt=3)
+    meta, spec = pod["metadata"], pod["spec"]
+    assert meta["name"] == "demo-learner-a3-1"
+    assert meta["labels"] == {
+        "app.kubernetes.io/name": "rlsd",
+        "rlsd.io/run": "demo",
+        "rlsd.io/role": "learner",
+        "rlsd.io/attempt": "3",
+        "rlsd.io/rank": "1",
+    }
+    owner = meta["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "RLSDRun",
+        "demo",
+        "1234-5678",
+        True,
+    )
+    assert meta["namespace"] == "team-a"
+    assert (spec["hostname"], spec["subdomain"]) == ("demo-learner-1", "demo-learners")
+    assert spec["restartPolicy"] == "Never"
+    assert spec["terminationGracePeriodSeconds"] > 120
+    assert spec["priorityClassName"] == "training" and spec["schedulerName"] == "volcano"
+    assert spec["nodeSelector"] == {"type": "kwok"} and spec["tolerations"]
+    assert spec["imagePullSecrets"] == [{"name": "registry"}]
+    container = spec["containers"][0]
+    assert container["command"] == [
+        "rlsd-trainer", "learner", "--config", "/etc/rlsd/config.yaml",
+        "--nnodes", "2", "--nproc-per-node", "4", "--node-rank", "1",
+        "--master-addr", LEARNER0, "--master-port", "29500",
+    ]  # fmt: skip
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert env["NCCL_DEBUG"]["value"] == "INFO" and env["RLSD_ATTEMPT"]["value"] == "3"
+    assert container["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "checkpoints"}
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory"}
+    assert volumes["config"]["configMap"] == {"name": "demo-config"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"checkpoints": "/checkpoints", "shm": "/dev/shm", "config": "/etc/rlsd"}
+
+
+def test_vllm_rollout_pod() -> None:
+    pod = builders.build_server_pod(
+        defaulted_run(spec={"rollout": {"extraArgs": ["--max-model-len", "8192"]}}), "rollout", 1
+    )
+    container = pod["spec"]["containers"][0]
+    assert pod["metadata"]["name"] == pod["spec"]["hostname"] == "demo-rollout-1"
+    assert pod["spec"]["subdomain"] == "demo-rollout"
+    assert container["command"] == [
+        "vllm", "serve", "Qwen/Qwen3-0.6B", "--served-model-name", "policy", "--host", "0.0.0.0",
+        "--port", "8000", "--weight-transfer-config", '{"backend": "nccl"}', "--dtype", "bfloat16",
+        "--max-model-len", "8192",
+    ]  # fmt: skip
+    assert {"name": "VLLM_SERVER_DEV_MODE", "value": "1"} in container["env"]
+    assert pod["metadata"]["labels"]["rlsd.io/role"] == "rollout"
+    assert pod["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]
+
+
+def test_cpu_rollout_and_teacher_pods_run_the_trainer_servers() -> None:
+    run = defaulted_run(
+        spec={
+            "rollout": {"backend": "cpu", "weightTransfer": "filesystem"},
+            "teacher": {"placement": "remote", "replicas": 1, "image": "t", "weightTransfer": "gloo"},
+        }
+    )
+    rollout = builders.build_server_pod(run, "rollout", 0)["spec"]["containers"][0]["command"]
+    assert rollout[:5] == ["rlsd-trainer", "serve", "rollout", "--model", "Qwen/Qwen3-0.6B"]
+    assert rollout[rollout.index("--weight-transfer-config") + 1] == '{"backend": "disk"}'
+    teacher = builders.build_server_pod(run, "teacher", 0)
+    assert teacher["spec"]["containers"][0]["command"][:3] == ["rlsd-trainer", "serve", "teacher"]
+    assert [p["metadata"]["name"] for p in builders.build_server_pods(run)] == [
+        "demo-rollout-0", "demo-rollout-1", "demo-teacher-0",
+    ]  # fmt: skip
+
+
+def test_claim_template_makes_an_owned_claim_that_pods_mount() -> None:
+    run = defaulted_run(spec={"checkpoint": {"volume": {"claimName": None}}})
+    run["spec"]["checkpoint"]["volume"] = {"claimTemplate": {"resources": {"requests": {"storage": "1Ti"}}}}
+    claim = builders.build_claim(run)
+    assert claim is not None
+    assert claim["metadata"]["name"] == "demo-checkpoints"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # 2 learners and 2 servers mount it
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == "1234-5678"
+    pod = builders.build_learner_pod(run, 0, 1)
+    assert pod["spec"]["volumes"][0]["persistentVolumeClaim"] == {"claimName": "demo-checkpoints"}
+    assert builders.build_claim(defaulted_run()) is None
+
+
+def test_services_are_headless_and_only_for_roles_with_pods() -> None:
+    services = builders.build_services(defaulted_run())
+    assert [s["metadata"]["name"] for s in services] == ["demo-learners", "demo-rollout"]
+    learners = services[0]["spec"]
+    assert learners["clusterIP"] == "None" and learners["publishNotReadyAddresses"] is True
+    assert learners["selector"] == {
+        "app.kubernetes.io/name": "rlsd",
+        "rlsd.io/run": "demo",
+        "rlsd.io/role": "learner",
+    }
+    local = builders.build_services(defaulted_run(spec={"rollout": {"backend": "local"}}))
+    assert [s["metadata"]["name"] for s in local] == ["demo-learners"]
+
+
+# -- decisions ----------------------------------------------------------------------------------------
+
+
+def learner(rank: int, phase: str = "Running", code: int | None = None, **status: object) -> dict:
+    pod: dict = {
+        "metadata": {"name": f"demo-learner-a1-{rank}", "labels": {names.LABEL_RANK: str(rank)}},
+        "status": {"phase": phase, **status},
+    }
+    if code is not None:
+        terminated = {"exitCode": code, "reason": "Error", "message": "data.train.path: no such file"}
+        pod["status"]["containerStatuses"] = [{"name": "learner", "state": {"terminated": terminated}}]
+    return pod
+
+
+DISRUPTION = {
+    "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}]
+}
+
+
+@pytest.mark.parametrize(
+    ("pods", "verdict", "words"),
+    [
+        ([learner(0), learner(1)], Verdict.RUNNING, ""),
+        ([learner(0), learner(1, "Pending")], Verdict.STARTING, "1 of 2"),
+        ([learner(0, "Succeeded", 0), learner(1, "Succeeded", 0)], Verdict.SUCCEEDED, "exited 0"),
+        ([learner(0, "Succeeded", 0), learner(1)], Verdict.RUNNING, ""),
+        ([learner(0, "Failed", 75), learner(1)], Verdict.PREEMPTED, "exit code 75"),
+        ([learner(0, "Failed", 76), learner(1)], Verdict.PREEMPTED, "exit code 76"),
+        ([learner(0)], Verdict.PREEMPTED, "rank 1: pod gone"),
+        ([learner(0), learner(1, **DISRUPTION)], Verdict.PREEMPTED, "PreemptionByScheduler"),
+        ([learner(0), learner(1, "Failed", reason="Evicted")], Verdict.PREEMPTED, "Evicted"),
+        ([learner(0, "Failed", 3), learner(1)], Verdict.BAD_CONFIG, "data.train.path: no such file"),
+        ([learner(0, "Failed", 1), learner(1)], Verdict.FAILED, "exit code 1"),
+        ([learner(0, "Failed", 1), learner(1, "Failed", 75)], Verdict.PREEMPTED, "exit code 75"),
+        ([learner(0, "Failed", 3), learner(1, "Failed", 75)], Verdict.BAD_CONFIG, "exit code 3"),
+    ],
+)
+def test_assess_gang(pods: list[dict], verdict: Verdict, words: str) -> None:
+    state = lifecycle.assess_gang(pods, nodes=2)
+    assert state.verdict is verdict
+    assert words in state.message
+
+
+def test_a_deleted_learner_still_running_counts_as_preempted() -> None:
+    pod = learner(1)
+    pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert lifecycle.assess_gang([learner(0), pod], 2).verdict is Verdict.PREEMPTED
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    policy = {"backoffSeconds": 10, "maxBackoffSeconds": 60}
+    assert [lifecycle.backoff_seconds(policy, n) for n in (1, 2, 3, 4, 5)] == [10, 20, 40, 60, 60]
+
+
+def test_deferred_fields_name_what_changed_except_live_fields() -> None:
+    applied = defaulted_run()["spec"]
+    spec = json.loads(json.dumps(applied))
+    spec["learner"]["nodes"] = 4
+    spec["steps"] = 200
+    spec["suspend"] = True
+    spec["restartPolicy"]["backoffLimit"] = 9
+    assert lifecycle.deferred_fields(applied, spec) == ["learner.nodes", "steps"]
+
+
+def test_set_condition_moves_the_transition_time_only_on_a_status_change() -> None:
+    conditions = lifecycle.set_condition([], "Ready", False, "Starting", "", "t1")
+    conditions = lifecycle.set_condition(conditions, "Ready", False, "Waiting", "m", "t2")
+    assert conditions == [
+        {"type": "Ready", "status": "False", "reason": "Waiting", "message": "m", "lastTransitionTime": "t1"}
+    ]
+    assert (
+        lifecycle.set_condition(conditions, "Ready", True, "Running", "", "t3")[0]["lastTransitionTime"]
+        == "t3"
+    )
+
+
+def test_parse_progress_reads_the_trainer_gauges() -> None:
+    text = (
+        "# TYPE rlsd_policy_version gauge\nrlsd_policy_version 42.0\nrlsd_reward_mean 0.5\nrlsd_lambda 0.2\n"
+    )
+    assert metrics.parse_progress(text) == {"step": 42.0, "reward": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("lr", "ok"), [("1e-6", True), (3e-5, True), (1, True), ("fast", False), (0, False), (True, False)]
+)
+def test_spec_problems_checks_the_learning_rate(lr: object, ok: bool) -> None:
+    problems = spec_problems({"optim": {"lr": lr}})
+    assert (problems == []) is ok
+    assert ok or "optim.lr" in problems[0]
+
+
+def test_the_operator_never_imports_torch_or_the_trainer() -> None:
+    code = (
+        "import sys, rlsd_operator.main, rlsd_operator.handlers;"
+        "bad = {'torch', 'rlsd_trainer'} & set(sys.modules); assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

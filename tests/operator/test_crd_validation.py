@@ -1,0 +1,167 @@
+"""The real API server rejects malformed RLSDRuns at apply time, naming the field (schema + CEL)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from kubernetes import client
+from rlsdrun_samples import deep_update, run_manifest
+
+from rlsd_operator import names
+
+pytestmark = pytest.mark.k8s
+Spec = dict[str, Any]
+
+
+def create(
+    custom: client.CustomObjectsApi, namespace: str, body: dict[str, Any], dry_run: bool = True
+) -> Any:
+    return custom.create_namespaced_custom_object(
+        names.GROUP,
+        names.VERSION,
+        namespace,
+        names.PLURAL,
+        body,
+        dry_run="All" if dry_run else None,
+        field_validation="Strict",
+    )
+
+
+def without(path: str) -> Callable[[Spec], Spec]:
+    def edit(spec: Spec) -> Spec:
+        *parents, leaf = path.split(".")
+        node = spec
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+        return spec
+
+    return edit
+
+
+def patch(extra: Spec) -> Callable[[Spec], Spec]:
+    return lambda spec: deep_update(spec, extra)
+
+
+# (case, how the spec is broken, what the message must name)
+MALFORMED: list[tuple[str, Callable[[Spec], Spec], str]] = [
+    ("model-missing", without("model"), "spec.model: Required value"),
+    ("model-path-empty", patch({"model": {"path": ""}}), "spec.model.path"),
+    ("model-dtype", patch({"model": {"dtype": "float16"}}), "spec.model.dtype"),
+    ("dataset-kind", patch({"dataset": {"train": {"kind": "csv"}}}), "spec.dataset.train.kind"),
+    ("dataset-path-missing", without("dataset.train.path"), "spec.dataset.train: Invalid value"),
+    ("steps-missing", without("steps"), "spec.steps: Required value"),
+    ("steps-zero", patch({"steps": 0}), "spec.steps"),
+    ("algorithm-name", patch({"algorithm": {"name": "ppo"}}), "spec.algorithm.name"),
+    ("group-size", patch({"algorithm": {"groupSize": 1}}), "algorithm.groupSize must be at least 2"),
+    ("lambda-initial", patch({"algorithm": {"lambda": {"initial": 1.5}}}), "algorithm.lambda.initial"),
+    ("lambda-final", patch({"algorithm": {"lambda": {"final": -0.1}}}), "algorithm.lambda.final"),
+    ("eps-w-one", patch({"algorithm": {"epsW": 1.0}}), "algorithm.epsW must be in (0, 1)"),
+    ("eps-w-zero", patch({"algorithm": {"epsW": 0.0}}), "algorithm.epsW must be in (0, 1)"),
+    ("clip-low", patch({"algorithm": {"clipLow": 0}}), "spec.algorithm.clipLow"),
+    ("clip-order", patch({"algorithm": {"clipLow": 0.3, "clipHigh": 0.2}}), "algorithm.clipHigh"),
+    ("learner-nodes", patch({"learner": {"nodes": 0}}), "spec.learner.nodes"),
+    ("learner-image", without("learner.image"), "spec.learner.image: Required value"),
+    ("gpus-vs-ranks", patch({"learner": {"nprocPerNode": 8}}), "learner.nprocPerNode must equal"),
+    ("rollout-replicas", patch({"rollout": {"replicas": 0}}), "rollout.replicas must be at least 1"),
+    ("rollout-backend", patch({"rollout": {"backend": "tgi"}}), "spec.rollout.backend"),
+    ("rollout-image", without("rollout.image"), "rollout.image is required"),
+    ("cpu-nccl", patch({"rollout": {"backend": "cpu", "weightTransfer": "nccl"}}), "rollout.weightTransfer"),
+    ("top-p", patch({"rollout": {"sampling": {"topP": 1.5}}}), "spec.rollout.sampling.topP"),
+    (
+        "teacher-replicas",
+        patch({"teacher": {"placement": "remote", "replicas": 0, "image": "t"}}),
+        "teacher.replicas",
+    ),
+    ("teacher-placement", patch({"teacher": {"placement": "elsewhere"}}), "spec.teacher.placement"),
+    (
+        "volume-both",
+        patch({"checkpoint": {"volume": {"claimTemplate": {"resources": {"requests": {"storage": "1Gi"}}}}}}),
+        "checkpoint.volume needs exactly one of claimName and claimTemplate",
+    ),
+    (
+        "volume-neither",
+        patch({"checkpoint": {"volume": {"claimName": None}}}),
+        "checkpoint.volume needs exactly one",
+    ),
+    ("backoff-limit", patch({"restartPolicy": {"backoffLimit": -1}}), "spec.restartPolicy.backoffLimit"),
+    (
+        "backoff-order",
+        patch({"restartPolicy": {"backoffLimit": 1, "backoffSeconds": 60, "maxBackoffSeconds": 10}}),
+        "restartPolicy.maxBackoffSeconds must be >= restartPolicy.backoffSeconds",
+    ),
+    ("verifier-callable", patch({"reward": {"verifier": "callable"}}), "reward.callable"),
+    ("callable-format", patch({"reward": {"callable": "no_colon"}}), "spec.reward.callable"),
+    ("unknown-field", patch({"learner": {"gpus": 4}}), 'unknown field "spec.learner.gpus"'),
+    (
+        "grace-range",
+        patch({"checkpoint": {"preemptionGraceSeconds": 0}}),
+        "spec.checkpoint.preemptionGraceSeconds",
+    ),
+    (
+        "hf-secret-name",
+        patch({"huggingFaceTokenSecret": {"key": "token"}}),
+        "spec.huggingFaceTokenSecret.name",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"), [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED]
+)
+def test_malformed_run_is_rejected_naming_the_field(
+    custom: client.CustomObjectsApi, namespace: str, edit: Callable[[Spec], Spec], field: str
+) -> None:
+    body = run_manifest()
+    body["spec"] = edit(body["spec"])
+    with pytest.raises(client.ApiException) as rejected:
+        create(custom, namespace, body)
+    assert rejected.value.status in (400, 422), rejected.value.body  # 400: strict decoding
+    message = json.loads(rejected.value.body)["message"]
+    assert field in message, message
+
+
+def test_long_run_names_are_rejected(custom: client.CustomObjectsApi, namespace: str) -> None:
+    with pytest.raises(client.ApiException) as rejected:
+        create(custom, namespace, run_manifest("r" * 41))
+    assert "metadata.name must be at most 40 characters" in rejected.value.body
+
+
+def test_a_valid_run_is_accepted_with_defaults(custom: client.CustomObjectsApi, namespace: str) -> None:
+    body = run_manifest(spec={"optim": {"lr": "1e-6"}})
+    del body["spec"]["learner"]["nodes"]
+    created = create(custom, namespace, body)
+    spec = created["spec"]
+    assert spec["learner"]["nodes"] == 1
+    assert spec["restartPolicy"] == {"backoffLimit": 3, "backoffSeconds": 10, "maxBackoffSeconds": 300}
+    assert spec["checkpoint"]["mountPath"] == "/checkpoints" and spec["suspend"] is False
+    assert spec["optim"]["lr"] == "1e-6"
+    assert (
+        create(custom, namespace, run_manifest(spec={"optim": {"lr": 3e-5}}))["spec"]["optim"]["lr"] == 3e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"model": {"path": "other/model"}}, "model is immutable"),
+        ({"algorithm": {"name": "grpo"}}, "algorithm is immutable"),
+        ({"checkpoint": {"mountPath": "/elsewhere"}}, "checkpoint.mountPath is immutable"),
+    ],
+)
+def test_identity_fields_are_immutable(
+    custom: client.CustomObjectsApi, namespace: str, change: Spec, field: str
+) -> None:
+    create(custom, namespace, run_manifest(spec={"algorithm": {"name": "rlsd"}}), dry_run=False)
+    with pytest.raises(client.ApiException) as rejected:
+        custom.patch_namespaced_custom_object(
+            names.GROUP, names.VERSION, namespace, names.PLURAL, "demo", {"spec": change}
+        )
+    assert field in rejected.value.body
+    # Fields that apply at once, or at the next learner attempt, may change.
+    custom.patch_namespaced_custom_object(
+        names.GROUP, names.VERSION, namespace, names.PLURAL, "demo", {"spec": {"suspend": True, "steps": 500}}
+    )

@@ -1,0 +1,433 @@
+"""The operator, in-process, against the real control plane: pods on kwok GPU nodes, their exits
+simulated by patching pod status as the admin (kwok completes only Job-owned pods by itself)."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+from controlplane import wait_until
+from kubernetes import client
+from rlsdrun_samples import run_manifest
+
+from conftest import pv_for, start_operator
+from rlsd_operator import names
+
+pytestmark = pytest.mark.k8s
+LEARNERS_A1 = ["demo-learner-a1-0", "demo-learner-a1-1"]
+LEARNERS_A2 = ["demo-learner-a2-0", "demo-learner-a2-1"]
+SERVERS = ["demo-rollout-0", "demo-rollout-1"]
+
+
+class Cluster:
+    """What a test does to, and reads from, one namespace."""
+
+    def __init__(self, api_client: client.ApiClient, namespace: str) -> None:
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.namespace = namespace
+
+    def apply(self, manifest: dict[str, Any]) -> None:
+        self.custom.create_namespaced_custom_object(
+            names.GROUP, names.VERSION, self.namespace, names.PLURAL, manifest
+        )
+
+    def run(self, name: str = "demo") -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(
+            names.GROUP, names.VERSION, self.namespace, names.PLURAL, name
+        )
+
+    def patch_spec(self, spec: dict[str, Any], name: str = "demo") -> None:
+        self.custom.patch_namespaced_custom_object(
+            names.GROUP, names.VERSION, self.namespace, names.PLURAL, name, {"spec": spec}
+        )
+
+    def status(self, name: str = "demo") -> dict[str, Any]:
+        return self.run(name).get("status") or {}
+
+    def condition(self, kind: str, name: str = "demo") -> dict[str, Any]:
+        return next((c for c in self.status(name).get("conditions") or [] if c["type"] == kind), {})
+
+    def wait_phase(self, phase: str, name: str = "demo", timeout: float = 60) -> dict[str, Any]:
+        return wait_until(
+            lambda: self.status(name).get("phase") == phase and self.status(name), f"phase {phase}", timeout
+        )
+
+    def pods(self, live: bool = False) -> dict[str, client.V1Pod]:
+        """The namespace's pods; only those whose containers have not stopped when `live`."""
+        pods = self.core.list_namespaced_pod(self.namespace).items
+        return {p.metadata.name: p for p in pods if not live or p.status.phase not in ("Succeeded", "Failed")}
+
+    def wait_pods_running(self, expected: list[str], timeout: float = 60) -> dict[str, client.V1Pod]:
+        """Waits until exactly `expected` pods are live (stopped ones may stay) and all are Running."""
+
+        def exactly_running() -> dict[str, client.V1Pod] | None:
+            pods = self.pods(live=True)
+            ok = sorted(pods) == sorted(expected) and all(p.status.phase == "Running" for p in pods.values())
+            return pods if ok else None
+
+        return wait_until(
+            exactly_running, f"exactly {expected} Running (have {sorted(self.pods())})", timeout
+        )
+
+    def exit(self, pod: str, code: int, message: str = "") -> None:
+        """The pod's container exits with `code`, as a kubelet would report it."""
+        terminated = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "message": message,
+            "startedAt": "2026-01-01T00:00:00Z",
+            "finishedAt": "2026-01-01T00:00:01Z",
+        }
+        container = self.core.read_namespaced_pod(pod, self.namespace).spec.containers[0]
+        status = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "containerStatuses": [
+                {
+                    "name": container.name,
+                    "image": container.image,
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": terminated},
+                }
+            ],
+        }
+        self.core.patch_namespaced_pod_status(pod, self.namespace, {"status": status})
+
+    def events(self, reason: str) -> list[str]:
+        events = self.core.list_namespaced_event(self.namespace, field_selector=f"reason={reason}").items
+        return [e.message for e in events]
+
+
+@pytest.fixture
+def cluster(api_client: client.ApiClient, namespace: str, checkpoint_claim: str) -> Cluster:
+    return Cluster(api_client, namespace)
+
+
+def start_run(cluster: Cluster, spec: dict[str, Any] | None = None, name: str = "demo") -> None:
+    cluster.apply(run_manifest(name, spec))
+
+
+def test_create_makes_owned_pods_config_and_services(cluster: Cluster, operator: Any) -> None:
+    secret = {"metadata": {"name": "hf"}, "data": {"token": base64.b64encode(b"hf_x").decode()}}
+    cluster.core.create_namespaced_secret(cluster.namespace, secret)
+    start_run(
+        cluster,
+        {
+            "huggingFaceTokenSecret": {"name": "hf"},
+            "teacher": {"placement": "remote", "replicas": 1, "image": "rlsd/trainer:gpu"},
+        },
+    )
+    pods = cluster.wait_pods_running([*LEARNERS_A1, *SERVERS, "demo-teacher-0"])
+    status = cluster.wait_phase("Running")
+    run = cluster.run()
+    assert status["attempt"] == 1 and status["startTime"]
+    assert cluster.condition("Ready")["status"] == "True"
+    for pod in pods.values():
+        owner = pod.metadata.owner_references[0]
+        assert (owner.kind, owner.uid, owner.controller) == ("RLSDRun", run["metadata"]["uid"], True)
+    learner = pods["demo-learner-a1-1"].spec
+    env = {e.name: e for e in learner.containers[0].env}
+    assert env["HF_TOKEN"].value_from.secret_key_ref.name == "hf"
+    assert learner.hostname == "demo-learner-1" and learner.subdomain == "demo-learners"
+    assert "--node-rank" in learner.containers[0].command
+    config_map = cluster.core.read_namespaced_config_map("demo-config", cluster.namespace)
+    config = yaml.safe_load(config_map.data["config.yaml"])
+    domain = f"{cluster.namespace}.svc.cluster.local"
+    assert config["rollout"]["servers"]["urls"] == [
+        f"http://demo-rollout-{i}.demo-rollout.{domain}:8000" for i in (0, 1)
+    ]
+    assert config["teacher"]["servers"]["urls"] == [f"http://demo-teacher-0.demo-teacher.{domain}:8000"]
+    services = {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.namespace).items}
+    assert services == {"demo-learners", "demo-rollout", "demo-teacher"}
+    assert cluster.events("AttemptStarted") and cluster.events("Running")
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[dict[str, str]]:
+    """A local HTTP server answering /metrics with `served["text"]`."""
+    served = {"text": ""}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = served["text"].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    served["url"] = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    yield served
+    server.shutdown()
+
+
+def test_progress_comes_from_learner_0_metrics_and_scrape_failures_are_tolerated(
+    cluster: Cluster, operator: Any, metrics_server: dict[str, str]
+) -> None:
+    metrics_server["text"] = "rlsd_policy_version 47.0\nrlsd_reward_mean 0.625\nrlsd_eval_accuracy 0.5\n"
+    manifest = run_manifest(spec={"checkpoint": {"every": 10}})
+    manifest["metadata"]["annotations"] = {names.ANNOTATION_METRICS_URL: metrics_server["url"]}
+    cluster.apply(manifest)
+    cluster.wait_phase("Running")
+    status = wait_until(
+        lambda: cluster.status().get("step") == 47 and cluster.status(), "step 47 in the status"
+    )
+    assert (status["reward"], status["accuracy"], status["latestCheckpointStep"]) == (0.625, 0.5, 40)
+    assert cluster.condition("MetricsAvailable")["status"] == "True"
+
+    cluster.custom.patch_namespaced_custom_object(
+        names.GROUP, names.VERSION, cluster.namespace, names.PLURAL, "demo",
+        {"metadata": {"annotations": {names.ANNOTATION_METRICS_URL: "http://127.0.0.1:1/metrics"}}},
+    )  # fmt: skip
+    wait_until(lambda: cluster.condition("MetricsAvailable").get("reason") == "ScrapeFailed", "ScrapeFailed")
+    assert cluster.status()["phase"] == "Running" and cluster.status()["step"] == 47
+
+
+def disrupt(cluster: Cluster, how: str) -> None:
+    pod = "demo-learner-a1-1"
+    if how == "disruption-target":
+        # With its transition time, or the disruption controller resets it at once as stale.
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        condition = {
+            "type": "DisruptionTarget",
+            "status": "True",
+            "reason": "PreemptionByScheduler",
+            "lastTransitionTime": now,
+        }
+        cluster.core.patch_namespaced_pod_status(
+            pod, cluster.namespace, {"status": {"conditions": [condition]}}
+        )
+    elif how == "eviction":
+        eviction = {
+            "apiVersion": "policy/v1",
+            "kind": "Eviction",
+            "metadata": {"name": pod, "namespace": cluster.namespace},
+        }
+        cluster.core.create_namespaced_pod_eviction(pod, cluster.namespace, eviction)
+    elif how == "deletion":
+        cluster.core.delete_namespaced_pod(pod, cluster.namespace)
+    else:
+        cluster.exit(pod, int(how.removeprefix("exit-")))
+
+
+@pytest.mark.parametrize("how", ["disruption-target", "eviction", "deletion", "exit-75", "exit-76"])
+def test_preemption_restarts_the_whole_gang_without_counting_a_failure(
+    cluster: Cluster, operator: Any, how: str
+) -> None:
+    start_run(cluster)
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    cluster.wait_phase("Running")
+    servers_before = {name: pod.metadata.uid for name, pod in cluster.pods().items() if "rollout" in name}
+
+    disrupt(cluster, how)
+
+    def next_attempt_running() -> bool:
+        pods = cluster.pods(live=True)
+        learners = sorted(name for name in pods if "learner" in name)
+        return learners == LEARNERS_A2 and all(pods[n].status.phase == "Running" for n in LEARNERS_A2)
+
+    wait_until(next_attempt_running, "the learners of attempt 2 (and only them) to run")
+    status = cluster.wait_phase("Running")
+    assert (status["attempt"], status.get("preemptions"), status.get("restarts", 0)) == (2, 1, 0)
+    servers_after = {name: pod.metadata.uid for name, pod in cluster.pods().items() if "rollout" in name}
+    assert servers_after == servers_before  # the servers are not part of the gang
+    assert cluster.events("Preempted")
+
+
+def test_application_failures_back_off_then_fail_the_run(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster, {"restartPolicy": {"backoffLimit": 1, "backoffSeconds": 2, "maxBackoffSeconds": 2}})
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    cluster.exit("demo-learner-a1-0", 1)
+    status = cluster.wait_phase("Restarting", timeout=10)
+    assert (status["restarts"], status["attempt"]) == (1, 2)
+    assert "in 2s" in status["message"]
+    cluster.wait_pods_running([*LEARNERS_A2, *SERVERS])
+
+    cluster.exit("demo-learner-a2-1", 1)
+    status = cluster.wait_phase("Failed")
+    assert status["restarts"] == 2 and status.get("preemptions", 0) == 0
+    assert cluster.condition("Failed")["reason"] == "BackoffLimitExceeded"
+    assert "exit code 1" in status["message"]
+    wait_until(lambda: not any("rollout" in name for name in cluster.pods()), "the servers to be deleted")
+
+
+def test_bad_config_fails_at_once_with_the_termination_message(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster)
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    cluster.exit(
+        "demo-learner-a1-0", 3, "error: invalid configuration\n  algorithm.gruop_size: unknown field"
+    )
+    status = cluster.wait_phase("Failed")
+    assert "algorithm.gruop_size: unknown field" in status["message"]
+    assert cluster.condition("Failed")["reason"] == "BadConfig"
+    assert status.get("restarts", 0) == 0 and status["attempt"] == 1 and status["completionTime"]
+
+
+def test_a_lost_rollout_pod_is_recreated_alone(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster)
+    before = {
+        name: pod.metadata.uid for name, pod in cluster.wait_pods_running([*LEARNERS_A1, *SERVERS]).items()
+    }
+
+    def replaced(name: str) -> bool:
+        pod = cluster.pods(live=True).get(name)
+        return pod is not None and pod.metadata.uid != before[name] and pod.status.phase == "Running"
+
+    cluster.exit("demo-rollout-1", 1)
+    wait_until(lambda: replaced("demo-rollout-1"), "demo-rollout-1 to be replaced")
+    cluster.core.delete_namespaced_pod("demo-rollout-0", cluster.namespace)
+    wait_until(lambda: replaced("demo-rollout-0"), "demo-rollout-0 to be replaced")
+
+    after = {
+        name: pod.metadata.uid for name, pod in cluster.wait_pods_running([*LEARNERS_A1, *SERVERS]).items()
+    }
+    assert {n: after[n] for n in LEARNERS_A1} == {n: before[n] for n in LEARNERS_A1}
+    status = cluster.wait_phase("Running")
+    assert status["attempt"] == 1 and status.get("preemptions", 0) == 0 and status.get("restarts", 0) == 0
+    assert cluster.events("ServerLost")
+
+
+def test_completion_cleans_up_servers_and_honours_the_ttl(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster, {"ttlSecondsAfterFinished": 3})
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    for pod in LEARNERS_A1:
+        cluster.exit(pod, 0)
+    status = cluster.wait_phase("Succeeded")
+    assert status["completionTime"] and cluster.condition("Completed")["status"] == "True"
+    wait_until(lambda: sorted(cluster.pods()) == LEARNERS_A1, "only the finished learners to remain")
+
+    def run_gone() -> bool:
+        try:
+            cluster.run()
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_until(run_gone, "the run to be deleted after its TTL", timeout=30)
+    wait_until(lambda: not cluster.pods(), "the garbage collector to delete the learner pods")
+
+
+def test_suspend_stops_every_pod_and_resume_starts_the_next_attempt(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster)
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    cluster.patch_spec({"suspend": True})
+    wait_until(lambda: not cluster.pods(), "every pod to be deleted")
+    assert cluster.wait_phase("Suspended")["message"] == "all pods stopped"
+
+    cluster.patch_spec({"suspend": False})
+    cluster.wait_pods_running([*LEARNERS_A2, *SERVERS])
+    status = cluster.wait_phase("Running")
+    assert (status["attempt"], status.get("preemptions", 0), status.get("restarts", 0)) == (2, 0, 0)
+
+
+def test_unsafe_spec_changes_wait_for_the_next_attempt(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster)
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    cluster.patch_spec({"learner": {"image": "rlsd/trainer:v2"}, "steps": 200})
+    condition = wait_until(lambda: cluster.condition("SpecChangeDeferred"), "SpecChangeDeferred")
+    assert condition["message"].startswith("learner.image, steps changed")
+    assert cluster.pods()["demo-learner-a1-0"].spec.containers[0].image == "rlsd/trainer:gpu"
+
+    cluster.exit("demo-learner-a1-0", 75)
+    pods = cluster.wait_pods_running([*LEARNERS_A2, *SERVERS])
+    assert pods["demo-learner-a2-0"].spec.containers[0].image == "rlsd/trainer:v2"
+    config = yaml.safe_load(
+        cluster.core.read_namespaced_config_map("demo-config", cluster.namespace).data["config.yaml"]
+    )
+    assert config["run"]["total_steps"] == 200
+    wait_until(lambda: not cluster.condition("SpecChangeDeferred"), "the condition to clear")
+
+
+def test_missing_references_are_reported_then_resolved(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster, {"huggingFaceTokenSecret": {"name": "hf"}})
+    wait_until(
+        lambda: cluster.condition("ReferencesResolved").get("reason") == "MissingSecret", "MissingSecret"
+    )
+    status = cluster.status()
+    assert status["phase"] == "Pending" and "huggingFaceTokenSecret" in status["message"]
+    assert cluster.events("MissingSecret") and not cluster.pods()
+
+    secret = {"metadata": {"name": "hf"}, "data": {"token": base64.b64encode(b"hf_x").decode()}}
+    cluster.core.create_namespaced_secret(cluster.namespace, secret)
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    assert cluster.condition("ReferencesResolved")["status"] == "True"
+
+
+def test_an_invalid_learning_rate_fails_the_run(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster, {"optim": {"lr": "fast"}})
+    status = cluster.wait_phase("Failed")
+    assert "optim.lr" in status["message"] and cluster.condition("Failed")["reason"] == "InvalidSpec"
+
+
+def test_deleting_a_run_leaves_nothing_behind(cluster: Cluster, operator: Any) -> None:
+    claim = "demo-checkpoints"
+    template = {"storageClassName": "", "resources": {"requests": {"storage": "1Gi"}}}
+    with pv_for(cluster.core, cluster.namespace, claim):
+        start_run(cluster, {"checkpoint": {"volume": {"claimName": None, "claimTemplate": template}}})
+        cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+        assert cluster.core.read_namespaced_persistent_volume_claim(
+            claim, cluster.namespace
+        ).metadata.owner_references
+        cluster.custom.delete_namespaced_custom_object(
+            names.GROUP, names.VERSION, cluster.namespace, names.PLURAL, "demo"
+        )
+
+        def nothing_left() -> bool:
+            ns = cluster.namespace
+            config_maps = [
+                c
+                for c in cluster.core.list_namespaced_config_map(ns).items
+                if c.metadata.name != "kube-root-ca.crt"
+            ]
+            claims = [
+                c
+                for c in cluster.core.list_namespaced_persistent_volume_claim(ns).items
+                if c.metadata.name == claim
+            ]
+            left = [*cluster.pods(), *cluster.core.list_namespaced_service(ns).items, *config_maps]
+            return not left and all(c.metadata.deletion_timestamp for c in claims)
+
+        wait_until(nothing_left, "the garbage collector to delete everything the run owned")
+
+
+def test_one_operator_reconciles_many_runs(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster, {"rollout": {"backend": "local"}, "learner": {"nodes": 1}}, name="one")
+    start_run(cluster, {"rollout": {"backend": "local"}, "learner": {"nodes": 1}}, name="two")
+    cluster.wait_pods_running(["one-learner-a1-0", "two-learner-a1-0"])
+    cluster.wait_phase("Running", name="one")
+    cluster.wait_phase("Running", name="two")
+    cluster.exit("one-learner-a1-0", 75)
+    cluster.wait_pods_running(["one-learner-a2-0", "two-learner-a1-0"])
+    assert cluster.status("two")["attempt"] == 1
+
+
+def test_an_operator_killed_mid_reconcile_resumes_without_duplicates(
+    cluster: Cluster, operator_env: None
+) -> None:
+    with start_operator():
+        start_run(cluster)
+        wait_until(lambda: cluster.pods(), "the first pod")  # stopped mid-way through creating the pods
+    with start_operator():
+        cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+        cluster.wait_phase("Running")
+    # Down again: a learner is lost meanwhile; the next operator sees it and restarts the gang once.
+    cluster.core.delete_namespaced_pod("demo-learner-a1-0", cluster.namespace)
+    wait_until(lambda: "demo-learner-a1-0" not in cluster.pods(), "the learner to go")
+    with start_operator():
+        cluster.wait_pods_running([*LEARNERS_A2, *SERVERS])
+        status = cluster.wait_phase("Running")
+    assert (status["attempt"], status["preemptions"]) == (2, 1)
+    assert json.dumps(status).count("learner-a3") == 0
