@@ -10,7 +10,7 @@ import pytest
 import yaml
 from rlsdrun_samples import defaulted_run
 
-from rlsd_operator import builders, handlers, lifecycle, metrics, names
+from rlsd_operator import builders, lifecycle, metrics, names
 from rlsd_operator.lifecycle import Verdict
 from rlsd_operator.trainer_config import build_trainer_config, spec_problems
 
@@ -112,7 +112,6 @@ def test_rendered_config_is_valid_for_the_trainer() -> None:
     config = trainer_config.parse_config(config_of(spec))
     assert config.rollout.servers.weight_transfer.host == LEARNER0
     assert config.teacher.servers.weight_transfer.shared_dir == "/checkpoints/demo/weights"
-    assert trainer_config.CheckpointSection().every == handlers.TRAINER_CHECKPOINT_EVERY
 
 
 def test_config_map_holds_the_config_and_the_applied_spec() -> None:

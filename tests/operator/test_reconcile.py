@@ -177,8 +177,11 @@ def metrics_server() -> Iterator[dict[str, str]]:
 def test_progress_comes_from_learner_0_metrics_and_scrape_failures_are_tolerated(
     cluster: Cluster, operator: Any, metrics_server: dict[str, str]
 ) -> None:
-    metrics_server["text"] = "rlsd_policy_version 47.0\nrlsd_reward_mean 0.625\nrlsd_eval_accuracy 0.5\n"
-    manifest = run_manifest(spec={"checkpoint": {"every": 10}})
+    metrics_server["text"] = (
+        "rlsd_policy_version 47.0\nrlsd_reward_mean 0.625\n"
+        "rlsd_eval_accuracy 0.5\nrlsd_checkpoint_step 40.0\n"
+    )
+    manifest = run_manifest()
     manifest["metadata"]["annotations"] = {names.ANNOTATION_METRICS_URL: metrics_server["url"]}
     cluster.apply(manifest)
     cluster.wait_phase("Running")

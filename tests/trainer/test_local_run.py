@@ -55,6 +55,8 @@ def test_run_writes_metrics_checkpoints_plot_and_resumes_exactly(tmp_path: Path)
     assert summary.steps == 4
     steps = [r for r in records(straight) if "policy_loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    # The step of the newest committed checkpoint (every 2 steps), which the operator shows.
+    assert [r["checkpoint_step"] for r in steps] == [0, 2, 2, 4]
     for record in steps:
         assert math.isfinite(record["policy_loss"])
         assert 0.0 <= record["reward_mean"] <= 1.0

@@ -40,8 +40,6 @@ SCRAPE_SECONDS = float(os.environ.get("RLSD_OPERATOR_SCRAPE_SECONDS", "15"))
 REFERENCE_RETRY_SECONDS = float(os.environ.get("RLSD_OPERATOR_REFERENCE_RETRY_SECONDS", "10"))
 ERROR_RETRY_SECONDS = 5.0
 SCRAPE_TIMEOUT_SECONDS = 3.0
-# The trainer's default `checkpoint.every` (rlsd_trainer/config.py; a test keeps them equal).
-TRAINER_CHECKPOINT_EVERY = 20
 
 
 def _now() -> datetime.datetime:
@@ -326,7 +324,7 @@ class RunReconciler:
                 self._event("Running", f"all pods of learner attempt {self.status['attempt']} are running")
             self._phase("Running", f"learner attempt {self.status['attempt']} running")
             self._condition("Ready", True, "Running", "every learner and server pod is running")
-            return await self._scrape(spec)
+            return await self._scrape()
         self._phase("Initializing", gang.message or "waiting for rollout/teacher pods")
         return None
 
@@ -380,7 +378,7 @@ class RunReconciler:
         await self._call(self.kube.delete_run, self.namespace, self.name)
         return None
 
-    async def _scrape(self, spec: Object) -> float:
+    async def _scrape(self) -> float:
         """Progress from learner rank 0's metrics; a failure is a condition, never an error."""
         wait = self.last_scrape + SCRAPE_SECONDS - time.monotonic()
         if wait > 0:
@@ -398,13 +396,9 @@ class RunReconciler:
             metrics.ERRORS.labels("scrape").inc()
             self._condition("MetricsAvailable", False, "ScrapeFailed", f"{url}: {exc!r}"[:500])
             return SCRAPE_SECONDS
-        if "step" in progress:
-            step = int(progress["step"])
-            every = (spec.get("checkpoint") or {}).get("every") or TRAINER_CHECKPOINT_EVERY
-            self.status["step"] = step
-            self.status["latestCheckpointStep"] = max(
-                step - step % every, self.status.get("latestCheckpointStep", 0)
-            )
+        for field in ("step", "latestCheckpointStep"):
+            if field in progress:
+                self.status[field] = int(progress[field])
         for field in ("reward", "accuracy"):
             if field in progress:
                 self.status[field] = round(progress[field], 6)
@@ -480,6 +474,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 30
     # One replica (Deployment strategy Recreate): no peering objects needed in the cluster.
     settings.peering.standalone = True
+    # The runs' namespaces and the CRD are known: no cluster-wide scanning (and no RBAC for it).
+    settings.scanning.disabled = True
     settings.posting.level = logging.INFO
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)

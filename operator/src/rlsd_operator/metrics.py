@@ -26,6 +26,7 @@ PROGRESS_METRICS = {
     "rlsd_policy_version": "step",
     "rlsd_reward_mean": "reward",
     "rlsd_eval_accuracy": "accuracy",
+    "rlsd_checkpoint_step": "latestCheckpointStep",
 }
 
 
@@ -37,7 +38,7 @@ def publish_phases(phases: dict[object, str]) -> None:
 
 
 def parse_progress(text: str) -> dict[str, float]:
-    """Step, reward and accuracy from a learner's Prometheus text (those present)."""
+    """Step, reward, accuracy and latest checkpoint step from a learner's Prometheus text (those present)."""
     progress: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -134,7 +134,11 @@ def build_trainer_config(
     config: dict[str, Any] = {
         "run": {"name": run, "output_dir": run_dir(spec, run)},
         # Fixed, so the operator knows where to scrape; no progress bar in a pod's log.
-        "metrics": {"prometheus_port": names.METRICS_PORT, "progress_bar": False},
+        "metrics": {
+            "prometheus_port": names.METRICS_PORT,
+            "prometheus_host": "0.0.0.0",
+            "progress_bar": False,
+        },
     }
     for source, target, convert in _FIELDS:
         value = lookup(spec, source)

@@ -75,6 +75,8 @@ class CheckpointManager:
         self.ctx = ctx
         self.async_save = async_save
         self.pending: _Pending | None = None
+        # Step of the newest committed checkpoint (0: none yet), reported as `rlsd_checkpoint_step`.
+        self.committed_step = 0
         # Async writes run their collectives on a group of their own, apart from training's.
         self.group = dist.new_group(backend="gloo") if ctx.distributed and async_save else None
 
@@ -146,6 +148,7 @@ class CheckpointManager:
             _fsync(self.directory)
             self._prune()
         barrier(self.ctx)
+        self.committed_step = step
         return final
 
     # ---- loading --------------------------------------------------------------------------------
@@ -181,6 +184,7 @@ class CheckpointManager:
             return None
         dcp.load(sharded, checkpoint_id=path, no_dist=not self.ctx.distributed)
         step = int(json.loads((path / MANIFEST).read_text())["step"])
+        self.committed_step = step
         rank_file = path / f"rank-{self.ctx.rank}.pt"
         return Restored(
             step=step,

@@ -247,6 +247,9 @@ class CheckpointSection(_Section):
 class MetricsSection(_Section):
     # Port of the Prometheus /metrics endpoint; 0 picks a free port, null disables it.
     prometheus_port: Annotated[int, Field(ge=0, le=65535)] | None = 0
+    # Address it listens on: loopback on a laptop; 0.0.0.0 in a pod, so Prometheus and the operator
+    # can scrape it.
+    prometheus_host: str = "127.0.0.1"
     console_every: Annotated[int, Field(ge=1)] = 10
     progress_bar: bool = True
 

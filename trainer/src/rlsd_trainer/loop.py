@@ -123,6 +123,7 @@ class Trainer:
         seed_everything(config.run.seed)
         self.train_set: list[Example] = []
         self.eval_set: list[Example] = []
+        initial_policy = None
         if ctx.is_main:
             config.output_dir.mkdir(parents=True, exist_ok=True)
             (config.output_dir / "config.yaml").write_text(dump_config(config))
@@ -131,9 +132,8 @@ class Trainer:
                 self.eval_set = load_examples(
                     config.data.eval, config.data.embedded, config.run.seed, config_key="data.eval"
                 )[: config.eval.max_examples]
-            self._initial_policy_path()
-        barrier(ctx)
-        self.initial_policy = self._initial_policy_path()
+            initial_policy = self._initial_policy_path()
+        self.initial_policy = broadcast_from_main(initial_policy, ctx)
         loaded = load_model(self.initial_policy, config.model)
         self.tokenizer = loaded.tokenizer
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -165,7 +165,11 @@ class Trainer:
             )
             if self.teacher is not None and config.teacher.placement == "remote":
                 self.teacher_client = build_teacher_client(config)
-            self.metrics = MetricsLogger(config.output_dir / "metrics.jsonl", config.metrics.prometheus_port)
+            self.metrics = MetricsLogger(
+                config.output_dir / "metrics.jsonl",
+                config.metrics.prometheus_port,
+                config.metrics.prometheus_host,
+            )
         self.step = 0
         self.last_checkpoint_step = 0
         self.start_accuracy: float | None = None
@@ -173,9 +177,8 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _initial_policy_path(self) -> Path | str:
-        """The policy RL starts from; with a warm-up, its result is saved once and reused on resume.
-
-        Only rank 0 builds it (the others call this after a barrier and find it done)."""
+        """The policy RL starts from (built by rank 0); with a warm-up, its result is saved once and
+        reused on resume."""
         base = resolve_model_path(self.config)
         if self.config.warmup.steps == 0:
             return base
@@ -416,6 +419,7 @@ class Trainer:
         elapsed = time.perf_counter() - started
         values.update(learn)
         values["policy_version"] = float(self.step)
+        values["checkpoint_step"] = float(self.checkpoints.committed_step)
         values["step_seconds"] = elapsed
         values["tokens_per_second"] = values.pop("rollout_tokens", 0.0) / elapsed
         values["lr"] = self.scheduler.get_last_lr()[0]

@@ -43,7 +43,9 @@ def prometheus_name(key: str) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, jsonl_path: Path, prometheus_port: int | None) -> None:
+    def __init__(
+        self, jsonl_path: Path, prometheus_port: int | None, prometheus_host: str = "127.0.0.1"
+    ) -> None:
         jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         self._file: TextIO = jsonl_path.open("a", encoding="utf-8")
         self.registry = CollectorRegistry()
@@ -52,7 +54,7 @@ class MetricsLogger:
         self.port: int | None = None
         self._server = None
         if prometheus_port is not None:
-            self._server, _ = start_http_server(prometheus_port, addr="127.0.0.1", registry=self.registry)
+            self._server, _ = start_http_server(prometheus_port, addr=prometheus_host, registry=self.registry)
             self.port = self._server.server_port
 
     def log(self, step: int, values: dict[str, float]) -> None:
