@@ -111,7 +111,8 @@ def prepare_policy(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     scorer = PolicyScorer(model).to(ctx.device)
-    if not ctx.distributed:
+    # Alone on CPU there is nothing to shard; on one GPU FSDP2 still applies the bf16 policy.
+    if not dist.is_initialized() or (not ctx.distributed and ctx.device.type != "cuda"):
         return scorer
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method

@@ -9,7 +9,7 @@ float32 logits (and one weight-sized gradient) exist at a time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -29,6 +29,9 @@ class PackedBatch:
     prompt_lengths: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:

@@ -161,7 +161,7 @@ class Trainer:
         self.metrics: MetricsLogger | None = None
         if ctx.is_main:
             self.engine = build_rollout_engine(
-                config, self.initial_policy, loaded.stop_token_ids, self.pad_id
+                config, self.initial_policy, loaded.stop_token_ids, self.pad_id, ctx.device
             )
             if self.teacher is not None and config.teacher.placement == "remote":
                 self.teacher_client = build_teacher_client(config)
@@ -386,8 +386,9 @@ class Trainer:
         groups = share_of(len(plan.prompts), self.ctx)
         rows = range(groups.start * group, groups.stop * group)
         responses = [plan.responses[i] for i in rows]
-        batch = pack([plan.prompts[i // group] for i in rows], responses, self.pad_id)
-        advantages = torch.tensor([plan.advantages[i] for i in rows])
+        device = self.ctx.device
+        batch = pack([plan.prompts[i // group] for i in rows], responses, self.pad_id).to(device)
+        advantages = torch.tensor([plan.advantages[i] for i in rows], device=device)
         rollout_lp = _padded([plan.rollout_logprobs[i] for i in rows], batch.response_mask)
         teacher_lp = None
         if plan.teacher_logprobs is not None:

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from rlsd_trainer.config import RunConfig, ServersSection
 from rlsd_trainer.models import load_model
 from rlsd_trainer.rollout import LocalEngine, RolloutEngine
@@ -29,11 +31,16 @@ def _client_args(servers: ServersSection) -> dict[str, Any]:
 
 
 def build_rollout_engine(
-    config: RunConfig, initial_policy: Path | str, stop_token_ids: Sequence[int], pad_id: int
+    config: RunConfig,
+    initial_policy: Path | str,
+    stop_token_ids: Sequence[int],
+    pad_id: int,
+    device: torch.device,
 ) -> RolloutEngine:
-    """The in-process engine (its own copy of the policy) or a client of the rollout servers."""
+    """The in-process engine (its own copy of the policy, on the learner's device) or a client of the
+    rollout servers."""
     if config.rollout.backend == "local":
-        model = load_model(initial_policy, config.model).model
+        model = load_model(initial_policy, config.model).model.to(device)
         return LocalEngine(model, pad_id, stop_token_ids, config.rollout.max_batch_size)
     from rlsd_trainer.rollout_client import RemoteRolloutEngine
 

@@ -1,0 +1,168 @@
+"""What the distributed-trainer benchmarks share: random Qwen3 models on disk, the test suite's server
+launcher (`tests/trainer/processes.py`), and the machine state every result records.
+
+Import from a script in this folder (`from harness import ...`): running `python benchmarks/x.py`
+puts this folder on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results"
+WORK = ROOT / "runs/bench"
+MB = 1e6
+
+# The multi-process tests' launcher: `rlsd-trainer serve ...` on a free loopback port, one thread.
+sys.path.insert(0, str(ROOT / "tests/trainer"))
+from processes import CLI, Server, start_server, wait_healthy  # noqa: E402
+
+__all__ = ["CLI", "Server", "start_server", "wait_healthy"]
+
+# Qwen3-architecture shapes of about 5M, 25M, 100M and 400M parameters (tied embeddings, float32).
+# The largest is Qwen3-0.6B's layer shape with 24 layers and a 32k vocabulary.
+SHAPES: dict[str, dict[str, int]] = {
+    "5M": dict(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=2, head_dim=64, vocab=8192),
+    "25M": dict(hidden=512, intermediate=1536, layers=6, heads=8, kv_heads=4, head_dim=64, vocab=12288),
+    "100M": dict(hidden=768, intermediate=2304, layers=12, heads=12, kv_heads=4, head_dim=64, vocab=32000),
+    "400M": dict(hidden=1024, intermediate=3072, layers=24, heads=16, kv_heads=8, head_dim=128, vocab=32000),
+}
+
+
+def parameter_count(shape: dict[str, int]) -> int:
+    """Parameters of a `SHAPES` entry, without building it (norms left out; tied embeddings)."""
+    attention = 2 * shape["hidden"] * shape["head_dim"] * (shape["heads"] + shape["kv_heads"])
+    mlp = 3 * shape["hidden"] * shape["intermediate"]
+    return shape["vocab"] * shape["hidden"] + shape["layers"] * (attention + mlp)
+
+
+def qwen3_config(shape: dict[str, int], max_positions: int = 4096) -> Any:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        head_dim=shape["head_dim"],
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+
+
+def word_tokenizer(vocab: int) -> Any:
+    """A word-level tokenizer with one token per id (`t<id>`; pad t0, EOS t1), so every id decodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t2"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="t1", pad_token="t0", unk_token="t2")
+
+
+def random_model_dir(directory: Path, shape: dict[str, int], seed: int = 0) -> tuple[Path, int]:
+    """A random-initialised Qwen3 causal LM + tokenizer in Hugging Face format (reused when present);
+    returns the directory and the parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    marker = directory / "shape.json"
+    if marker.exists() and json.loads(marker.read_text()).get("shape") == shape:
+        return directory, int(json.loads(marker.read_text())["parameters"])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(qwen3_config(shape)).float()
+    parameters = sum(p.numel() for p in model.parameters())
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    word_tokenizer(shape["vocab"]).save_pretrained(directory)
+    marker.write_text(json.dumps({"shape": shape, "parameters": parameters}))
+    return directory, parameters
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall clock, CPU seconds the whole machine was busy (/proc/stat), CPU seconds of this process
+    and of its finished children)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    own = sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+    return time.monotonic(), busy, own
+
+
+_START = cpu_seconds()
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_start": load_average(),
+    }
+
+
+def foreign_cpu_cores() -> float:
+    """Cores other processes kept busy on average since this script started (servers and learners
+    it started and waited for count as its own); ~0 means the figures were taken on a quiet machine."""
+    wall, busy, own = (end - start for end, start in zip(cpu_seconds(), _START, strict=True))
+    return max(0.0, busy - own) / wall
+
+
+def finish(report: dict[str, Any], path: Path) -> None:
+    """Stamp the end-of-run load average and foreign CPU use into `report` and write it as JSON."""
+    report.setdefault("environment", {})["load_average_end"] = load_average()
+    report["environment"]["foreign_cpu_cores"] = round(foreign_cpu_cores(), 2)
+    print(
+        f"load average at start {report['environment'].get('load_average_start')}, at end "
+        f"{report['environment']['load_average_end']}; other processes kept "
+        f"{report['environment']['foreign_cpu_cores']:.2f} cores busy on average"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@contextmanager
+def servers_running(
+    role: str, model_dir: Path, log_dir: Path, count: int, name: str, backend: str
+) -> Iterator[list[Server]]:
+    """`count` servers of `role` (each OMP_NUM_THREADS=1), healthy, stopped on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    started = [start_server(role, model_dir, log_dir, name, backend) for _ in range(count)]
+    try:
+        wait_healthy(started)
+        yield started
+    finally:
+        for server in started:
+            server.stop()

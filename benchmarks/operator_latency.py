@@ -1,0 +1,712 @@
+"""Operator latency benchmark: how soon the operator turns an applied RLSDRun into pods, and a
+preempted learner gang into the next attempt's pods, on a real API server with kwok GPU nodes.
+
+What is measured
+    The control plane of the operator tests (`tests/k8s/controlplane.py`, imported, not copied:
+    etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok with fake 8-GPU nodes) and
+    the operator as its console script, `rlsd-operator`, in a subprocess with the admin's kubeconfig
+    (its own Python process, as in the chart's Deployment; nothing of it is patched). Every run is a
+    small valid RLSDRun from `tests/operator/rlsdrun_samples.py` (default 2 learner pods x 4 GPUs
+    and 2 vLLM rollout pods), with learner rank 0's metrics URL pointed at a local HTTP server that
+    answers like a healthy learner. Runs go one at a time; each is deleted, and its pods gone, before
+    the next is applied. This process watches pods and runs (one watch each, raw JSON) and stamps
+    every event with `time.perf_counter()` as it arrives.
+
+    1. create: from the create call returning to the moment every expected pod of the run exists
+       (`<run>-learner-a1-<rank>`, `<run>-rollout-<i>`), is bound by the scheduler, is Running (kwok),
+       and to the run's phase Running (the operator saw them all run).
+    2. preemption: once the run is Running (and `--settle` seconds of quiet), one learner (rank 1)
+       is preempted, in one of two ways:
+         disruption-target  the `DisruptionTarget` condition (reason PreemptionByScheduler, with a
+                            lastTransitionTime) is patched onto the still-running pod, as the
+                            scheduler's preemption or the taint manager does;
+         deletion           the pod is deleted (kubectl delete, a drain without PDB, a spot reclaim
+                            that deletes the pod).
+       and with one of two kinds of "kubelet":
+         kubelet            the old learners carry a finalizer of this benchmark, so a deleted one
+                            stays, with its deletionTimestamp, until this process plays the kubelet:
+                            as soon as it sees the deletion it patches the pod's status to Failed with
+                            exit code 75 (preempted after saving a checkpoint; a real learner takes
+                            up to preemptionGraceSeconds for that, here no time at all) and removes
+                            the finalizer. This is the path where the operator waits for the old gang
+                            to stop (operator/README.md: a gang restart starts the next attempt only
+                            once every old learner stopped);
+         kwok               kwok's own behaviour: a pod with a deletionTimestamp is deleted at once
+                            (grace 0), so an old learner stops the moment it is deleted.
+       The moments: `stopped` = the last old learner seen terminated or gone; `created` = every
+       learner pod of attempt 2 exists; `running` = all of them Running; `phase` = the run's phase
+       Running again. Reported: stopped -> created (the operator's own restart latency), and end to
+       end from the preempting call's return.
+
+    Before the timed runs, `--warmup` runs (not counted) warm up the operator and the watches.
+    p99 is the nearest-rank percentile: with fewer than 100 samples it is the largest one.
+
+Output: a table on stdout, `benchmarks/results/operator_latency.json` (figures, every sample, the
+operator's reconcile counts and durations from its /metrics, load averages at start and end) and
+`operator_latency.png` (CDFs of both latencies).
+
+    make bench-operator                                                  # 60 runs, ~5 minutes
+    .venv/bin/python benchmarks/operator_latency.py --runs 4 --warmup 1  # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.server
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results"
+WORK = ROOT / "runs/bench/operator-latency"
+# The control-plane harness of the operator tests and their sample runs.
+sys.path[:0] = [str(ROOT / "tests/k8s"), str(ROOT / "tests/operator")]
+import kopf  # noqa: E402
+import kubernetes  # noqa: E402
+import yaml  # noqa: E402
+from controlplane import ControlPlane, build_assets, free_port, wait_until  # noqa: E402
+from kubernetes import client, watch  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from rlsdrun_samples import run_manifest  # noqa: E402
+
+from rlsd_operator import names  # noqa: E402
+
+Object = dict[str, Any]
+KINDS = ("disruption-target", "deletion")
+STOPS = ("kubelet", "kwok")
+FINALIZER = "benchmarks.rlsd.io/kubelet"
+EXIT_PREEMPTED = 75
+WAIT_SECONDS = 60.0
+LEARNER_METRICS = "rlsd_policy_version 10\nrlsd_reward_mean 0.5\nrlsd_eval_accuracy 0.25\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=60, help="timed runs: one create and one preemption each")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    parser.add_argument("--learners", type=int, default=2, help="learner pods per run (4 GPUs each)")
+    parser.add_argument("--rollouts", type=int, default=2, help="rollout pods per run (1 GPU each)")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="how to preempt")
+    parser.add_argument("--stops", nargs="+", choices=STOPS, default=list(STOPS), help="who stops learners")
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds of quiet before a preemption")
+    parser.add_argument("--gpu-nodes", type=int, default=3, help="kwok nodes with 8 GPUs each")
+    parser.add_argument("--work-dir", type=Path, default=WORK, help="control-plane and operator logs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "operator_latency.json")
+    parser.add_argument("--plot", default=str(RESULTS / "operator_latency.png"), help="PNG ('' skips)")
+    return parser
+
+
+def load_average() -> list[float]:
+    return [round(value, 2) for value in os.getloadavg()]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (`q` in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": round(percentile(values, 50), 4),
+        "p99": round(percentile(values, 99), 4),
+        "mean": round(statistics.fmean(values), 4) if values else float("nan"),
+        "max": round(max(values), 4) if values else float("nan"),
+    }
+
+
+# -- what the watches saw ---------------------------------------------------------------------------
+
+
+class Timeline:
+    """First-seen moments (perf_counter) of pod states and run phases, from the watch streams."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.pods: dict[str, dict[str, float]] = {}  # pod name -> mark -> first seen
+        self.live: dict[str, Object] = {}  # pod name -> latest object
+        self.phases: dict[str, list[tuple[float, str]]] = {}  # run name -> (seen, phase) on change
+
+    def on_pod(self, kind: str, pod: Object, now: float) -> None:
+        name = pod["metadata"]["name"]
+        status = pod.get("status") or {}
+        marks = ["exists"]
+        if (pod.get("spec") or {}).get("nodeName"):
+            marks.append("scheduled")
+        if status.get("phase") == "Running":
+            marks.append("running")
+        if pod["metadata"].get("deletionTimestamp"):
+            marks.append("deleting")
+        if status.get("phase") in ("Succeeded", "Failed"):
+            marks.append("stopped")
+        if kind == "DELETED":
+            marks.append("gone")
+        with self.cond:
+            seen = self.pods.setdefault(name, {})
+            for mark in marks:
+                seen.setdefault(mark, now)
+            if kind == "DELETED":
+                self.live.pop(name, None)
+            else:
+                self.live[name] = pod
+            self.cond.notify_all()
+
+    def on_run(self, kind: str, run: Object, now: float) -> None:
+        phase = (run.get("status") or {}).get("phase")
+        with self.cond:
+            history = self.phases.setdefault(run["metadata"]["name"], [])
+            if phase and (not history or history[-1][1] != phase):
+                history.append((now, phase))
+            self.cond.notify_all()
+
+    def wait(self, predicate: Callable[[], Any], what: str, timeout: float = WAIT_SECONDS) -> Any:
+        with self.cond:
+            result = self.cond.wait_for(predicate, timeout)
+        if not result:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        return result
+
+    # Call these with `cond` held (inside `wait` predicates) or after the moments are final.
+    def mark(self, pod: str, *marks: str) -> float | None:
+        """The first of `marks` seen for `pod` (they are alternatives, e.g. stopped or gone)."""
+        seen = self.pods.get(pod, {})
+        found = [seen[m] for m in marks if m in seen]
+        return min(found) if found else None
+
+    def all_marked(self, pods: list[str], *marks: str) -> float | None:
+        """When the last of `pods` got one of `marks`; None while some has none."""
+        moments = [self.mark(pod, *marks) for pod in pods]
+        return None if any(m is None for m in moments) else max(m for m in moments if m is not None)
+
+    def phase_after(self, run: str, phase: str, after: float) -> float | None:
+        return next((t for t, p in self.phases.get(run, []) if p == phase and t > after), None)
+
+    def run_pods(self, run: str) -> list[str]:
+        return [
+            n for n, p in self.live.items() if p["metadata"].get("labels", {}).get(names.LABEL_RUN) == run
+        ]
+
+
+class Watcher(threading.Thread):
+    """One watch stream (raw JSON objects) from `resource_version` on, feeding `on_event`."""
+
+    def __init__(self, list_fn: Callable[..., Any], args: tuple[Any, ...], on_event: Callable[..., None]):
+        super().__init__(daemon=True, name=f"watch {list_fn.__name__}")
+        self.list_fn, self.args, self.on_event = list_fn, args, on_event
+        self.watch = watch.Watch()
+        self.stopping = False
+        self.error: Exception | None = None
+        response = list_fn(*args, _preload_content=False)
+        self.resource_version = json.loads(response.data)["metadata"]["resourceVersion"]
+
+    def run(self) -> None:
+        try:
+            for event in self.watch.stream(
+                self.list_fn, *self.args, resource_version=self.resource_version, deserialize=False
+            ):
+                now = time.perf_counter()
+                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                    self.on_event(event["type"], event["object"], now)
+        except Exception as exc:  # the control plane stopping under us, or a real failure
+            if not self.stopping:
+                self.error = exc
+                raise
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.watch.stop()
+
+
+# -- the world around the operator ------------------------------------------------------------------
+
+
+def apply_crd(api: client.ApiClient) -> None:
+    """The RLSDRun CRD from the operator package, Established and served (as tests/operator do)."""
+    crd = yaml.safe_load(names.CRD_PATH.read_text())
+    extensions = client.ApiextensionsV1Api(api)
+    extensions.create_custom_resource_definition(crd)
+
+    def established() -> bool:
+        status = extensions.read_custom_resource_definition(crd["metadata"]["name"]).status
+        return any(c.type == "Established" and c.status == "True" for c in status.conditions or [])
+
+    wait_until(established, "the RLSDRun CRD to be Established")
+    custom = client.CustomObjectsApi(api)
+    wait_until(lambda: custom.list_cluster_custom_object(names.GROUP, names.VERSION, names.PLURAL), "CRD")
+
+
+def make_namespace(core: client.CoreV1Api) -> str:
+    """A namespace with its default service account and a bound claim `checkpoints`."""
+    namespace = f"bench-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": namespace}})
+    wait_until(lambda: core.read_namespaced_service_account("default", namespace), "the default SA")
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": f"{namespace}-checkpoints"},
+            "spec": {
+                "capacity": {"storage": "1Ti"},
+                "accessModes": ["ReadWriteMany"],
+                "hostPath": {"path": f"/tmp/{namespace}-checkpoints"},
+                "claimRef": {"namespace": namespace, "name": "checkpoints"},
+                "storageClassName": "",
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "checkpoints"},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    wait_until(
+        lambda: (
+            core.read_namespaced_persistent_volume_claim("checkpoints", namespace).status.phase == "Bound"
+        ),
+        "the checkpoint claim to be Bound",
+    )
+    return namespace
+
+
+@contextmanager
+def learner_metrics() -> Iterator[str]:
+    """A local /metrics answering like a healthy learner rank 0 (what the operator scrapes)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = LEARNER_METRICS.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    finally:
+        server.shutdown()
+
+
+class Operator:
+    """`rlsd-operator` (the console script) in a subprocess, with the admin's kubeconfig."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+        self.metrics_port, liveness_port = free_port(), free_port()
+        self.log = log_path.open("wb")
+        script = Path(sys.executable).with_name("rlsd-operator")
+        self.proc = subprocess.Popen(
+            [str(script), "--metrics-port", str(self.metrics_port), "--liveness-port", str(liveness_port)],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+        )
+        self.log_path = log_path
+
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rlsd-operator exited with {self.proc.returncode}:\n{self.tail()}")
+            with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=2) as response:
+                return response.status == 200
+
+        wait_until(healthy, "rlsd-operator /healthz", retry_on=(OSError,))
+
+    def reconciles(self) -> tuple[float, float]:
+        """(count, total seconds) of `rlsd_operator_reconcile_duration_seconds` so far."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        count = total = 0.0
+        for family in text_string_to_metric_families(text):
+            if family.name == "rlsd_operator_reconcile_duration_seconds":
+                for sample in family.samples:
+                    if sample.name.endswith("_count"):
+                        count = sample.value
+                    elif sample.name.endswith("_sum"):
+                        total = sample.value
+        return count, total
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# -- one run ----------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, api: client.ApiClient, namespace: str, timeline: Timeline, args: argparse.Namespace):
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.namespace = namespace
+        self.timeline = timeline
+        self.args = args
+
+    def create(self, name: str, metrics_url: str) -> tuple[float, dict[str, float]]:
+        """Applies run `name` and waits until its pods run and its phase is Running; returns the
+        moment the create call returned and the latencies (s) from it."""
+        manifest = run_manifest(
+            name, {"learner": {"nodes": self.args.learners}, "rollout": {"replicas": self.args.rollouts}}
+        )
+        manifest["metadata"]["annotations"] = {names.ANNOTATION_METRICS_URL: metrics_url}
+        called = time.perf_counter()
+        self.custom.create_namespaced_custom_object(
+            names.GROUP, names.VERSION, self.namespace, names.PLURAL, manifest
+        )
+        start = time.perf_counter()
+        learners = [names.learner_pod_name(name, 1, rank) for rank in range(self.args.learners)]
+        servers = [names.server_pod_name(name, names.ROLLOUT, i) for i in range(self.args.rollouts)]
+        pods = [*learners, *servers]
+        tl = self.timeline
+        tl.wait(lambda: tl.all_marked(pods, "running"), f"{name}: {pods} Running")
+        tl.wait(lambda: tl.phase_after(name, "Running", start), f"{name}: phase Running")
+        with tl.cond:
+            first = min(tl.mark(pod, "exists") or math.inf for pod in pods)
+            moments = {
+                "create_call": start - called,
+                "first_pod": first - start,
+                "phase_pending": (tl.phase_after(name, "Pending", start) or math.nan) - start,
+                "all_pods_created": tl.all_marked(pods, "exists") - start,
+                "learners_created": tl.all_marked(learners, "exists") - start,
+                "all_pods_scheduled": tl.all_marked(pods, "scheduled") - start,
+                "all_pods_running": tl.all_marked(pods, "running") - start,
+                "phase_running": tl.phase_after(name, "Running", start) - start,
+            }
+        return start, moments
+
+    def preempt(self, name: str, kind: str, stop: str) -> dict[str, float]:
+        """Preempts learner rank 1 of a Running run (attempt 1); waits for attempt 2 to run."""
+        old = [names.learner_pod_name(name, 1, rank) for rank in range(self.args.learners)]
+        new = [names.learner_pod_name(name, 2, rank) for rank in range(self.args.learners)]
+        victim = old[-1]
+        if stop == "kubelet":
+            for pod in old:
+                self.core.patch_namespaced_pod(pod, self.namespace, {"metadata": {"finalizers": [FINALIZER]}})
+        time.sleep(self.args.settle)
+        called = time.perf_counter()
+        if kind == "disruption-target":
+            # With its transition time, or the disruption controller resets it at once as stale.
+            condition = {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "PreemptionByScheduler",
+                "lastTransitionTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+            self.core.patch_namespaced_pod_status(
+                victim, self.namespace, {"status": {"conditions": [condition]}}
+            )
+        else:
+            self.core.delete_namespaced_pod(victim, self.namespace)
+        start = time.perf_counter()
+        tl = self.timeline
+        if stop == "kubelet":
+            self.play_kubelet(old)
+        tl.wait(lambda: tl.all_marked(old, "stopped", "gone"), f"{name}: {old} stopped")
+        tl.wait(lambda: tl.all_marked(new, "running"), f"{name}: {new} Running")
+        tl.wait(lambda: tl.phase_after(name, "Running", start), f"{name}: phase Running again")
+        with tl.cond:
+            # The operator's first reaction: a delete of an old learner that this process did not make.
+            reacted = [tl.mark(pod, "deleting", "gone") for pod in old if kind != "deletion" or pod != victim]
+            stopped = tl.all_marked(old, "stopped", "gone")
+            created = tl.all_marked(new, "exists")
+            return {
+                "preempt_call": start - called,
+                "phase_restarting": (tl.phase_after(name, "Restarting", start) or math.nan) - start,
+                "operator_deletes": min(t for t in reacted if t is not None) - start,
+                "old_stopped": stopped - start,
+                "stopped_to_created": created - stopped,
+                "stopped_to_running": tl.all_marked(new, "running") - stopped,
+                "created": created - start,
+                "running": tl.all_marked(new, "running") - start,
+                "phase_running": tl.phase_after(name, "Running", start) - start,
+            }
+
+    def play_kubelet(self, old: list[str]) -> None:
+        """As a kubelet would after SIGTERM: each deleted old learner exits 75 (checkpoint saved),
+        its status says so, and the pod object goes (the finalizer that held it is removed)."""
+        tl = self.timeline
+        left = set(old)
+        while left:
+            deleted = tl.wait(
+                lambda: [pod for pod in left if tl.mark(pod, "deleting", "gone") is not None],
+                f"the operator to delete {sorted(left)}",
+            )
+            for pod in deleted:
+                left.discard(pod)
+                with tl.cond:
+                    live = tl.live.get(pod)
+                if live is None:
+                    continue
+                container = live["spec"]["containers"][0]
+                terminated = {
+                    "exitCode": EXIT_PREEMPTED,
+                    "reason": "Error",
+                    "startedAt": live["status"].get("startTime"),
+                    "finishedAt": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                }
+                status = {
+                    "phase": "Failed",
+                    "containerStatuses": [
+                        {
+                            "name": container["name"],
+                            "image": container["image"],
+                            "imageID": "",
+                            "ready": False,
+                            "restartCount": 0,
+                            "state": {"terminated": terminated},
+                        }
+                    ],
+                }
+                self.core.patch_namespaced_pod_status(pod, self.namespace, {"status": status})
+                self.core.patch_namespaced_pod(pod, self.namespace, {"metadata": {"finalizers": None}})
+
+    def delete(self, name: str) -> None:
+        """Deletes the run and waits until the garbage collector removed all its pods."""
+        self.custom.delete_namespaced_custom_object(
+            names.GROUP, names.VERSION, self.namespace, names.PLURAL, name
+        )
+        tl = self.timeline
+        tl.wait(lambda: not tl.run_pods(name), f"{name}: its pods to be gone")
+
+    def api_round_trip(self, calls: int = 30) -> dict[str, float]:
+        """Median seconds of plain API calls from this process (what each operator call costs too)."""
+        gets, creates = [], []
+        for i in range(calls):
+            t = time.perf_counter()
+            self.core.read_namespace(self.namespace)
+            gets.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            self.core.create_namespaced_config_map(self.namespace, {"metadata": {"name": f"probe-{i}"}})
+            creates.append(time.perf_counter() - t)
+        for i in range(calls):
+            self.core.delete_namespaced_config_map(f"probe-{i}", self.namespace)
+        return {
+            "get_p50": round(statistics.median(gets), 4),
+            "create_p50": round(statistics.median(creates), 4),
+        }
+
+
+# -- report -----------------------------------------------------------------------------------------
+
+
+def print_table(report: dict[str, Any]) -> None:
+    def row(label: str, stats: dict[str, float], target: str = "") -> None:
+        print(
+            f"{label:<52} {stats['n']:>4} {stats['p50'] * 1e3:>8.0f} {stats['p99'] * 1e3:>8.0f} "
+            f"{stats['max'] * 1e3:>8.0f}  {target}"
+        )
+
+    header = f"{'latency (ms)':<52} {'n':>4} {'p50':>8} {'p99':>8} {'max':>8}  target"
+    print("\n" + header + "\n" + "-" * len(header))
+    targets = {"all_pods_created": "p50 <= 1000"}
+    for key, stats in report["create"].items():
+        row(f"create -> {key}", stats, targets.get(key, ""))
+    for combo, metrics in [*report["preemption"].items(), ("all preemptions", report["preemption_all"])]:
+        print()
+        for key, stats in metrics.items():
+            target = "<= 3000" if key == "stopped_to_created" else ""
+            row(f"{combo} -> {key}", stats, target)
+    print(
+        f"\noperator: {report['operator']['reconciles_per_run']:.1f} reconciles per run, "
+        f"mean {report['operator']['mean_reconcile_seconds'] * 1e3:.0f} ms; API round trip from this "
+        f"process: GET {report['api_round_trip']['get_p50'] * 1e3:.1f} ms, "
+        f"create {report['api_round_trip']['create_p50'] * 1e3:.1f} ms (p50)"
+    )
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def cdf(ax: Any, values: list[float], label: str, **style: Any) -> None:
+        ordered = sorted(values)
+        fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
+        ax.step([ordered[0], *ordered], [0.0, *fractions], where="post", label=label, **style)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    samples = report["samples"]
+    for key in ("all_pods_created", "all_pods_running", "phase_running"):
+        cdf(left, [s["create"][key] for s in samples], key.replace("_", " "))
+    left.axvline(1.0, color="grey", linestyle=":", label="target p50 1 s")
+    left.set(title="apply -> pods of the run", xlabel="seconds after the create call", ylabel="CDF")
+    for i, combo in enumerate(report["preemption"]):
+        chosen = [s["preemption"] for s in samples if s["combo"] == combo]
+        color = f"C{i}"
+        cdf(right, [p["stopped_to_created"] for p in chosen], f"{combo}: stopped -> created", color=color)
+        cdf(right, [p["created"] for p in chosen], f"{combo}: end to end", color=color, linestyle="--")
+    right.axvline(3.0, color="grey", linestyle=":", label="target 3 s")
+    right.set(title="preemption -> next attempt's learner pods", xlabel="seconds", ylabel="CDF")
+    for ax in (left, right):
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = load_average()
+    combos = [f"{kind}/{stop}" for kind in args.kinds for stop in args.stops]
+    work = args.work_dir / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"load average {started}; control plane and operator logs in {work}", flush=True)
+    plane = ControlPlane(build_assets(), work, gpu_nodes=args.gpu_nodes)
+    operator: Operator | None = None
+    watchers: list[Watcher] = []
+    try:
+        plane.start()
+        with plane.api_client() as api, learner_metrics() as metrics_url:
+            apply_crd(api)
+            core = client.CoreV1Api(api)
+            namespace = make_namespace(core)
+            timeline = Timeline()
+            custom = client.CustomObjectsApi(api)
+            watchers = [
+                Watcher(core.list_namespaced_pod, (namespace,), timeline.on_pod),
+                Watcher(
+                    custom.list_namespaced_custom_object,
+                    (names.GROUP, names.VERSION, namespace, names.PLURAL),
+                    timeline.on_run,
+                ),
+            ]
+            for watcher in watchers:
+                watcher.start()
+            operator = Operator(plane.kubeconfig, work / "logs/rlsd-operator.log")
+            bench = Bench(api, namespace, timeline, args)
+            version = client.VersionApi(api).get_code().git_version
+            print(f"kube-apiserver {version}, {args.gpu_nodes} kwok GPU nodes, rlsd-operator up", flush=True)
+            for i, combo in zip(range(args.warmup), itertools.cycle(combos), strict=False):
+                bench.create(f"warmup-{i}", metrics_url)
+                bench.preempt(f"warmup-{i}", *combo.split("/"))
+                bench.delete(f"warmup-{i}")
+            round_trip = bench.api_round_trip()
+            reconciles_before = operator.reconciles()
+            samples = []
+            for i, combo in zip(range(args.runs), itertools.cycle(combos), strict=False):
+                name = f"lat-{i:03d}"
+                kind, stop = combo.split("/")
+                _, created = bench.create(name, metrics_url)
+                preempted = bench.preempt(name, kind, stop)
+                bench.delete(name)
+                samples.append({"run": name, "combo": combo, "create": created, "preemption": preempted})
+                print(
+                    f"{name}: pods created {created['all_pods_created'] * 1e3:5.0f} ms, running "
+                    f"{created['all_pods_running'] * 1e3:5.0f} ms | {combo:<26} stopped -> created "
+                    f"{preempted['stopped_to_created'] * 1e3:5.0f} ms, end to end "
+                    f"{preempted['created'] * 1e3:5.0f} ms",
+                    flush=True,
+                )
+            reconciles_after = operator.reconciles()
+            for watcher in watchers:
+                if watcher.error is not None:
+                    raise RuntimeError(f"{watcher.name} failed") from watcher.error
+    except BaseException:
+        if operator is not None:
+            print(f"--- rlsd-operator log (tail) ---\n{operator.tail()}", file=sys.stderr)
+        raise
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+        if operator is not None:
+            operator.stop()
+        plane.stop()
+
+    count = reconciles_after[0] - reconciles_before[0]
+    report: dict[str, Any] = {
+        "benchmark": "operator_latency",
+        "environment": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "kopf": kopf.__version__,
+            "kubernetes_client": kubernetes.__version__,
+            "kube_apiserver": version,
+            "load_average_start": started,
+        },
+        "config": {
+            "runs": args.runs,
+            "warmup": args.warmup,
+            "learners": args.learners,
+            "learner_gpus": 4,
+            "rollouts": args.rollouts,
+            "gpu_nodes": args.gpu_nodes,
+            "combos": combos,
+            "settle_seconds": args.settle,
+            "operator": "rlsd-operator console script in a subprocess (admin kubeconfig)",
+            "p99": "nearest rank (the largest sample when n < 100)",
+        },
+        "api_round_trip": round_trip,
+        "operator": {
+            "reconciles": count,
+            "reconciles_per_run": count / max(len(samples), 1),
+            "mean_reconcile_seconds": (reconciles_after[1] - reconciles_before[1]) / max(count, 1),
+        },
+        "create": {key: summary([s["create"][key] for s in samples]) for key in samples[0]["create"]},
+        "preemption": {
+            combo: {
+                key: summary([s["preemption"][key] for s in samples if s["combo"] == combo])
+                for key in samples[0]["preemption"]
+            }
+            for combo in combos
+            if any(s["combo"] == combo for s in samples)
+        },
+        "preemption_all": {
+            key: summary([s["preemption"][key] for s in samples]) for key in samples[0]["preemption"]
+        },
+        "samples": samples,
+    }
+    print_table(report)
+    report["environment"]["load_average_end"] = load_average()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"load average start {started}, end {report['environment']['load_average_end']}; wrote {args.out}")
+    if args.plot:
+        try:
+            plot(report, Path(args.plot))
+        except ImportError:  # the operator's distribution does not depend on matplotlib
+            print("matplotlib is not installed: no PNG (pip install matplotlib)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
