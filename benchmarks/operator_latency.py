@@ -81,7 +81,7 @@ sys.path[:0] = [str(ROOT / "tests/k8s"), str(ROOT / "tests/operator")]
 import kopf  # noqa: E402
 import kubernetes  # noqa: E402
 import yaml  # noqa: E402
-from controlplane import ControlPlane, build_assets, free_port, wait_until  # noqa: E402
+from controlplane import ControlPlane, build_assets, free_port, terminated_status, wait_until  # noqa: E402
 from kubernetes import client, watch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from rlsdrun_samples import run_manifest  # noqa: E402
@@ -479,25 +479,13 @@ class Bench:
                 if live is None:
                     continue
                 container = live["spec"]["containers"][0]
-                terminated = {
-                    "exitCode": EXIT_PREEMPTED,
-                    "reason": "Error",
-                    "startedAt": live["status"].get("startTime"),
-                    "finishedAt": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                }
-                status = {
-                    "phase": "Failed",
-                    "containerStatuses": [
-                        {
-                            "name": container["name"],
-                            "image": container["image"],
-                            "imageID": "",
-                            "ready": False,
-                            "restartCount": 0,
-                            "state": {"terminated": terminated},
-                        }
-                    ],
-                }
+                status = terminated_status(
+                    container["name"],
+                    container["image"],
+                    EXIT_PREEMPTED,
+                    started=live["status"].get("startTime"),
+                    finished=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                )
                 self.core.patch_namespaced_pod_status(pod, self.namespace, {"status": status})
                 self.core.patch_namespaced_pod(pod, self.namespace, {"metadata": {"finalizers": None}})
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from charttools import CHART, MATRIX, ROOT, run
-from controlplane import KWOK_NODE_SELECTOR, KWOK_TOLERATION, ControlPlane, free_port, wait_until
+from controlplane import KWOK_NODE_SELECTOR, KWOK_TOLERATION, ControlPlane, exit_pod, free_port, wait_until
 from kubernetes import client
 from test_chart_render import readme_rules
 
@@ -229,27 +229,6 @@ def run_manifest(name: str, namespace: str) -> dict[str, Any]:
             "scheduling": {"nodeSelector": dict(KWOK_NODE_SELECTOR), "tolerations": [dict(KWOK_TOLERATION)]},
         },
     }
-
-
-def exit_pod(core: client.CoreV1Api, namespace: str, pod: str, code: int) -> None:
-    """The pod's container exits, as a kubelet would report it (kwok completes only Job pods)."""
-    container = core.read_namespaced_pod(pod, namespace).spec.containers[0]
-    terminated = {"exitCode": code, "reason": "Completed", "startedAt": "2026-01-01T00:00:00Z"}
-    terminated["finishedAt"] = "2026-01-01T00:00:01Z"
-    status = {
-        "phase": "Succeeded" if code == 0 else "Failed",
-        "containerStatuses": [
-            {
-                "name": container.name,
-                "image": container.image,
-                "imageID": "",
-                "ready": False,
-                "restartCount": 0,
-                "state": {"terminated": terminated},
-            }
-        ],
-    }
-    core.patch_namespaced_pod_status(pod, namespace, {"status": status})
 
 
 def http_get(url: str) -> str:

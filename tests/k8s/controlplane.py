@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -456,3 +456,55 @@ def gpu_node(name: str, capacity: dict[str, str] = GPU_NODE_CAPACITY) -> dict[st
         "spec": {"taints": [dict(KWOK_TAINT)]},
         "status": {"capacity": dict(capacity), "allocatable": dict(capacity)},
     }
+
+
+def terminated_status(
+    container: str,
+    image: str,
+    code: int,
+    message: str = "",
+    started: str = "2026-01-01T00:00:00Z",
+    finished: str = "2026-01-01T00:00:01Z",
+) -> dict[str, Any]:
+    """A pod status whose one container has exited with `code`, as a kubelet reports it (kwok
+    completes only Job-owned pods, so tests and benchmarks patch this in themselves)."""
+    terminated = {
+        "exitCode": code,
+        "reason": "Completed" if code == 0 else "Error",
+        "message": message,
+        "startedAt": started,
+        "finishedAt": finished,
+    }
+    state = {"name": container, "image": image, "imageID": "", "ready": False, "restartCount": 0}
+    return {
+        "phase": "Succeeded" if code == 0 else "Failed",
+        "containerStatuses": [{**state, "state": {"terminated": terminated}}],
+    }
+
+
+def exit_pod(core: client.CoreV1Api, namespace: str, pod: str, code: int, message: str = "") -> None:
+    """Patch `pod`'s status so its (first) container has exited with `code`."""
+    container = core.read_namespaced_pod(pod, namespace).spec.containers[0]
+    status = terminated_status(container.name, container.image, code, message)
+    core.patch_namespaced_pod_status(pod, namespace, {"status": status})
+
+
+@contextlib.contextmanager
+def pv_for(core: client.CoreV1Api, namespace: str, claim: str) -> Iterator[None]:
+    """A PersistentVolume pre-bound to claim `claim` in `namespace`, deleted afterwards."""
+    name = f"{namespace}-{claim}"
+    volume = {
+        "metadata": {"name": name},
+        "spec": {
+            "capacity": {"storage": "1Ti"},
+            "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+            "hostPath": {"path": f"/tmp/{name}"},
+            "claimRef": {"namespace": namespace, "name": claim},
+            "storageClassName": "",
+        },
+    }
+    core.create_persistent_volume(volume)
+    try:
+        yield
+    finally:
+        core.delete_persistent_volume(name)

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from controlplane import wait_until
+from controlplane import pv_for, wait_until
 from kopf.testing import KopfRunner
 from kubernetes import client
+from operator_runner import start_operator
 
 from rlsd_operator import handlers, names
 
@@ -72,40 +72,12 @@ def checkpoint_claim(core: client.CoreV1Api, namespace: str) -> Iterator[str]:
         yield "checkpoints"
 
 
-@contextlib.contextmanager
-def pv_for(core: client.CoreV1Api, namespace: str, claim: str) -> Iterator[None]:
-    """A PersistentVolume pre-bound to claim `claim` in `namespace`, deleted afterwards."""
-    name = f"{namespace}-{claim}"
-    volume = {
-        "metadata": {"name": name},
-        "spec": {
-            "capacity": {"storage": "1Ti"},
-            "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
-            "hostPath": {"path": f"/tmp/{name}"},
-            "claimRef": {"namespace": namespace, "name": claim},
-            "storageClassName": "",
-        },
-    }
-    core.create_persistent_volume(volume)
-    try:
-        yield
-    finally:
-        core.delete_persistent_volume(name)
-
-
 @pytest.fixture
 def operator_env(kubeconfig: Path, rlsd_crd: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Environment of an in-process operator: the admin's kubeconfig, fast scrapes and retries."""
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.setattr(handlers, "SCRAPE_SECONDS", 0.5)
     monkeypatch.setattr(handlers, "REFERENCE_RETRY_SECONDS", 1.0)
-
-
-OPERATOR_ARGS = ["run", "--all-namespaces", "--standalone", "-m", "rlsd_operator.handlers"]
-
-
-def start_operator() -> KopfRunner:
-    return KopfRunner(OPERATOR_ARGS, timeout=60)
 
 
 @pytest.fixture

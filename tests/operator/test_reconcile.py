@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import yaml
-from controlplane import wait_until
+from controlplane import exit_pod, pv_for, wait_until
 from kubernetes import client
+from operator_runner import start_operator
 from rlsdrun_samples import run_manifest
 
-from conftest import pv_for, start_operator
 from rlsd_operator import names
 
 pytestmark = pytest.mark.k8s
@@ -79,28 +79,7 @@ class Cluster:
 
     def exit(self, pod: str, code: int, message: str = "") -> None:
         """The pod's container exits with `code`, as a kubelet would report it."""
-        terminated = {
-            "exitCode": code,
-            "reason": "Completed" if code == 0 else "Error",
-            "message": message,
-            "startedAt": "2026-01-01T00:00:00Z",
-            "finishedAt": "2026-01-01T00:00:01Z",
-        }
-        container = self.core.read_namespaced_pod(pod, self.namespace).spec.containers[0]
-        status = {
-            "phase": "Succeeded" if code == 0 else "Failed",
-            "containerStatuses": [
-                {
-                    "name": container.name,
-                    "image": container.image,
-                    "imageID": "",
-                    "ready": False,
-                    "restartCount": 0,
-                    "state": {"terminated": terminated},
-                }
-            ],
-        }
-        self.core.patch_namespaced_pod_status(pod, self.namespace, {"status": status})
+        exit_pod(self.core, self.namespace, pod, code, message)
 
     def events(self, reason: str) -> list[str]:
         events = self.core.list_namespaced_event(self.namespace, field_selector=f"reason={reason}").items
