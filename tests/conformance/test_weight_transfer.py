@@ -130,11 +130,11 @@ def push_calls(version: int) -> list[str]:
     ]
 
 
-# A new group: close any session left open (none: refused), release the old engine, join.
-REGROUP = ["finish_weight_update!", "shutdown_weight_transfer_engine", "init_weight_transfer_engine"]
+# A new group: release the old engine, join.
+RELEASE = ["shutdown_weight_transfer_engine"]
+REGROUP = [*RELEASE, "init_weight_transfer_engine"]
 # After a failed update: close the session, label the weights incomplete, release the engine.
 ABANDON = ["finish_weight_update", f"label={INCOMPLETE_WEIGHTS}", "shutdown_weight_transfer_engine"]
-RELEASE = ["finish_weight_update!", "shutdown_weight_transfer_engine"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +253,24 @@ def test_an_update_session_left_open_is_closed_and_the_push_retried(
             *REGROUP, *push_calls(0), *dead_learners_start, "pause", "start_weight_update!", *retry
         ]  # fmt: skip
         assert engine_calls(replicas[1]) == [*REGROUP, *push_calls(0), "pause", "start_weight_update", *retry]
+
+
+def test_a_new_learner_closes_the_session_a_dead_one_left_open(kind: str, replicas: list[Replica]) -> None:
+    """A learner that died right after /start_weight_update: vLLM refuses to shut the transfer
+    engine down during the session, so the next learner closes it first, then forms its group."""
+    httpx.post(replicas[0].url + "/start_weight_update").raise_for_status()
+    client = client_for(kind, replicas)
+    try:
+        push_to_all(client, replicas, 0, 1)
+        assert client.replicas.sender.groups_built == 1  # type: ignore[attr-defined]
+    finally:
+        client.close()
+    if kind == "vllm":
+        refused = ["shutdown_weight_transfer_engine!", "finish_weight_update"]
+        assert engine_calls(replicas[0]) == [
+            "start_weight_update", *refused, *REGROUP, *push_calls(0), *RELEASE
+        ]  # fmt: skip
+        assert engine_calls(replicas[1]) == [*REGROUP, *push_calls(0), *RELEASE]
 
 
 def test_a_lost_replica_is_left_out_until_it_comes_back_then_the_group_is_rebuilt(

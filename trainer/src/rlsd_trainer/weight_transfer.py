@@ -211,37 +211,44 @@ class _Control:
     def on_all(self, path: str, body: dict[str, Any] | None, urls: list[str]) -> None:
         fan_out(partial(self.post, path, body), urls)
 
-    def _tidy(self, calls: list[tuple[str, dict[str, Any] | None]], urls: list[str]) -> None:
-        """Best-effort clean-up calls, in order, on every server; an error (nothing to close, or
-        the server is gone) is expected and ignored."""
+    def _tidy(self, calls: list[tuple[str, dict[str, Any] | None]], url: str) -> None:
+        """Best-effort clean-up calls, in order; an error (nothing to close, or the server is gone)
+        is expected and ignored."""
+        for path, body in calls:
+            with contextlib.suppress(HttpCallError):
+                call_json(self.http, "POST", url, path, body, timeout_s=CLEANUP_TIMEOUT_S)
+
+    def release(self, urls: list[str]) -> None:
+        """Shut every server's transfer engine down, so a new group can form. vLLM refuses that
+        during an update session, which a learner that died mid-push leaves open: then the session
+        is closed first."""
 
         def one(url: str) -> None:
-            for path, body in calls:
-                with contextlib.suppress(HttpCallError):
-                    call_json(self.http, "POST", url, path, body, timeout_s=CLEANUP_TIMEOUT_S)
+            try:
+                call_json(
+                    self.http, "POST", url, "/shutdown_weight_transfer_engine", timeout_s=CLEANUP_TIMEOUT_S
+                )
+            except HttpCallError as exc:
+                if exc.status is not None:  # refused: a session is open
+                    self._tidy(
+                        [("/finish_weight_update", None), ("/shutdown_weight_transfer_engine", None)], url
+                    )
 
         fan_out(one, urls)
 
-    def release(self, urls: list[str]) -> None:
-        """Close any update session left open (by a learner that died mid-push) and shut the transfer
-        engine down, so a new group can form: vLLM refuses `/start_weight_update` while a session is
-        open and `/shutdown_weight_transfer_engine` during one."""
-        self._tidy([("/finish_weight_update", None), ("/shutdown_weight_transfer_engine", None)], urls)
-
     def abandon(self, urls: list[str]) -> None:
-        """After a failed update: close the session, label the weights as no version and release the
-        transfer engine. The servers stay paused until a push succeeds."""
-        self._tidy(
-            [
-                ("/finish_weight_update", None),
-                ("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS}),
-                ("/shutdown_weight_transfer_engine", None),
-            ],
-            urls,
-        )
+        """After a failed update: close the session (if the failure left one open), label the weights
+        as no version and release the transfer engine. The servers stay paused until a push
+        succeeds."""
+        calls = [
+            ("/finish_weight_update", None),
+            ("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS}),
+            ("/shutdown_weight_transfer_engine", None),
+        ]
+        fan_out(partial(self._tidy, calls), urls)
 
     def label_incomplete(self, urls: list[str]) -> None:
-        self._tidy([("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS})], urls)
+        fan_out(partial(self._tidy, [("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS})]), urls)
 
 
 class BroadcastSender:
