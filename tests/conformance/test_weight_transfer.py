@@ -257,7 +257,8 @@ def test_an_update_session_left_open_is_closed_and_the_push_retried(
 
 def test_a_new_learner_closes_the_session_a_dead_one_left_open(kind: str, replicas: list[Replica]) -> None:
     """A learner that died right after /start_weight_update: vLLM refuses to shut the transfer
-    engine down during the session, so the next learner closes it first, then forms its group."""
+    engine down during the session, so the next learner abandons it first (closes the session,
+    labels the weights incomplete), then forms its group."""
     httpx.post(replicas[0].url + "/start_weight_update").raise_for_status()
     client = client_for(kind, replicas)
     try:
@@ -266,9 +267,9 @@ def test_a_new_learner_closes_the_session_a_dead_one_left_open(kind: str, replic
     finally:
         client.close()
     if kind == "vllm":
-        refused = ["shutdown_weight_transfer_engine!", "finish_weight_update"]
+        refused = ["shutdown_weight_transfer_engine!", *ABANDON]
         assert engine_calls(replicas[0]) == [
-            "start_weight_update", *refused, *REGROUP, *push_calls(0), *RELEASE
+            "start_weight_update", *refused, "init_weight_transfer_engine", *push_calls(0), *RELEASE
         ]  # fmt: skip
         assert engine_calls(replicas[1]) == [*REGROUP, *push_calls(0), *RELEASE]
 

@@ -73,6 +73,12 @@ INCOMPLETE_WEIGHTS = "incomplete"
 PAUSE = "/pause?mode=wait"
 # Seconds a best-effort clean-up call may take (closing a session can finalize a partial reload).
 CLEANUP_TIMEOUT_S = 60.0
+# Leaving a server whose update failed: close its session, label its weights, release its engine.
+ABANDON_CALLS: list[tuple[str, dict[str, Any] | None]] = [
+    ("/finish_weight_update", None),
+    ("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS}),
+    ("/shutdown_weight_transfer_engine", None),
+]
 
 
 class TransferError(RuntimeError):
@@ -220,8 +226,8 @@ class _Control:
 
     def release(self, urls: list[str]) -> None:
         """Shut every server's transfer engine down, so a new group can form. vLLM refuses that
-        during an update session, which a learner that died mid-push leaves open: then the session
-        is closed first."""
+        during an update session, which a learner that died mid-push leaves open: that server is
+        abandoned first (its weights may be half-updated)."""
 
         def one(url: str) -> None:
             try:
@@ -230,9 +236,7 @@ class _Control:
                 )
             except HttpCallError as exc:
                 if exc.status is not None:  # refused: a session is open
-                    self._tidy(
-                        [("/finish_weight_update", None), ("/shutdown_weight_transfer_engine", None)], url
-                    )
+                    self._tidy(ABANDON_CALLS, url)
 
         fan_out(one, urls)
 
@@ -240,12 +244,7 @@ class _Control:
         """After a failed update: close the session (if the failure left one open), label the weights
         as no version and release the transfer engine. The servers stay paused until a push
         succeeds."""
-        calls = [
-            ("/finish_weight_update", None),
-            ("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS}),
-            ("/shutdown_weight_transfer_engine", None),
-        ]
-        fan_out(partial(self._tidy, calls), urls)
+        fan_out(partial(self._tidy, ABANDON_CALLS), urls)
 
     def label_incomplete(self, urls: list[str]) -> None:
         fan_out(partial(self._tidy, [("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS})]), urls)
