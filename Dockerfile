@@ -65,7 +65,6 @@ CMD ["--help"]
 
 # ---- trainer, GPU (CUDA, torch, vLLM) -----------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS trainer-build
-ARG VLLM_VERSION=0.33.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 # The distribution's packages follow the pinned base image (their versions change with its updates).
 # hadolint ignore=DL3008
@@ -73,11 +72,13 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev build-essential \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY trainer/pyproject.toml trainer/
+COPY trainer/pyproject.toml trainer/requirements-vllm.txt trainer/
 COPY trainer/src trainer/src
-# vLLM pins the torch it was built against; the trainer accepts it (torch>=2.6).
+# The project's one vLLM pin (trainer/requirements-vllm.txt; tests/conformance runs that version's
+# code). vLLM pins the torch and transformers it was built against; the trainer accepts them, and
+# `make test` runs the trainer's fast tests under them.
 RUN python3.12 -m venv /opt/venv \
- && /opt/venv/bin/pip install "vllm==${VLLM_VERSION}" \
+ && /opt/venv/bin/pip install -r trainer/requirements-vllm.txt \
  && /opt/venv/bin/pip install ./trainer
 
 FROM ${CUDA_IMAGE} AS trainer

@@ -17,8 +17,16 @@ import pytest
 from controlplane import ControlPlane, build_assets, wait_until
 from kubernetes import client
 
+# tests/conformance runs in the vLLM environment (`make test-vllm`, part of `make test`), which does
+# not load this file (--confcutdir); the main environment never holds vLLM.
+collect_ignore = ["conformance"]
+
 _running: ControlPlane | None = None
 _build_error: Exception | None = None
+
+
+def pytest_report_header() -> str:
+    return "tests/conformance (vLLM's own code) runs in the vLLM environment: make test-vllm"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -200,9 +200,13 @@ def test_cpu_rollout_and_teacher_pods_run_the_trainer_servers() -> None:
     )
     rollout = builders.build_server_pod(run, "rollout", 0)["spec"]["containers"][0]["command"]
     assert rollout[:5] == ["rlsd-trainer", "serve", "rollout", "--model", "Qwen/Qwen3-0.6B"]
-    assert rollout[rollout.index("--weight-transfer-config") + 1] == '{"backend": "disk"}'
-    teacher = builders.build_server_pod(run, "teacher", 0)
-    assert teacher["spec"]["containers"][0]["command"][:3] == ["rlsd-trainer", "serve", "teacher"]
+    # filesystem reloads through /collective_rpc, which needs no transfer engine.
+    assert "--weight-transfer-config" not in rollout
+    teacher = builders.build_server_pod(run, "teacher", 0)["spec"]["containers"][0]["command"]
+    assert teacher[:3] == ["rlsd-trainer", "serve", "teacher"]
+    assert teacher[teacher.index("--weight-transfer-config") + 1] == '{"backend": "gloo"}'
+    vllm = defaulted_run(spec={"rollout": {"weightTransfer": "filesystem"}})
+    assert "--weight-transfer-config" not in builders.server_command(vllm["spec"], "rollout")
     assert [p["metadata"]["name"] for p in builders.build_server_pods(run)] == [
         "demo-rollout-0", "demo-rollout-1", "demo-teacher-0",
     ]  # fmt: skip

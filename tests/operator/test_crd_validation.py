@@ -70,6 +70,16 @@ MALFORMED: list[tuple[str, Callable[[Spec], Spec], str]] = [
     ("rollout-backend", patch({"rollout": {"backend": "tgi"}}), "spec.rollout.backend"),
     ("rollout-image", without("rollout.image"), "rollout.image is required"),
     ("cpu-nccl", patch({"rollout": {"backend": "cpu", "weightTransfer": "nccl"}}), "rollout.weightTransfer"),
+    (
+        "vllm-gloo",
+        patch({"rollout": {"backend": "vllm", "weightTransfer": "gloo"}}),
+        "rollout.weightTransfer gloo",
+    ),
+    (
+        "temperature",
+        patch({"rollout": {"sampling": {"temperature": 2.5}}}),
+        "spec.rollout.sampling.temperature",
+    ),
     ("top-p", patch({"rollout": {"sampling": {"topP": 1.5}}}), "spec.rollout.sampling.topP"),
     (
         "teacher-replicas",

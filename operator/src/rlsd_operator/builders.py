@@ -247,8 +247,9 @@ def build_learner_pod(
 def server_command(spec: Object, role: str) -> list[str]:
     """vLLM's server, or the trainer's CPU server, with the weight-transfer backend the learners use."""
     section = spec[role]
-    backend = rollout_transfer(spec) if role == names.ROLLOUT else section["weightTransfer"]
-    transfer = json.dumps({"backend": SERVER_TRANSFER_BACKEND[backend]})
+    backend = SERVER_TRANSFER_BACKEND[
+        rollout_transfer(spec) if role == names.ROLLOUT else section["weightTransfer"]
+    ]
     model = spec["model"]["path"]
     common = [
         "--served-model-name",
@@ -258,7 +259,8 @@ def server_command(spec: Object, role: str) -> list[str]:
         "--port",
         str(names.SERVER_PORT),
     ]
-    common += ["--weight-transfer-config", transfer]
+    if backend is not None:
+        common += ["--weight-transfer-config", json.dumps({"backend": backend})]
     if spec["model"].get("dtype"):
         common += ["--dtype", spec["model"]["dtype"]]
     if role == names.ROLLOUT and section["backend"] == "vllm":

@@ -65,8 +65,10 @@ _DATA_SOURCE_FIELDS = {
     "answerField": "answer_field",
     "referenceField": "reference_field",
 }
-# The spec's transfer names against the ones of `--weight-transfer-config` (vLLM's disk reload).
-SERVER_TRANSFER_BACKEND = {"nccl": "nccl", "gloo": "gloo", "filesystem": "disk"}
+# The `--weight-transfer-config` backend a server needs for each spec transfer: nccl (vLLM) and gloo
+# (our CPU servers) are transfer engines; filesystem reloads through vLLM's `/collective_rpc` and
+# needs none.
+SERVER_TRANSFER_BACKEND = {"nccl": "nccl", "gloo": "gloo", "filesystem": None}
 
 
 def lookup(tree: dict[str, Any], dotted: str) -> Any:

@@ -194,8 +194,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--weight-transfer-config",
         default='{"backend": "gloo"}',
-        help='as vLLM\'s flag: {"backend": "gloo"} (the learner broadcasts) or {"backend": "disk"} '
-        "(reload safetensors from a shared directory)",
+        help='as vLLM\'s flag; only {"backend": "gloo"} here (vLLM\'s nccl needs GPUs). Reloading from a '
+        "shared directory (weight transfer 'filesystem') works with any backend, as with vLLM",
     )
     serve.add_argument(
         "--transfer-timeout-s", type=float, default=600.0, help="weight-transfer group timeout"
@@ -203,10 +203,10 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rlsd_trainer.serving import parse_transfer_config, serve
+    from rlsd_trainer.serving import check_transfer_config, serve
 
     try:
-        backend = parse_transfer_config(args.weight_transfer_config)
+        check_transfer_config(args.weight_transfer_config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -215,7 +215,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         from rlsd_trainer.teacher_server import build_app
     app = build_app(
-        args.model, args.served_model_name, args.max_batch_size, args.dtype, backend, args.transfer_timeout_s
+        args.model, args.served_model_name, args.max_batch_size, args.dtype, args.transfer_timeout_s
     )
     serve(app, args.host, args.port)
     return EXIT_FINISHED

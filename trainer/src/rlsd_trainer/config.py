@@ -117,17 +117,19 @@ class OptimSection(_Section):
 
 
 class SamplingSection(_Section):
-    temperature: Annotated[float, Field(ge=0.0)] = 1.0
+    # At most 2, as vLLM allows (SamplingParams). Every other sampling control is off: the learner's
+    # ratios assume the full distribution at this temperature and top_p.
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     max_new_tokens: Annotated[int, Field(ge=1)] = 4096
 
 
 class WeightTransferSection(_Section):
-    """How new policy weights reach rollout/teacher servers (vLLM's weight-transfer protocol)."""
+    """How new policy weights reach rollout/teacher servers (vLLM's RL routes; weight_transfer.py)."""
 
-    # nccl: vLLM's native broadcast (GPU); gloo: the same protocol on CPU (our servers);
-    # filesystem: safetensors in `shared_dir` plus a reload call, for clusters where NCCL cannot
-    # cross pods.
+    # nccl: vLLM's native broadcast (vLLM servers, GPU); gloo: our CPU servers' own backend (vLLM has
+    # none); filesystem: safetensors in `shared_dir` plus vLLM's in-place reload (both servers), for
+    # clusters where NCCL cannot cross pods.
     backend: Literal["nccl", "gloo", "filesystem"] = "nccl"
     # Address the servers use to reach learner rank 0 (its pod IP or Service name in a cluster).
     host: str = "127.0.0.1"
@@ -187,6 +189,11 @@ class TeacherSection(_Section):
                 raise ValueError(f"template must contain {placeholder}")
         if self.placement == "remote" and not self.servers.urls:
             raise ValueError("servers.urls must list at least one teacher server when placement is 'remote'")
+        if self.placement == "remote" and self.servers.weight_transfer.backend == "nccl":
+            raise ValueError(
+                "servers.weight_transfer.backend: the teacher servers are ours (rlsd-trainer serve teacher), "
+                "which receive over gloo or filesystem; nccl is vLLM's"
+            )
         return self
 
 

@@ -362,7 +362,7 @@ class Trainer:
             "reward_std": float(reward.std()),
             "groups_with_signal": float((advantages.view(-1, group).abs().sum(1) > 0).float().mean()),
             "response_length_mean": sum(lengths) / len(lengths),
-            "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "truncated_fraction": sum(c.finish_reason != "stop" for c in completions) / len(completions),
             "verifier_errors": float(scored.errors),
             "verifier_timeouts": float(scored.timeouts),
             "stale_rollouts": float(sum(c.policy_version != self.step for c in completions)),
@@ -496,9 +496,9 @@ class Trainer:
                     )
                     totals["clip_ratio"] += float(algorithms.token_mean(terms.clipped, m, global_tokens))
                     totals["entropy"] += float(algorithms.token_mean(entropy.detach(), m, global_tokens))
-                    totals["logprob_mismatch"] += float(
-                        algorithms.token_mean((old - rollout_lp[rows, :width]).abs(), m, global_tokens)
-                    )
+                    # A log-prob the rollout server could not report (NaN) counts as no mismatch.
+                    mismatch = (old - rollout_lp[rows, :width]).abs().nan_to_num(nan=0.0)
+                    totals["logprob_mismatch"] += float(algorithms.token_mean(mismatch, m, global_tokens))
                     if teacher is not None:
                         self._weight_stats(totals, advantages[rows], teacher, old, m, global_tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip)
