@@ -45,7 +45,7 @@ COPY trainer/pyproject.toml trainer/
 COPY trainer/src trainer/src
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
- && /opt/venv/bin/pip install ./trainer
+ && /opt/venv/bin/pip install "./trainer[trackers]"
 
 FROM ${PYTHON_IMAGE} AS trainer-cpu
 ARG VERSION
@@ -78,7 +78,7 @@ COPY trainer/src trainer/src
 # vLLM pins the torch it was built against; the trainer accepts it (torch>=2.6).
 RUN python3.12 -m venv /opt/venv \
  && /opt/venv/bin/pip install "vllm==${VLLM_VERSION}" \
- && /opt/venv/bin/pip install ./trainer
+ && /opt/venv/bin/pip install "./trainer[trackers]"
 
 FROM ${CUDA_IMAGE} AS trainer
 ARG VERSION

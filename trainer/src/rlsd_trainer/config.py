@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_TEACHER_TEMPLATE = (
     "{question}\n\n"
@@ -276,11 +276,12 @@ class MetricsSection(_Section):
     console_every: Annotated[int, Field(ge=1)] = 10
     progress_bar: bool = True
 
-    @model_validator(mode="after")
-    def _trackers_once(self) -> MetricsSection:
-        if len(set(self.trackers)) != len(self.trackers):
-            raise ValueError(f"trackers lists a tracker twice: {list(self.trackers)}")
-        return self
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_once(cls, trackers: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"lists a tracker twice: {list(trackers)}")
+        return trackers
 
 
 class EvalSection(_Section):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,7 +78,12 @@ class MlflowTracker:
         from mlflow.entities import Metric, Param
 
         settings = config.metrics.mlflow
-        uri = settings.tracking_uri or (config.output_dir / "mlruns").resolve().as_uri()
+        uri = settings.tracking_uri
+        if uri is None:
+            # The default: MLflow's file store in the run directory (mlflow-skinny has no database
+            # backend); MLflow 3 asks for an explicit opt-in to it.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (config.output_dir / "mlruns").resolve().as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
             experiment = self.client.get_experiment_by_name(settings.experiment)
