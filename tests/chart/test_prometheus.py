@@ -457,6 +457,15 @@ def test_each_alert_goes_pending_then_firing_when_caused_for_real(bed: Bed) -> N
     - the operator's ClusterRole loses `get` on Secrets (a manual change): a run naming a Secret makes
       every reconcile raise a 403, RLSDOperatorReconcileErrors.
     """
+    # increase() needs a sample of each counter from before the failures, as in any real Prometheus.
+    baseline = 'count_over_time(rlsd_operator_restarts_total{job="rlsd-operator"}[1m])'
+
+    def counters_scraped() -> bool:
+        result = bed.prometheus.api("query", query=baseline)["result"]
+        assert result and float(result[0]["value"][1]) >= 3, result
+        return True
+
+    wait_for(bed, "the operator's counters scraped", counters_scraped, timeout=60)
     os.kill(bed.trainer.pid, signal.SIGSTOP)
     bed.rollout[1].kill()
     crashy = run_spec("crashy", restartPolicy={"backoffLimit": 2, "backoffSeconds": 0})
