@@ -16,6 +16,7 @@ import json
 import re
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -234,8 +235,9 @@ class Prometheus:
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.2)
 
-    def api(self, path: str, **params: str) -> Any:
-        """GET /api/v1/<path>; the `data` of a successful answer (an error raises with its message)."""
+    def get(self, path: str, **params: str) -> Object:
+        """GET /api/v1/<path>: the whole answer of a success (`data`, and PromQL's `warnings` and
+        `infos`, such as a rate() over a gauge); an error raises with its message."""
         url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
         try:
             with urllib.request.urlopen(url, timeout=10) as response:
@@ -243,7 +245,10 @@ class Prometheus:
         except urllib.error.HTTPError as exc:
             body = json.loads(exc.read())
         assert body["status"] == "success", f"{path} {params}: {body}"
-        return body["data"]
+        return body
+
+    def api(self, path: str, **params: str) -> Any:
+        return self.get(path, **params)["data"]
 
     def stop(self) -> None:
         self.process.terminate()

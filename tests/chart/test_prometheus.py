@@ -351,13 +351,17 @@ def wait_for(bed: Bed, what: str, check: Callable[[], Any], timeout: float) -> A
 
 
 def query_problems(bed: Bed, template: str, legend: str) -> list[str]:
-    """What is wrong with one panel target's answers, variables set to the run (empty: a non-empty
-    matrix over the last minute and a non-empty vector now, each series finite somewhere, labelled as
-    its legend needs, and of the run under test where the query selects by run)."""
+    """What is wrong with one panel target's answers, variables set to the run (empty: no PromQL
+    warning or info, a non-empty matrix over the last minute and a non-empty vector now, each series
+    finite somewhere, labelled as its legend needs, and of the run under test where it selects one)."""
     expr, now = substitute(template), time.time()
-    matrix = bed.prometheus.api("query_range", query=expr, start=str(now - 60), end=str(now), step="1")
-    vector = bed.prometheus.api("query", query=expr, time=str(now))
-    problems = []
+    answers = [
+        bed.prometheus.get("query_range", query=expr, start=str(now - 60), end=str(now), step="1"),
+        bed.prometheus.get("query", query=expr, time=str(now)),
+    ]
+    matrix, vector = (answer["data"] for answer in answers)
+    # PromQL's own complaints, e.g. "metric might not be a counter" for a rate() over a gauge.
+    problems = [note for answer in answers for note in answer.get("warnings", []) + answer.get("infos", [])]
     if matrix["resultType"] != "matrix" or not matrix["result"]:
         problems.append(f"range query: {matrix['resultType']} with {len(matrix['result'])} series")
     if vector["resultType"] != "vector" or not vector["result"]:
