@@ -68,6 +68,22 @@ def _namespaces(monitor: Object) -> Object:
     return {"namespaces": {"names": selector.get("matchNames") or [monitor["metadata"]["namespace"]]}}
 
 
+def _job(name: str, role: str, monitor: Object, endpoint: Object, relabel: list[Object]) -> Object:
+    """One scrape job: the discovery role, then the generated relabelings, the `endpoint` label and
+    the monitor's own relabelings last."""
+    return {
+        "job_name": name,
+        "kubernetes_sd_configs": [{"role": role, **_namespaces(monitor)}],
+        "scrape_interval": endpoint["interval"],
+        "metrics_path": endpoint.get("path", "/metrics"),
+        "relabel_configs": [
+            *relabel,
+            {"target_label": "endpoint", "replacement": endpoint["port"]},
+            *_relabelings(endpoint.get("relabelings") or []),
+        ],
+    }
+
+
 def pod_monitor_jobs(monitor: Object) -> list[Object]:
     name, namespace = monitor["metadata"]["name"], monitor["metadata"]["namespace"]
     jobs = []
@@ -89,18 +105,8 @@ def pod_monitor_jobs(monitor: Object) -> list[Object]:
             {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
             {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
             {"target_label": "job", "replacement": f"{namespace}/{name}"},
-            {"target_label": "endpoint", "replacement": endpoint["port"]},
-            *_relabelings(endpoint.get("relabelings") or []),
         ]
-        jobs.append(
-            {
-                "job_name": f"podMonitor/{namespace}/{name}/{i}",
-                "kubernetes_sd_configs": [{"role": "pod", **_namespaces(monitor)}],
-                "scrape_interval": endpoint["interval"],
-                "metrics_path": endpoint.get("path", "/metrics"),
-                "relabel_configs": relabel,
-            }
-        )
+        jobs.append(_job(f"podMonitor/{namespace}/{name}/{i}", "pod", monitor, endpoint, relabel))
     return jobs
 
 
@@ -144,19 +150,8 @@ def service_monitor_jobs(monitor: Object) -> list[Object]:
                     "target_label": "job",
                 }
             )
-        relabel += [
-            {"target_label": "endpoint", "replacement": endpoint["port"]},
-            *_relabelings(endpoint.get("relabelings") or []),
-        ]
-        jobs.append(
-            {
-                "job_name": f"serviceMonitor/{namespace}/{name}/{i}",
-                "kubernetes_sd_configs": [{"role": "endpointslice", **_namespaces(monitor)}],
-                "scrape_interval": endpoint["interval"],
-                "metrics_path": endpoint.get("path", "/metrics"),
-                "relabel_configs": relabel,
-            }
-        )
+        job = f"serviceMonitor/{namespace}/{name}/{i}"
+        jobs.append(_job(job, "endpointslice", monitor, endpoint, relabel))
     return jobs
 
 

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from charttools import CHART, ROOT, run
 from controlplane import (
     KWOK_NODE_SELECTOR,
@@ -45,6 +43,7 @@ from kubernetes import client
 from processes import CLI, Server, one_thread_env, start_server, wait_healthy
 from prometheus_bed import Prometheus, scrape_configs
 from test_chart_install import Kubectl, helm_env, kubectl, monitoring_crds, token_kubeconfig
+from test_distributed import SEED, TASK, prepare_output, run_config
 
 from rlsd_operator import names
 from rlsd_trainer.config import EmbeddedTaskSection
@@ -56,8 +55,6 @@ _FIXTURES = (helm_env, kubectl, monitoring_crds)  # imported for their fixtures
 RELEASE, SYSTEM, RUNS = "prom", "prom-system", "prom-runs"
 RUN = "demo"
 GROUP, VERSION, PLURAL = names.GROUP, names.VERSION, names.PLURAL
-SEED = 5
-TASK = {"num_train": 200, "num_eval": 8, "min_terms": 2, "max_terms": 3}
 # Chart values of the bed: scrapes every second, alert durations of seconds.
 VALUES = (
     "crds.install=false",
@@ -104,7 +101,7 @@ class Bed:
     core: client.CoreV1Api
     custom: client.CustomObjectsApi
     rbac: client.RbacAuthorizationV1Api
-    trainer: subprocess.Popen[bytes]
+    trainer: Server
     rollout: list[Server]
     operator_log: Path
     cluster_role: str
@@ -131,56 +128,11 @@ def run_spec(name: str, **changes: Any) -> dict[str, Any]:
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RLSDRun", "metadata": {"name": name}, "spec": spec}
 
 
-def trainer_config(output: Path, metrics_port: int, rollout: list[Server], teacher: Server) -> Path:
-    """The learner rank 0 of the run: remote rollout and teacher servers, its metrics on a port."""
-    remote = {"model_name": "policy", "request_timeout_s": 30, "max_retries": 2}
-    config = {
-        "run": {"name": RUN, "seed": SEED, "output_dir": str(output), "total_steps": 100000},
-        "model": {"path": "embedded"},
-        "data": {
-            "train": {"kind": "embedded", "split": "train"},
-            "eval": {"kind": "embedded", "split": "eval"},
-            "embedded": TASK,
-        },
-        "algorithm": {"name": "rlsd", "group_size": 4, "lam": {"decay_steps": 50}},
-        "rollout": {
-            "backend": "remote",
-            "servers": {**remote, "urls": [s.url for s in rollout], "weight_transfer": {"backend": "gloo"}},
-            "prompts_per_step": 4,
-            "sampling": {"max_new_tokens": 12},
-        },
-        "teacher": {
-            "mode": "frozen",
-            "sync_interval": 4,
-            "placement": "remote",
-            "servers": {**remote, "urls": [teacher.url], "weight_transfer": {"backend": "gloo"}},
-        },
-        "optim": {"lr": 1e-3},
-        "reward": {"verifier": "callable", "callable": "verifier_fixtures:digit_share", "workers": 1},
-        "checkpoint": {"every": 3, "keep_last": 1},
-        "metrics": {"prometheus_port": metrics_port, "progress_bar": False, "console_every": 1},
-        "eval": {"every": 3, "max_examples": 8, "max_new_tokens": 12},
-        "learner": {"micro_batch_tokens": 128},
-    }
-    path = output.parent / "trainer.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(command: list[str], log: Path, url: str, env: dict[str, str]) -> Server:
+    """A process of the bed, its output in `log` (a stopped one is killed at the end: Server.stop)."""
     with log.open("wb") as sink:
-        return subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env or dict(os.environ))
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    return Server(process, url, log)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +173,8 @@ def bed(
                 },
             },
         )
-        # The run's processes: two CPU rollout servers, a teacher server and the trainer.
+        # The run's processes: two CPU rollout servers, a teacher server and the trainer (the 2-rank
+        # run of tests/trainer/test_distributed.py, in one process, for as long as the test needs).
         model = work / "model" / "embedded-model"
         build_model_dir(model, EmbeddedTaskSection(**TASK), SEED)
         logs = work / "logs"
@@ -232,15 +185,24 @@ def bed(
             started.append(server.stop)
         wait_healthy([*rollout, teacher])
         output = work / "run"
-        shutil.copytree(model, output / "embedded-model")
+        prepare_output(output, model)
         metrics_port = free_port()
+        config = run_config(
+            output,
+            {"rollout": rollout, "teacher": [teacher]},
+            run={"name": RUN, "total_steps": 100000},
+            checkpoint={"every": 3, "keep_last": 1, "async_save": False},
+            metrics={"prometheus_port": metrics_port, "progress_bar": False, "console_every": 1},
+            eval={"every": 3},
+        )
         tests_dir = str(ROOT / "tests/trainer")  # verifier_fixtures, the reward callable
         trainer = spawn(
-            [CLI, "local", "--config", str(trainer_config(output, metrics_port, rollout, teacher))],
+            [CLI, "local", "--config", str(config)],
             logs / "trainer.log",
+            f"http://127.0.0.1:{metrics_port}",
             one_thread_env(PYTHONPATH=tests_dir),
         )
-        started.append(lambda: stop(trainer))
+        started.append(trainer.stop)
 
         # The operator as the chart's Deployment runs it, under the chart's ServiceAccount.
         apps = client.AppsV1Api(api_client)
@@ -253,10 +215,9 @@ def bed(
         args[args.index("--metrics-port") + 1] = str(operator_port)
         args[args.index("--liveness-port") + 1] = str(free_port())
         env = {**os.environ, **{e.name: e.value for e in container.env}, "KUBECONFIG": str(kubeconfig)}
-        operator = spawn(
-            [str(Path(sys.executable).parent / container.command[0]), *args], logs / "operator.log", env
-        )
-        started.append(lambda: stop(operator))
+        binary = str(Path(sys.executable).parent / container.command[0])
+        operator = spawn([binary, *args], logs / "operator.log", f"http://127.0.0.1:{operator_port}", env)
+        started.append(operator.stop)
 
         manifest = run_spec(
             RUN,
@@ -470,7 +431,7 @@ def test_each_alert_goes_pending_then_firing_when_caused_for_real(bed: Bed) -> N
         return True
 
     wait_for(bed, "the operator's counters scraped", counters_scraped, timeout=60)
-    os.kill(bed.trainer.pid, signal.SIGSTOP)
+    os.kill(bed.trainer.process.pid, signal.SIGSTOP)
     bed.rollout[1].kill()
     crashy = run_spec("crashy", restartPolicy={"backoffLimit": 2, "backoffSeconds": 0})
     bed.custom.create_namespaced_custom_object(GROUP, VERSION, RUNS, PLURAL, crashy)
@@ -521,7 +482,7 @@ def test_each_alert_goes_pending_then_firing_when_caused_for_real(bed: Bed) -> N
     assert "forbidden" in bed.operator_log.read_text().lower()
 
     # The frozen learner resumes: the stall resolves.
-    os.kill(bed.trainer.pid, signal.SIGCONT)
+    os.kill(bed.trainer.process.pid, signal.SIGCONT)
 
     def stall_resolved() -> bool:
         return not [a for a in active_alerts(bed) if a["labels"]["alertname"] == "RLSDRunStalled"]
