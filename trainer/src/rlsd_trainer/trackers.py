@@ -64,7 +64,8 @@ class WandbTracker:
         self.run_id: str = self.run.id
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        # A resumed run repeats the steps since its checkpoint; W&B keeps the first value of a step.
+        # W&B refuses steps below its current one: the steps a resumed run repeats (those since its
+        # checkpoint) keep the values first logged.
         if step >= self.run.step:
             self.run.log(_finite(values), step=step)
 
