@@ -400,8 +400,9 @@ def test_rules_are_loaded_and_silent_on_the_healthy_run(bed: Bed) -> None:
 
     wait_for(bed, "45 s of the run scraped", long_enough, timeout=120)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # and it stays so
-        assert not active_alerts(bed), bed.diagnostics()
+    while time.monotonic() < deadline:  # and it stays so (a slow scrape may make one pending, briefly)
+        firing = [a for a in active_alerts(bed) if a["state"] == "firing"]
+        assert not firing, f"{firing}\n{bed.diagnostics()}"
         time.sleep(1)
     status = bed.custom.get_namespaced_custom_object(GROUP, VERSION, RUNS, PLURAL, RUN)["status"]
     assert status["phase"] == "Running" and status["step"] >= 4, status
