@@ -45,7 +45,7 @@ COPY trainer/pyproject.toml trainer/
 COPY trainer/src trainer/src
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
- && /opt/venv/bin/pip install ./trainer
+ && /opt/venv/bin/pip install "./trainer[trackers]"
 
 FROM ${PYTHON_IMAGE} AS trainer-cpu
 ARG VERSION
@@ -79,7 +79,7 @@ COPY trainer/src trainer/src
 # `make test` runs the trainer's fast tests under them.
 RUN python3.12 -m venv /opt/venv \
  && /opt/venv/bin/pip install -r trainer/requirements-vllm.txt \
- && /opt/venv/bin/pip install ./trainer
+ && /opt/venv/bin/pip install "./trainer[trackers]"
 
 FROM ${CUDA_IMAGE} AS trainer
 ARG VERSION

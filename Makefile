@@ -30,8 +30,8 @@ $(VENV)/.chart-installed: $(BIN)/python tests/chart/requirements.txt
 k8s-assets:
 	nice -n 19 tests/k8s/build-control-plane.sh
 
-# helm, promtool and the prometheus-operator CRDs for tests/chart, built the same way and cached (a
-# cold build takes about 17 min on 2 cores; a no-op once built).
+# helm, promtool, the Prometheus server and the prometheus-operator CRDs for tests/chart, built the same
+# way and cached (a cold build takes about 20 min on 2 cores; a no-op once built).
 chart-tools:
 	nice -n 19 tests/k8s/build-chart-tools.sh
 

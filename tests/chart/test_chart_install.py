@@ -81,8 +81,17 @@ def monitoring_crds(tools: Path, kubectl: Kubectl) -> None:
     """The prometheus-operator CRDs (generated from its Go types, see build-chart-tools.sh)."""
     for path in sorted((tools / "monitoring-crds").glob("*.yaml")):
         kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    for kind in ("servicemonitors", "podmonitors", "prometheusrules"):
-        kubectl("wait", "--for=condition=Established", f"crd/{kind}.monitoring.coreos.com", "--timeout=60s")
+    kinds = [
+        f"{kind}.monitoring.coreos.com" for kind in ("servicemonitors", "podmonitors", "prometheusrules")
+    ]
+    for kind in kinds:
+        kubectl("wait", "--for=condition=Established", f"crd/{kind}", "--timeout=60s")
+
+    def served() -> bool:
+        """Established is not served yet: a new CRD's first requests can time out on a busy server."""
+        return all(kubectl("get", kind, "-A", check=False).returncode == 0 for kind in kinds)
+
+    wait_until(served, "the monitoring CRDs served", timeout=120)
 
 
 @pytest.fixture(scope="session")

@@ -56,7 +56,7 @@ def dashboard() -> dict:
 def dashboard_expressions() -> list[str]:
     board = dashboard()
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
-    exprs += [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+    exprs += [v["query"] for v in board["templating"]["list"] if v["type"] == "query"]
     return exprs
 
 
@@ -251,7 +251,6 @@ def operator_exported() -> set[str]:
         "from prometheus_client import generate_latest\n"
         "from rlsd_operator import metrics\n"
         "metrics.publish_phases({})\n"
-        "[metrics.ERRORS.labels(kind) for kind in ('reconcile', 'scrape')]\n"
         "print(generate_latest().decode())\n"
     )
     text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

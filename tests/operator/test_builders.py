@@ -114,6 +114,43 @@ def test_rendered_config_is_valid_for_the_trainer() -> None:
     assert config.teacher.servers.weight_transfer.shared_dir == "/checkpoints/demo/weights"
 
 
+def test_trackers_render_into_the_config_and_their_credentials_into_learner_env_only() -> None:
+    trainer_config = pytest.importorskip("rlsd_trainer.config")
+    spec = {
+        "trackers": {
+            "wandb": {
+                "project": "math",
+                "entity": "team",
+                "apiKeySecret": {"name": "wandb", "key": "api-key"},
+            },
+            "mlflow": {
+                "trackingUri": "https://mlflow.example",
+                "tokenSecret": {"name": "ml", "key": "token"},
+            },
+            "tensorboard": {},
+        }
+    }
+    run = defaulted_run(spec=spec)
+    config = build_trainer_config(run["spec"], "demo", "team-a")
+    metrics_section = trainer_config.parse_config(config).metrics
+    assert metrics_section.trackers == ("wandb", "mlflow", "tensorboard")
+    assert (metrics_section.wandb.project, metrics_section.wandb.entity) == ("math", "team")
+    assert metrics_section.mlflow.tracking_uri == "https://mlflow.example"
+    learner = builders.build_learner_pod(run, 0, 1)
+    env = {e["name"]: e for e in learner["spec"]["containers"][0]["env"]}
+    assert env["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "ml", "key": "token"}}
+    # Never in the ConfigMap (which any reader of the namespace's ConfigMaps sees), nor on servers.
+    config_map = json.dumps(builders.build_config_map(run))
+    assert "wandb" in config_map and "apiKeySecret" in config_map  # the spec names the Secret...
+    assert "WANDB_API_KEY" not in config_map and "MLFLOW_TRACKING_TOKEN" not in config_map
+    with_server = defaulted_run(spec={"rollout": {"backend": "cpu", "image": "t", "replicas": 1}} | spec)
+    (server,) = builders.build_server_pods(with_server)
+    variables = {e["name"] for e in server["spec"]["containers"][0]["env"]}
+    assert not variables & {"WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN"}
+    assert "trackers" not in config_of()["metrics"]
+
+
 def test_config_map_holds_the_config_and_the_applied_spec() -> None:
     run = defaulted_run()
     config_map = builders.build_config_map(run)

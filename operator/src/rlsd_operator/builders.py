@@ -123,12 +123,26 @@ def _resources(section: Object) -> Object:
     }
 
 
+def _secret_env(variable: str, reference: Object) -> Object:
+    secret = {"name": reference["name"], "key": reference["key"]}
+    return {"name": variable, "valueFrom": {"secretKeyRef": secret}}
+
+
+def tracker_env(spec: Object) -> list[Object]:
+    """The experiment trackers' credentials, from the Secrets the spec names (never in the ConfigMap)."""
+    trackers = spec.get("trackers") or {}
+    return [
+        _secret_env(variable, trackers[tracker][field])
+        for (tracker, field), variable in names.TRACKER_SECRETS.items()
+        if (trackers.get(tracker) or {}).get(field)
+    ]
+
+
 def _env(spec: Object, section: Object, extra: list[Object]) -> list[Object]:
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *extra]
     token = spec.get("huggingFaceTokenSecret")
     if token:
-        secret = {"name": token["name"], "key": token["key"]}
-        env.append({"name": names.HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": secret}})
+        env.append(_secret_env(names.HF_TOKEN_ENV, token))
     return env + list(section.get("env") or [])
 
 
@@ -216,7 +230,7 @@ def build_learner_pod(
     name = _run_name(run)
     spec = run["spec"]
     learner = spec["learner"]
-    extra_env = [{"name": "RLSD_ATTEMPT", "value": str(attempt)}]
+    extra_env = [{"name": "RLSD_ATTEMPT", "value": str(attempt)}, *tracker_env(spec)]
     container = {
         "name": names.LEARNER,
         "image": learner["image"],

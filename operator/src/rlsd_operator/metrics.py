@@ -20,6 +20,10 @@ PREEMPTIONS = Counter(
     "rlsd_operator_preemptions_total", "Gang restarts after preemptions or lost learner pods"
 )
 ERRORS = Counter("rlsd_operator_errors_total", "Reconciles that raised, and failed metric scrapes", ["kind"])
+# Exported at 0 from the start: a series born at its first error would hide that error from rate()
+# and increase() (and so from the dashboard and RLSDOperatorReconcileErrors).
+for _kind in ("reconcile", "scrape"):
+    ERRORS.labels(_kind)
 
 # Trainer gauge -> status field.
 PROGRESS_METRICS = {

@@ -38,6 +38,11 @@ ROLLOUT_TRANSFER_PORT = 29600
 TEACHER_TRANSFER_PORT = 29700
 SERVED_MODEL_NAME = "policy"
 HF_TOKEN_ENV = "HF_TOKEN"
+# spec.trackers.<tracker>.<field> naming a Secret -> the variable the tracker's library reads it from.
+TRACKER_SECRETS = {
+    ("wandb", "apiKeySecret"): "WANDB_API_KEY",
+    ("mlflow", "tokenSecret"): "MLFLOW_TRACKING_TOKEN",
+}
 
 
 def labels(run: str, role: str | None = None, **extra: str) -> dict[str, str]:

@@ -56,7 +56,14 @@ _FIELDS: list[tuple[str, str, Callable[[Any], Any] | None]] = [
     ("checkpoint.keepLast", "checkpoint.keep_last", None),
     ("checkpoint.asyncSave", "checkpoint.async_save", None),
     ("checkpoint.preemptionGraceSeconds", "checkpoint.preemption_grace_s", None),
+    ("trackers.wandb.project", "metrics.wandb.project", None),
+    ("trackers.wandb.entity", "metrics.wandb.entity", None),
+    ("trackers.mlflow.trackingUri", "metrics.mlflow.tracking_uri", None),
+    ("trackers.mlflow.experiment", "metrics.mlflow.experiment", None),
+    ("trackers.tensorboard.logDir", "metrics.tensorboard.log_dir", None),
 ]
+# The trainer's trackers, in the order it starts them (credentials go to the pods' env, see builders).
+TRACKERS = ("wandb", "mlflow", "tensorboard")
 _DATA_SOURCE_FIELDS = {
     "kind": "kind",
     "path": "path",
@@ -146,6 +153,9 @@ def build_trainer_config(
         value = lookup(spec, source)
         if value is not None:
             _put(config, target, convert(value) if convert else value)
+    trackers = [name for name in TRACKERS if name in (spec.get("trackers") or {})]
+    if trackers:
+        config["metrics"]["trackers"] = trackers
     for split in ("train", "eval"):
         data_source = lookup(spec, f"dataset.{split}") or {}
         for source, target in _DATA_SOURCE_FIELDS.items():

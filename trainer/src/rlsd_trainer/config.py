@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_TEACHER_TEMPLATE = (
     "{question}\n\n"
@@ -251,7 +251,30 @@ class CheckpointSection(_Section):
     preemption_grace_s: Annotated[float, Field(gt=0.0)] = 120.0
 
 
+class WandbSection(_Section):
+    project: str = "rlsd"
+    entity: str | None = None
+    # offline: written under <output_dir>/wandb only, for a later `wandb sync`.
+    mode: Literal["online", "offline"] = "online"
+
+
+class MlflowSection(_Section):
+    # Default: a file store in <output_dir>/mlruns.
+    tracking_uri: str | None = None
+    experiment: str = "rlsd"
+
+
+class TensorBoardSection(_Section):
+    # Default: <output_dir>/tensorboard.
+    log_dir: str | None = None
+
+
 class MetricsSection(_Section):
+    # Experiment trackers that get every step's values and the resolved config (optional extras).
+    trackers: tuple[Literal["wandb", "mlflow", "tensorboard"], ...] = ()
+    wandb: WandbSection = WandbSection()
+    mlflow: MlflowSection = MlflowSection()
+    tensorboard: TensorBoardSection = TensorBoardSection()
     # Port of the Prometheus /metrics endpoint; 0 picks a free port, null disables it.
     prometheus_port: Annotated[int, Field(ge=0, le=65535)] | None = 0
     # Address it listens on: loopback on a laptop; 0.0.0.0 in a pod, so Prometheus and the operator
@@ -259,6 +282,13 @@ class MetricsSection(_Section):
     prometheus_host: str = "127.0.0.1"
     console_every: Annotated[int, Field(ge=1)] = 10
     progress_bar: bool = True
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_once(cls, trackers: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"lists a tracker twice: {list(trackers)}")
+        return trackers
 
 
 class EvalSection(_Section):

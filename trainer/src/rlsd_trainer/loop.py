@@ -47,6 +47,7 @@ from rlsd_trainer.models import LoadedModel, encode_prompt, load_model
 from rlsd_trainer.remote import build_rollout_engine, build_teacher_client
 from rlsd_trainer.rollout import Completion, RolloutEngine, SamplingParams
 from rlsd_trainer.teacher import Teacher
+from rlsd_trainer.trackers import build_trackers
 from rlsd_trainer.verifiers import RewardPool
 from rlsd_trainer.warmup import supervised_warmup
 
@@ -169,6 +170,7 @@ class Trainer:
                 config.output_dir / "metrics.jsonl",
                 config.metrics.prometheus_port,
                 config.metrics.prometheus_host,
+                build_trackers(config),
             )
         self.step = 0
         self.last_checkpoint_step = 0
