@@ -193,7 +193,7 @@ def scrape(url: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlsd_trainer.config import parse_config
+    from rlsd_contracts.config import parse_config
     from rlsd_trainer.loop import run_training
 
     output = tmp_path_factory.mktemp("local-run")
