@@ -28,7 +28,7 @@ def test_trainer_config_maps_every_field_to_the_trainer_schema() -> None:
         {
             "seed": 7,
             "algorithm": {"name": "grpo+opsd", "groupSize": 16, "epsW": 0.3, "klCoef": 0.01},
-            "optim": {"lr": "1e-6", "gradClip": 0.5},
+            "optim": {"lr": 1e-6, "gradClip": 0.5},
             "reward": {"verifier": "numeric", "timeoutSeconds": 2.5, "workers": 4},
             "checkpoint": {"every": 5, "asyncSave": True},
             "dataset": {"eval": {"kind": "parquet", "path": "/data/test.parquet", "answerField": "ans"}},
@@ -96,7 +96,7 @@ def test_trainer_config_is_merged_last() -> None:
 def test_rendered_config_is_valid_for_the_trainer() -> None:
     spec = {
         "algorithm": {"name": "rlsd", "lambda": {"initial": 0.5, "final": 0.0}, "epsW": 0.2},
-        "optim": {"lr": "1e-6"},
+        "optim": {"lr": 1e-6},
         "teacher": {"placement": "remote", "replicas": 2, "image": "t", "weightTransfer": "filesystem"},
         "trainerConfig": {"eval": {"every": 10}},
     }

@@ -106,11 +106,10 @@ MALFORMED: list[tuple[str, Callable[[Spec], Spec], str]] = [
         patch({"huggingFaceTokenSecret": {"key": "token"}}),
         "spec.huggingFaceTokenSecret.name",
     ),
-    # Types CEL can check on a number-or-string field.
-    ("lr-word", patch({"optim": {"lr": "fast"}}), "optim.lr must be a positive number"),
-    ("lr-negative", patch({"optim": {"lr": -1e-6}}), "optim.lr must be a positive number"),
-    ("lr-zero-string", patch({"optim": {"lr": "0"}}), "optim.lr must be a positive number"),
-    ("lr-list", patch({"optim": {"lr": [1]}}), "optim.lr must be a positive number"),
+    ("lr-word", patch({"optim": {"lr": "fast"}}), "spec.optim.lr"),
+    ("lr-string", patch({"optim": {"lr": "1e-6"}}), "spec.optim.lr"),
+    ("lr-zero", patch({"optim": {"lr": 0}}), "spec.optim.lr"),
+    ("lr-negative", patch({"optim": {"lr": -1e-6}}), "spec.optim.lr"),
     # Every count and size is bounded.
     ("replicas-huge", patch({"rollout": {"replicas": 100000}}), "spec.rollout.replicas"),
     ("nodes-huge", patch({"learner": {"nodes": 513}}), "spec.learner.nodes"),
@@ -163,15 +162,15 @@ def test_any_object_name_is_accepted(custom: client.CustomObjectsApi, namespace:
 
 
 def test_a_valid_run_is_accepted_with_defaults(custom: client.CustomObjectsApi, namespace: str) -> None:
-    body = run_manifest(spec={"optim": {"lr": "1e-6"}})
+    body = run_manifest(spec={"optim": {"lr": 1e-6}})
     del body["spec"]["learner"]["nodes"]
     created = create(custom, namespace, body)
     spec = created["spec"]
     assert spec["learner"]["nodes"] == 1
     assert spec["restartPolicy"] == {"backoffLimit": 3, "backoffSeconds": 10, "maxBackoffSeconds": 300}
     assert spec["checkpoint"]["mountPath"] == "/checkpoints" and spec["suspend"] is False
-    assert spec["optim"]["lr"] == "1e-6"
-    for lr in (3e-5, 1, ".5e-3", "2E-4"):
+    assert spec["optim"]["lr"] == 1e-6
+    for lr in (3e-5, 1):
         assert (
             create(custom, namespace, run_manifest(spec={"optim": {"lr": lr}}))["spec"]["optim"]["lr"] == lr
         )

@@ -303,7 +303,9 @@ class _Decider:
                 self._delete_pod(pod)
         stopping = sorted(p["metadata"]["name"] for p in stale if not lifecycle.is_terminated(p))
         if stopping:
-            self._phase("Restarting", f"waiting for {', '.join(stopping)} to stop (they save a checkpoint)")
+            why = self._condition_of("Ready").get("message") or f"learner attempt {attempt}"
+            waiting = f"waiting for {', '.join(stopping)} to stop (they save a checkpoint)"
+            self._phase("Restarting", f"{why}; {waiting}")
             return None
         wait = (parse_timestamp(self.status["restartAfter"]) - self.now).total_seconds()
         if wait > 0:

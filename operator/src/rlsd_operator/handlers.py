@@ -253,6 +253,8 @@ class RunReconciler:
                     return
                 who = f"is owned by {owner['kind']} {owner['name']}" if owner else "is not owned by this run"
                 self._refuse(kind, name, "NameConflict", f"{kind} {name} exists and {who}")
+            elif _namespace_terminating(exc):
+                self.gone = True  # the run goes with its namespace: nothing to do or report
             elif exc.status in (400, 403, 422):
                 # Refused by validation or admission (quota, policy): say so, retry later.
                 self._refuse(kind, name, "CreateRefused", f"creating {kind} {name}: {_api_message(exc)}")
@@ -278,6 +280,10 @@ class RunReconciler:
             metrics.PREEMPTIONS.inc()
         elif event.reason == "LearnerFailed":
             metrics.RESTARTS.inc()
+
+
+def _namespace_terminating(exc: client.ApiException) -> bool:
+    return exc.status == 403 and "NamespaceTerminating" in (exc.body or "")
 
 
 def _api_message(exc: client.ApiException) -> str:
@@ -330,6 +336,8 @@ class Runs:
                 except asyncio.CancelledError:
                     raise
                 except client.ApiException as exc:
+                    if _namespace_terminating(exc):
+                        return
                     metrics.ERRORS.labels("reconcile").inc()
                     log.warning(
                         "%s/%s: API error %s (%s); retrying in %.0fs",
@@ -392,8 +400,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)
     # kopf logs a line per handled event ("Handler ... succeeded"); the operator logs its decisions.
+    # ... and aiohttp one per /healthz probe.
     if os.environ.get("RLSD_OPERATOR_VERBOSE", "") not in ("1", "true"):
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     decide.SCRAPE_SECONDS = float(os.environ.get("RLSD_OPERATOR_SCRAPE_SECONDS", decide.SCRAPE_SECONDS))
     decide.REFERENCE_RETRY_SECONDS = float(
         os.environ.get("RLSD_OPERATOR_REFERENCE_RETRY_SECONDS", decide.REFERENCE_RETRY_SECONDS)

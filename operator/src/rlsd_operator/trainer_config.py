@@ -184,7 +184,7 @@ def build_trainer_config(
     spec: Object, run: str, namespace: str, cluster_domain: str = "cluster.local"
 ) -> Object:
     """The trainer config of the run, validated with the trainer's schema: only the fields that were
-    set, in the schema's types (`optim.lr: "1e-6"` becomes 1e-06). Raises InvalidSpec naming the
+    set, in the schema's types (a `trainerConfig` lr of "1e-6" becomes 1e-06). Raises InvalidSpec naming the
     spec fields the schema refuses."""
     raw, origin = render(spec, run, namespace, cluster_domain)
     try:
