@@ -27,7 +27,7 @@ class OperatorProcess:
     """`rlsd-operator` (the console script) in a subprocess with `kubeconfig`, as the chart's
     Deployment runs it: its own Python process, metrics and /healthz on free ports."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, kubeconfig: Path, log_path: Path, namespaces: tuple[str, ...] = ()) -> None:
         self.metrics_port, self.liveness_port = free_port(), free_port()
         self.healthz = f"http://127.0.0.1:{self.liveness_port}/healthz"
         self.log_path = log_path
@@ -36,15 +36,13 @@ class OperatorProcess:
         self.proc = subprocess.Popen(
             [
                 str(script),
-                "--metrics-port",
-                str(self.metrics_port),
-                "--liveness-port",
-                str(self.liveness_port),
+                *("--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port)),
+                *(arg for namespace in namespaces for arg in ("--namespace", namespace)),
             ],
             stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "KUBECONFIG": str(kubeconfig), **(env or {})},
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
         )
 
         def healthy() -> bool:

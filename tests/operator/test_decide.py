@@ -101,16 +101,24 @@ def events(decision: Decision) -> list[str]:
 LAUNCHED = {"phase": "Running", "attempt": 1, "attemptLaunched": True, "restartAfter": T0, "startTime": T0}
 
 
-def test_a_new_run_creates_everything_at_once_and_records_attempt_1_first() -> None:
+def test_a_new_run_creates_everything_at_once_and_records_the_launch_after() -> None:
     run = run_with()
     decision = decide(run, desire(run, "cluster.local", References()), Observed(now=NOW))
-    assert decision.status["attempt"] == 1 and decision.status["attemptLaunched"] is False
-    assert decision.status["phase"] == "Pending"
+    assert decision.status["attempt"] == 1 and decision.status["attemptLaunched"] is True
+    assert decision.status["phase"] == "Initializing" and decision.record_after
     assert sorted(creates(decision)) == [
         "demo-config", "demo-learner-a1-0", "demo-learner-a1-1", "demo-learners",
         "demo-rollout", "demo-rollout-0", "demo-rollout-1",
     ]  # fmt: skip
-    assert decision.requeue is None  # the pods' events bring the next reconcile
+    assert events(decision) == ["AttemptStarted"]
+
+
+def test_a_restart_records_the_next_attempt_before_deleting_anything() -> None:
+    run = run_with(LAUNCHED)
+    pods = learners(run, 1)
+    pods["demo-learner-a1-0"] = pod(pods["demo-learner-a1-0"], "Failed", 75)
+    decision = decide_for(run, {**pods, **servers(run)})
+    assert decision.status["attempt"] == 2 and deletes(decision) and not decision.record_after
 
 
 def test_the_attempt_is_launched_once_every_learner_pod_exists() -> None:
@@ -125,7 +133,7 @@ def test_only_the_missing_learner_is_created_when_an_attempt_was_half_launched()
     pods = learners(run, 1)
     del pods["demo-learner-a1-1"]
     decision = decide_for(run, {**pods, **servers(run)})
-    assert creates(decision) == ["demo-learner-a1-1"] and not decision.status["attemptLaunched"]
+    assert creates(decision) == ["demo-learner-a1-1"] and decision.record_after
 
 
 def test_running_once_every_pod_runs_then_progress_is_read() -> None:
@@ -334,7 +342,7 @@ def test_a_claim_the_pods_cannot_share_is_refused(
     run = run_with(spec=spec)
     decision = decide_for(run, references=References(claim_access_modes=modes))
     if refused is None:
-        assert decision.status["phase"] == "Pending" and creates(decision)
+        assert decision.status["phase"] == "Initializing" and creates(decision)
     else:
         assert decision.status["phase"] == "Failed" and refused in decision.status["message"]
         assert creates(decision) == []

@@ -81,7 +81,8 @@ def test_hostile_runs_do_not_starve_healthy_ones(
         # A typo the trainer's schema refuses.
         "typo": small("typo", trainerConfig={"algorithm": {"gruop_size": 4}}),
     }
-    with OperatorProcess(kubeconfig, tmp_path / "operator.log") as operator:
+    # Watching this namespace only: runs other tests left in namespaces being deleted are no concern.
+    with OperatorProcess(kubeconfig, tmp_path / "operator.log", namespaces=(namespace,)) as operator:
         probe = Probe(operator.healthz)
         probe.start()
         try:

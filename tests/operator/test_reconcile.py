@@ -400,7 +400,8 @@ def test_a_name_held_by_another_object_is_reported_then_taken_once_free(
     assert (
         "Service demo-learners exists and is not owned by this run" in cluster.condition("Ready")["message"]
     )
-    assert cluster.events("NameConflict") and not cluster.pods()
+    assert cluster.events("NameConflict")
+    assert cluster.status()["phase"] == "Pending" and not cluster.status().get("attemptLaunched")
     cluster.core.delete_namespaced_service("demo-learners", cluster.namespace)
     cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
     cluster.wait_phase("Running")

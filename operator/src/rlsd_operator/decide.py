@@ -153,12 +153,15 @@ class Decision:
     status: Object
     actions: list[Action]
     requeue: float | None  # seconds until the run should be looked at again without a new event
+    # The status is recorded after the actions succeeded rather than before: only for a launch,
+    # whose pods' names already follow from the recorded attempt (redoing it finds them).
+    record_after: bool = False
 
 
 def decide(run: Object, desired: Desired, observed: Observed) -> Decision:
     decider = _Decider(run, desired, observed)
     requeue = decider.decide()
-    return Decision(decider.status, decider.actions, requeue)
+    return Decision(decider.status, decider.actions, requeue, decider.record_after)
 
 
 # -- the life cycle -----------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ class _Decider:
         self.status: Object = copy.deepcopy(run.get("status") or {})
         self.now = observed.now.replace(microsecond=0)
         self.actions: list[Action] = []
+        self.record_after = False
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -294,8 +298,8 @@ class _Decider:
 
     def _launch(self, current: list[Object], stale: list[Object]) -> float | None:
         """Start the attempt: once the old learners stopped and the back-off passed, re-render the
-        ConfigMap, replace changed servers, then create the learners. The attempt counts as launched
-        once every learner pod exists (the next reconcile sees them)."""
+        ConfigMap, replace changed servers, then create the learners and, once they are created,
+        record the attempt as launched."""
         attempt = self.status["attempt"]
         # Stopped learners of the last attempt stay for their logs; older ones go.
         for pod in stale:
@@ -326,8 +330,10 @@ class _Decider:
             )
             if pod["metadata"]["name"] not in existing:
                 self.actions.append(Create(pod))
-        if len(existing) < nodes:
-            return None  # the pods' events (or the creates) bring the next reconcile
+        # Launched once the learners exist: recorded after their creates (a crash between the two
+        # makes the next reconcile find them under the same names), never before (an attempt
+        # recorded as launched whose learners are missing would count as preempted).
+        self.record_after = len(existing) < nodes
         self.status["attemptLaunched"] = True
         self.status.setdefault("startTime", timestamp(self.now))
         self.status["conditions"] = lifecycle.drop_condition(

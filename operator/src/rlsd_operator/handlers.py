@@ -161,7 +161,7 @@ class RunReconciler:
         url = annotations.get(names.ANNOTATION_METRICS_URL, default)
         try:
             timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+            async with self.runs.http().get(url, timeout=timeout) as response:
                 response.raise_for_status()
                 return Progress(url, metrics.parse_progress(await response.text()))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -185,9 +185,18 @@ class RunReconciler:
             progress = await self._scrape(run)
             self._expire_refusals()
             decision = decide.decide(run, desired, self._observed(run, references, progress))
-            if not await self._record(run, decision):
+            if not decision.record_after and not await self._record(run, decision):
                 return None
-            acted = await self._act(run, decision)
+            refused = set(self.refusals)
+            acted = await self._act(decision)
+            if decision.record_after:
+                if set(self.refusals) - refused:
+                    return 0.0  # a create was refused: what was decided did not happen
+                if not await self._record(run, decision):
+                    return None
+            for event in decision.actions:
+                if isinstance(event, Event):
+                    self._post(run, event)
         self.phase = decision.status.get("phase")
         # What was just done is in the cache already: look again at once, until nothing is left to do.
         return 0.0 if acted else decision.requeue
@@ -197,7 +206,8 @@ class RunReconciler:
             return await method(*args)
 
     async def _record(self, run: Object, decision: Decision) -> bool:
-        """Patch what changed in the status, before acting on it; False when the run is gone."""
+        """Patch what changed in the status (before acting on it, unless the decision says it may
+        follow); False when the run is gone."""
         saved = run.get("status") or {}
         patch = {k: v for k, v in decision.status.items() if saved.get(k) != v}
         if patch:
@@ -213,18 +223,16 @@ class RunReconciler:
             self.status = saved
         return True
 
-    async def _act(self, run: Object, decision: Decision) -> bool:
-        """Carry out the decision's actions; True when an owned object was created, replaced or
-        deleted (the next reconcile sees the result in the cache at once)."""
-        events = [a for a in decision.actions if isinstance(a, Event)]
-        shared = [a for a in decision.actions if isinstance(a, Create | Replace) and a.obj["kind"] != "Pod"]
-        rest = [a for a in decision.actions if a not in events and a not in shared]
-        await asyncio.gather(*(self._do(action) for action in shared))
-        if not any(f"{a.obj['kind']}/{a.obj['metadata']['name']}" in self.refusals for a in shared):
-            await asyncio.gather(*(self._do(action) for action in rest))
-        for event in events:
-            self._post(run, event)
-        return any(not isinstance(action, DeleteRun) for action in shared + rest)
+    async def _act(self, decision: Decision) -> bool:
+        """Carry out the decision's actions but its events; True when an owned object was created,
+        replaced or deleted (the next reconcile sees the result in the cache at once)."""
+        # A re-rendered ConfigMap first (the attempt's learners read it); creates and deletes at once
+        # (a pod created before its ConfigMap or claim waits for it in the kubelet or the scheduler).
+        replaces = [a for a in decision.actions if isinstance(a, Replace)]
+        rest = [a for a in decision.actions if not isinstance(a, Event | Replace)]
+        for stage in (replaces, rest):
+            await asyncio.gather(*(self._do(action) for action in stage))
+        return any(not isinstance(action, DeleteRun) for action in replaces + rest)
 
     async def _do(self, action: Create | Replace | Delete | DeleteRun) -> None:
         if isinstance(action, Create):
@@ -293,16 +301,38 @@ def _api_message(exc: client.ApiException) -> str:
         return f"{exc.status} {exc.reason}"
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: the operator has event handlers only (no on.create/update/resume), so kopf never
+    compares an object with its last-handled state, and building that state (a deep copy of every
+    event's object) would be wasted work on every pod event."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
+
+
 class Runs:
     """The reconcile loops of all runs this operator sees, one asyncio task per run."""
 
     def __init__(self, kube: Kube, cache: OwnedObjects) -> None:
         self.kube = kube
         self.cache = cache
+        self._http: aiohttp.ClientSession | None = None
         self.bodies: dict[RunKey, Object] = {}
         self.wakeups: dict[RunKey, asyncio.Event] = {}
         self.tasks: dict[RunKey, asyncio.Task[None]] = {}
         self.phases: dict[RunKey, str] = {}
+
+    def http(self) -> aiohttp.ClientSession:
+        """One HTTP client for every run's scrapes (its connections are kept between scrapes)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
 
     def on_run(self, event_type: str | None, body: Object) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -375,6 +405,8 @@ class Runs:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
         self.kube.close()
+        if self._http is not None:
+            await self._http.close()
 
 
 # -- kopf handlers, grouped by resource -------------------------------------------------------------
@@ -398,7 +430,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.scanning.disabled = True
     settings.posting.level = logging.INFO
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)
+    settings.persistence.diffbase_storage = NoDiffBase()
     # kopf logs a line per handled event ("Handler ... succeeded"); the operator logs its decisions.
     # ... and aiohttp one per /healthz probe.
     if os.environ.get("RLSD_OPERATOR_VERBOSE", "") not in ("1", "true"):

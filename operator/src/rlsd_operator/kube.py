@@ -4,12 +4,17 @@ The official client is synchronous; every call runs in a thread pool of its own,
 concurrency the operator wants (and the client's connection pool with it), so the event loop never
 blocks on the API and many runs' calls are in flight at once. Responses are read as raw JSON (the
 client's model objects cost more CPU than the calls themselves).
+
+When more calls wait than the pool runs, the most urgent go first: recording a decision (a run's
+status), then pods (what holds GPUs, or frees them), then everything else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
+import itertools
 import json
 import os
 from collections.abc import Callable
@@ -62,8 +67,42 @@ def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
     )
 
 
+# Call priorities (lower first).
+STATUS, PODS, OTHER = 0, 1, 2
+
+
 def absent(exc: Exception) -> bool:
     return isinstance(exc, client.ApiException) and exc.status == 404
+
+
+class PriorityGate:
+    """At most `size` holders at once; waiters get in by priority, then in arrival order."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self.order = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiting, (priority, next(self.order), turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed the slot just as the waiter was cancelled
+            raise
+
+    def release(self) -> None:
+        while self.waiting:
+            _, _, turn = heapq.heappop(self.waiting)
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.free += 1
 
 
 class Kube:
@@ -73,6 +112,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="rlsd-kube")
+        self.gate = PriorityGate(workers)
         core = self.core
         self._create = {
             "Pod": core.create_namespaced_pod,
@@ -97,10 +137,16 @@ class Kube:
             ),
         }
 
-    async def _json(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def _json(
+        self, method: Callable[..., Any], *args: Any, priority: int = OTHER, **kwargs: Any
+    ) -> Any:
         """`method(*args, **kwargs)` in the pool, its response body parsed as JSON."""
         call = functools.partial(method, *args, _preload_content=False, **kwargs)
-        response = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+        await self.gate.acquire(priority)
+        try:
+            response = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+        finally:
+            self.gate.release()
         return json.loads(response.data) if response.data else None
 
     def close(self) -> None:
@@ -112,6 +158,7 @@ class Kube:
         return await self._json(
             self.custom.patch_namespaced_custom_object_status,
             names.GROUP, names.VERSION, namespace, names.PLURAL, name, {"status": status},
+            priority=STATUS,
         )  # fmt: skip
 
     async def delete_run(self, namespace: str, name: str) -> None:
@@ -128,7 +175,8 @@ class Kube:
 
     async def create(self, namespace: str, obj: Object) -> Object:
         """The created object; raises ApiException (409 when the name is taken)."""
-        return await self._json(self._create[obj["kind"]], namespace, obj)
+        priority = PODS if obj["kind"] == "Pod" else OTHER
+        return await self._json(self._create[obj["kind"]], namespace, obj, priority=priority)
 
     async def read(self, kind: str, namespace: str, name: str) -> Object | None:
         try:
@@ -146,7 +194,7 @@ class Kube:
         """False when it was already gone."""
         method = {"Pod": self.core.delete_namespaced_pod}[kind]
         try:
-            await self._json(method, name, namespace)
+            await self._json(method, name, namespace, priority=PODS)
         except client.ApiException as exc:
             if absent(exc):
                 return False

@@ -131,7 +131,8 @@ def render(spec: Object, run: str, namespace: str, cluster_domain: str) -> tuple
     }
     origin: dict[str, str] = {}
     for path, value in _leaves(spec):
-        if any(path == field or path.startswith(field + ".") for field in OPERATOR_FIELDS):
+        parts = path.split(".")
+        if any(".".join(parts[:n]) in OPERATOR_FIELDS for n in range(1, len(parts) + 1)):
             continue
         target = trainer_path(path)
         _put(config, target, value)
