@@ -1,14 +1,16 @@
 """Every name and label the operator derives from a run fits Kubernetes' rules for its kind, for every
 valid run name (any DNS-1123 subdomain: dots, 253 characters, digits first), and distinct runs get
-distinct names. Property tests over generated names; tests/operator/test_reconcile.py has the real
-API server accept the objects of such runs."""
+distinct names. Property tests over generated names, and the real API server validating every object
+built for the edge names (tests/operator/test_reconcile.py runs such runs end to end)."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from kubernetes import client
 from rlsdrun_samples import defaulted_run
 
 from rlsd_contracts.wire import LEARNER, ROLLOUT, TEACHER
@@ -97,3 +99,38 @@ def test_the_objects_built_for_any_name_carry_valid_names_labels_and_hostnames(r
         if obj["kind"] == "Pod":
             assert dns_label(obj["spec"]["hostname"]) and dns_label(obj["spec"]["subdomain"], DNS1035_LABEL)
         assert meta["ownerReferences"][0]["name"] == run_name
+
+
+@pytest.mark.k8s
+@pytest.mark.parametrize("run_name", EDGES)
+def test_the_real_api_server_accepts_every_object_built_for_any_name(
+    api_client: client.ApiClient, namespace: str, run_name: str
+) -> None:
+    """Each object a run owns, for the edge names, passes the API server's own validation (a
+    server-side dry run: names, hostnames, subdomains, labels, selectors, affinity)."""
+    teacher = {"placement": "remote", "replicas": 1, "image": "t", "weightTransfer": "gloo"}
+    template = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    run = defaulted_run(
+        name=run_name,
+        spec={"teacher": teacher, "learner": {"nodes": 1}, "checkpoint": {"volume": {"claimName": None}}},
+    )
+    run["metadata"]["namespace"] = namespace
+    run["spec"]["checkpoint"]["volume"] = {"claimTemplate": template}
+    core = client.CoreV1Api(api_client)
+    create = {
+        "ConfigMap": core.create_namespaced_config_map,
+        "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
+        "Service": core.create_namespaced_service,
+        "Pod": core.create_namespaced_pod,
+    }
+    objects = [
+        builders.build_config_map(run),
+        builders.build_claim(run),
+        *builders.build_services(run),
+        builders.build_learner_pod(run, 0, 10**6, colocate=True),
+        *builders.build_server_pods(run, colocate=True),
+    ]
+    assert len(objects) == 9  # ConfigMap, claim, 3 Services, a learner, 2 rollout servers, a teacher
+    for obj in objects:
+        created = create[obj["kind"]](namespace, obj, dry_run="All", field_validation="Strict")
+        assert created.metadata.name == obj["metadata"]["name"]
