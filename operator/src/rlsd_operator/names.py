@@ -71,11 +71,6 @@ def labels(run: str, role: str | None = None, **extra: str) -> dict[str, str]:
     return {**result, **extra}
 
 
-def selector(run: str) -> str:
-    """The label selector of every object a run owns."""
-    return f"{LABEL_APP}={APP},{LABEL_RUN}={stem(run)}"
-
-
 def config_map_name(run: str) -> str:
     return f"{stem(run)}-config"
 
