@@ -539,7 +539,17 @@ class Bench:
             f"{replacement['p50']:.2f} s, p99 {replacement['p99']:.2f} s",
             flush=True,
         )
-        return {"runs": count, "preempted": preempt, "created": created, "preemption": preemption}
+        samples = {
+            "pods_exist_from_burst_start": [round(exists[run] - start, 4) for run in runs],
+            "replacement_from_delete_call": [round(replaced[run] - deleted[run], 4) for run in victims],
+        }
+        return {
+            "runs": count,
+            "preempted": preempt,
+            "created": created,
+            "preemption": preemption,
+            "samples": samples,
+        }
 
     def delete(self, name: str) -> None:
         """Deletes the run and waits until the garbage collector removed all its pods."""
@@ -641,7 +651,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
         ax.step([ordered[0], *ordered], [0.0, *fractions], where="post", label=label, **style)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    burst = report["burst"]
+    fig, axes = plt.subplots(1, 3 if burst else 2, figsize=(19 if burst else 13, 4.8))
+    left, right = axes[0], axes[1]
     samples = report["samples"]
     for key in ("all_pods_created", "all_pods_running", "phase_running"):
         cdf(left, [s["create"][key] for s in samples], key.replace("_", " "))
@@ -660,7 +672,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
         xlabel="seconds (solid: after the old learners stopped; dashed: after the preempting call)",
         ylabel="CDF",
     )
-    for ax in (left, right):
+    if burst:
+        samples = burst["samples"]
+        cdf(axes[2], samples["pods_exist_from_burst_start"], f"{burst['runs']} runs: all pods exist")
+        replaced = f"{burst['preempted']} preemptions: replacement"
+        cdf(axes[2], samples["replacement_from_delete_call"], replaced)
+        axes[2].axvline(10, color="C0", linestyle=":", label="targets (p99): 10 s, 5 s")
+        axes[2].axvline(5, color="C1", linestyle=":")
+        axes[2].set(
+            title=f"burst: {burst['runs']} runs at once, then {burst['preempted']} learners deleted at once",
+            xlabel="seconds (pods: after the burst's start; replacement: after its delete call)",
+            ylabel="CDF",
+        )
+    for ax in axes:
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
