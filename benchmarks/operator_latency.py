@@ -242,13 +242,18 @@ class Watcher(threading.Thread):
         self.resource_version = json.loads(response.data)["metadata"]["resourceVersion"]
 
     def run(self) -> None:
+        # The API server ends a watch after a while: watch again from the last resource version seen
+        # (bookmarks keep it fresh), or the next watch asks for one already compacted away.
         try:
-            for event in self.watch.stream(
-                self.list_fn, *self.args, resource_version=self.resource_version, deserialize=False
-            ):
-                now = time.perf_counter()
-                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                    self.on_event(event["type"], event["object"], now)
+            while not self.stopping:
+                for event in self.watch.stream(
+                    self.list_fn, *self.args, resource_version=self.resource_version, deserialize=False,
+                    allow_watch_bookmarks=True, timeout_seconds=300,
+                ):  # fmt: skip
+                    now = time.perf_counter()
+                    self.resource_version = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        self.on_event(event["type"], event["object"], now)
         except Exception as exc:  # the control plane stopping under us, or a real failure
             if not self.stopping:
                 self.error = exc
