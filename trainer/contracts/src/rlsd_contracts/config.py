@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rlsd_contracts.wire import SERVED_MODEL_NAME
+
 DEFAULT_TEACHER_TEMPLATE = (
     "{question}\n\n"
     "Here is a reference solution to this problem:\n"
@@ -155,7 +157,7 @@ class ServersSection(_Section):
 
     urls: list[str] = []
     # Name the servers serve the model under (vLLM's --served-model-name).
-    model_name: str = "policy"
+    model_name: str = SERVED_MODEL_NAME
     request_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
     max_retries: Annotated[int, Field(ge=0)] = 2
     weight_transfer: WeightTransferSection = WeightTransferSection()
