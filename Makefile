@@ -13,11 +13,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-$(VENV)/.trainer-installed: $(BIN)/python trainer/pyproject.toml
+# What the trainer and the operator agree on (config schema, exit codes, ports): both depend on it.
+$(VENV)/.contracts-installed: $(BIN)/python trainer/contracts/pyproject.toml
+	$(BIN)/pip install -e trainer/contracts
+	touch $@
+
+$(VENV)/.trainer-installed: $(VENV)/.contracts-installed trainer/pyproject.toml
 	$(BIN)/pip install -e 'trainer[test]'
 	touch $@
 
-$(VENV)/.operator-installed: $(BIN)/python operator/pyproject.toml
+$(VENV)/.operator-installed: $(VENV)/.contracts-installed operator/pyproject.toml
 	$(BIN)/pip install -e 'operator[test]'
 	touch $@
 
@@ -59,7 +64,7 @@ VLLM_TRAINER_TESTS := tests/trainer/test_algorithms.py tests/trainer/test_loss_g
 
 test-vllm:
 	@venv=$$(tests/conformance/build-vllm-venv.sh) && \
-	PYTHONPATH=$(CURDIR)/trainer/src:$(CURDIR)/operator/src $$venv/bin/python -m pytest -q -p no:cacheprovider \
+	PYTHONPATH=$(CURDIR)/trainer/contracts/src:$(CURDIR)/trainer/src:$(CURDIR)/operator/src $$venv/bin/python -m pytest -q -p no:cacheprovider \
 		--confcutdir=tests/conformance tests/conformance $(VLLM_TRAINER_TESTS)
 
 train: $(VENV)/.trainer-installed

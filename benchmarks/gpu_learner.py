@@ -127,9 +127,9 @@ def run_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from rlsd_contracts.config import AlgorithmSection, LearnerSection
     from rlsd_trainer import algorithms
     from rlsd_trainer.cli import quiet_libraries
-    from rlsd_trainer.config import AlgorithmSection, LearnerSection
     from rlsd_trainer.distributed import DistContext, all_reduce, init_distributed, prepare_policy
     from rlsd_trainer.logprobs import PackedBatch, pack
 

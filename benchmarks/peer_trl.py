@@ -180,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, list[Any]]:
     """The warmed-up start model, the train JSONL, and the rows in the order our sampler draws them."""
-    from rlsd_trainer.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection, WarmupSection
+    from rlsd_contracts.config import (
+        DEFAULT_TEACHER_TEMPLATE,
+        EmbeddedTaskSection,
+        ModelSection,
+        WarmupSection,
+    )
     from rlsd_trainer.data import ResumableSampler
     from rlsd_trainer.models import load_model
     from rlsd_trainer.task import build_model_dir, generate_examples
@@ -232,7 +237,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, list[Any]
 def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path) -> SideResult:
     import torch
 
-    from rlsd_trainer.config import parse_config
+    from rlsd_contracts.config import parse_config
     from rlsd_trainer.loop import Trainer
     from rlsd_trainer.verifiers import RewardPool
 

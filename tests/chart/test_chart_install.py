@@ -133,8 +133,8 @@ def test_samples_pass_a_server_side_dry_run_and_render_valid_trainer_configs(
 ) -> None:
     """The samples against the CRD's schema and CEL rules; the trainer config the operator renders from
     each (as defaulted by the API server) passes the trainer's own validation."""
+    from rlsd_contracts.config import parse_config
     from rlsd_operator.trainer_config import build_trainer_config
-    from rlsd_trainer.config import parse_config
 
     for path in sorted((ROOT / "manifests/samples").glob("*.yaml")):
         result = kubectl("create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", str(path))

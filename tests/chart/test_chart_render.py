@@ -137,20 +137,21 @@ def test_namespace_scope_has_roles_in_the_watched_namespaces_only(
 
 
 def test_monitoring_objects_follow_the_pod_labels_and_ports_of_the_operator(helm: str) -> None:
+    from rlsd_contracts import wire
     from rlsd_operator import names
 
     objects = template(helm, "monitoring.podMonitors.enabled=true", "monitoring.serviceMonitor.enabled=true")
     monitors = {m["metadata"]["name"].rsplit("-", 1)[1]: m["spec"] for m in by_kind(objects, "PodMonitor")}
-    assert set(monitors) == {names.LEARNER, names.ROLLOUT, names.TEACHER}
+    assert set(monitors) == {wire.LEARNER, wire.ROLLOUT, wire.TEACHER}
     for role, spec in monitors.items():
         assert spec["selector"]["matchLabels"][names.LABEL_ROLE] == role
         assert spec["selector"]["matchLabels"][names.LABEL_APP] == "rlsd"
         (endpoint,) = spec["podMetricsEndpoints"]
         assert {"targetLabel": "job", "replacement": f"rlsd-{role}"} in endpoint["relabelings"]
-    assert monitors[names.LEARNER]["selector"]["matchLabels"][names.LABEL_RANK] == "0"
+    assert monitors[wire.LEARNER]["selector"]["matchLabels"][names.LABEL_RANK] == "0"
     # The ports by name, as builders.py names them on the pods.
-    assert monitors[names.LEARNER]["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert monitors[names.ROLLOUT]["podMetricsEndpoints"][0]["port"] == "http"
+    assert monitors[wire.LEARNER]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert monitors[wire.ROLLOUT]["podMetricsEndpoints"][0]["port"] == "http"
     (service_monitor,) = by_kind(objects, "ServiceMonitor")
     (service,) = by_kind(objects, "Service")
     assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()

@@ -139,6 +139,19 @@ def test_entrypoints_are_declared_by_the_distributions() -> None:
     assert '"rlsd-trainer"' in Path(builders.__file__).read_text() and "rlsd-trainer" in scripts
 
 
+def test_every_image_installs_the_contracts_with_its_distribution() -> None:
+    """rlsd-contracts is no PyPI package: each pip install of ./operator or ./trainer installs it too."""
+    installs = 0
+    for target, commands in stages().items():
+        for command in commands:
+            text = " ".join(command.value)
+            for project in ("./operator", "./trainer"):
+                if command.cmd == "RUN" and re.search(rf"pip install [^&]*{project}(\s|$)", text):
+                    installs += 1
+                    assert "./trainer/contracts " in text, (target, text)
+    assert installs == 3
+
+
 def test_images_named_elsewhere_are_the_ones_built_here() -> None:
     """The tags in the chart's default values and the samples follow the build commands above."""
     header = DOCKERFILE.read_text().split("ARG")[0]

@@ -47,7 +47,7 @@ from test_chart_install import Kubectl, helm_env, kubectl, monitoring_crds, toke
 from test_distributed import SEED, TASK, prepare_output, run_config
 
 from rlsd_operator import names
-from rlsd_trainer.config import EmbeddedTaskSection
+from rlsd_contracts.config import EmbeddedTaskSection
 from rlsd_trainer.task import build_model_dir
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]

@@ -376,6 +376,10 @@ class ControlPlane:
         )
         self._procs[name] = (proc, log)
 
+    def pids(self) -> dict[str, int]:
+        """Component name -> process id (for benchmarks that account CPU time per component)."""
+        return {name: proc.pid for name, (proc, _) in self._procs.items()}
+
     def _wait(self, what: str, ready: Callable[[], object], deadline: float) -> None:
         error: Exception | None = None
         while time.monotonic() < deadline:

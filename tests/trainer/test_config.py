@@ -8,8 +8,7 @@ import pytest
 import transformers
 import yaml
 
-from rlsd_trainer.cli import EXIT_BAD_CONFIG, main
-from rlsd_trainer.config import (
+from rlsd_contracts.config import (
     DEFAULT_TEACHER_TEMPLATE,
     ConfigError,
     RunConfig,
@@ -17,6 +16,8 @@ from rlsd_trainer.config import (
     load_config,
     parse_config,
 )
+from rlsd_contracts.exit_codes import EXIT_BAD_CONFIG
+from rlsd_trainer.cli import main
 
 PACKAGED = (
     Path(__file__).resolve().parents[2] / "trainer" / "src" / "rlsd_trainer" / "configs" / "embedded.yaml"

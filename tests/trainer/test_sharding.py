@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd_trainer.config import LearnerSection
-from rlsd_trainer.distributed import DistContext, prepare_policy, share_of
-from rlsd_trainer.lifecycle import (
+from rlsd_contracts.config import LearnerSection
+from rlsd_contracts.exit_codes import (
     EXIT_BAD_CONFIG,
     EXIT_FAILED,
     EXIT_FINISHED,
     EXIT_PREEMPTED,
     EXIT_PREEMPTED_UNSAVED,
-    launcher_exit_code,
 )
+from rlsd_trainer.distributed import DistContext, prepare_policy, share_of
+from rlsd_trainer.lifecycle import launcher_exit_code
 
 # Builds a fixed batch, takes this rank's rows, and writes the full gradient of
 #   loss = sum over this rank's response tokens of -logprob * advantage / (global token count)
@@ -30,7 +30,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
 from tiny_models import tiny_model
 from rlsd_trainer.algorithms import token_mean
-from rlsd_trainer.config import LearnerSection
+from rlsd_contracts.config import LearnerSection
 from rlsd_trainer.distributed import all_reduce, full_parameters, init_distributed, prepare_policy, share_of
 from rlsd_trainer.logprobs import pack
 

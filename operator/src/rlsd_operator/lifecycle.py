@@ -11,11 +11,11 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from rlsd_contracts import exit_codes
+from rlsd_contracts.wire import LEARNER
 from rlsd_operator import names
 
 Object = dict[str, Any]
-EXIT_BAD_CONFIG = 3
-EXIT_PREEMPTED = (75, 76)
 # Pod status reasons of the kubelet and node controllers for pods killed from outside.
 DISRUPTED_REASONS = {
     "Evicted",
@@ -48,7 +48,7 @@ class GangState:
 
 def _container_status(pod: Object) -> Object:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return next((s for s in statuses if s.get("name") == names.LEARNER), statuses[0] if statuses else {})
+    return next((s for s in statuses if s.get("name") == LEARNER), statuses[0] if statuses else {})
 
 
 def _terminated(pod: Object) -> Object | None:
@@ -90,9 +90,9 @@ def assess_gang(pods: list[Object], nodes: int) -> GangState:
         code = terminated.get("exitCode")
         if reason is not None:
             preempted.append(f"{pod_name}: {reason}")
-        elif code in EXIT_PREEMPTED:
+        elif code in exit_codes.PREEMPTED:
             preempted.append(f"{pod_name}: exit code {code} (preempted)")
-        elif code == EXIT_BAD_CONFIG:
+        elif code == exit_codes.EXIT_BAD_CONFIG:
             detail = (terminated.get("message") or "").strip()
             bad_config.append(
                 f"{pod_name}: exit code 3 (bad configuration or dataset){': ' + detail if detail else ''}"

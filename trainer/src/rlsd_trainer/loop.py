@@ -26,9 +26,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from rlsd_contracts.config import ConfigError, RunConfig, dump_config
 from rlsd_trainer import algorithms
 from rlsd_trainer.checkpoint import CheckpointManager
-from rlsd_trainer.config import ConfigError, RunConfig, dump_config
 from rlsd_trainer.data import Example, ResumableSampler, load_examples
 from rlsd_trainer.distributed import (
     DistContext,

@@ -39,7 +39,7 @@ from prometheus_client import (
 from pydantic import BaseModel, StrictStr, ValidationError
 from transformers import PreTrainedModel
 
-from rlsd_trainer.config import ModelSection
+from rlsd_contracts.config import ModelSection
 from rlsd_trainer.models import LoadedModel, load_model
 from rlsd_trainer.weight_transfer import (
     STARTING_WEIGHTS,

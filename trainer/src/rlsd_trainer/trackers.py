@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from rlsd_trainer.config import ConfigError, RunConfig
+from rlsd_contracts.config import ConfigError, RunConfig
 
 # tracker name -> the module it needs (the extra of the same name installs it)
 REQUIRES = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}

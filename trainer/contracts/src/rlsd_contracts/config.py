@@ -13,12 +13,22 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rlsd_contracts.wire import SERVED_MODEL_NAME
+
 DEFAULT_TEACHER_TEMPLATE = (
     "{question}\n\n"
     "Here is a reference solution to this problem:\n"
     "{reference}\n\n"
     "After reading the reference solution above, solve the problem yourself in your own way."
 )
+
+
+# Maxima of counts and sizes: what a real cluster could need, and no more (the operator's RLSDRun CRD
+# has the same bounds on the fields it shares; tests/operator/test_contract.py compares them).
+MAX_STEPS = 10_000_000
+MAX_TOKENS = 1_048_576
+MAX_PATH = 4096
+MAX_NAME = 256
 
 
 class ConfigError(ValueError):
@@ -31,14 +41,14 @@ class _Section(BaseModel):
 
 class RunSection(_Section):
     name: str = "rlsd-run"
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     output_dir: str = "runs/rlsd-run"
-    total_steps: Annotated[int, Field(ge=1)] = 100
+    total_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 100
 
 
 class ModelSection(_Section):
     # A Hugging Face causal-LM directory or hub id, or "embedded" for the tiny model built locally.
-    path: str = "embedded"
+    path: Annotated[str, Field(max_length=MAX_PATH)] = "embedded"
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
 
@@ -62,11 +72,11 @@ class EmbeddedTaskSection(_Section):
 class DataSourceSection(_Section):
     kind: Literal["jsonl", "parquet", "hf", "embedded"] = "embedded"
     # File path for jsonl/parquet; dataset name or saved-to-disk directory for hf.
-    path: str | None = None
-    split: str = "train"
-    question_field: str = "question"
-    answer_field: str = "answer"
-    reference_field: str = "reference"
+    path: Annotated[str, Field(max_length=MAX_PATH)] | None = None
+    split: Annotated[str, Field(max_length=MAX_NAME)] = "train"
+    question_field: Annotated[str, Field(max_length=MAX_NAME)] = "question"
+    answer_field: Annotated[str, Field(max_length=MAX_NAME)] = "answer"
+    reference_field: Annotated[str, Field(max_length=MAX_NAME)] = "reference"
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> DataSourceSection:
@@ -79,7 +89,7 @@ class DataSection(_Section):
     train: DataSourceSection = DataSourceSection()
     eval: DataSourceSection | None = DataSourceSection(split="eval")
     embedded: EmbeddedTaskSection = EmbeddedTaskSection()
-    max_prompt_tokens: Annotated[int, Field(ge=8)] = 512
+    max_prompt_tokens: Annotated[int, Field(ge=8, le=MAX_TOKENS)] = 512
 
 
 class LambdaSchedule(_Section):
@@ -88,13 +98,13 @@ class LambdaSchedule(_Section):
     kind: Literal["linear", "constant"] = "linear"
     initial: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     final: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
-    decay_steps: Annotated[int, Field(ge=1)] = 60
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 0
+    decay_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 60
 
 
 class AlgorithmSection(_Section):
     name: Literal["rlsd", "grpo", "opsd", "grpo+opsd"] = "rlsd"
-    group_size: Annotated[int, Field(ge=2)] = 8
+    group_size: Annotated[int, Field(ge=2, le=1024)] = 8
     lam: LambdaSchedule = LambdaSchedule()
     eps_w: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     clip_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
@@ -121,7 +131,7 @@ class SamplingSection(_Section):
     # ratios assume the full distribution at this temperature and top_p.
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 4096
 
 
 class WeightTransferSection(_Section):
@@ -149,7 +159,7 @@ class ServersSection(_Section):
 
     urls: list[str] = []
     # Name the servers serve the model under (vLLM's --served-model-name).
-    model_name: str = "policy"
+    model_name: str = SERVED_MODEL_NAME
     request_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
     max_retries: Annotated[int, Field(ge=0)] = 2
     weight_transfer: WeightTransferSection = WeightTransferSection()
@@ -159,7 +169,7 @@ class RolloutSection(_Section):
     # local: an in-process engine on learner rank 0; remote: vLLM (or our CPU server) at `servers`.
     backend: Literal["local", "remote"] = "local"
     servers: ServersSection = ServersSection()
-    prompts_per_step: Annotated[int, Field(ge=1)] = 256
+    prompts_per_step: Annotated[int, Field(ge=1, le=65536)] = 256
     sampling: SamplingSection = SamplingSection()
     # Responses generated per forward batch by the local engine (bounds its memory).
     max_batch_size: Annotated[int, Field(ge=1)] = 256
@@ -174,7 +184,7 @@ class RolloutSection(_Section):
 class TeacherSection(_Section):
     mode: Literal["frozen", "live"] = "frozen"
     # Frozen teacher is overwritten with the current policy every `sync_interval` steps.
-    sync_interval: Annotated[int, Field(ge=1)] = 20
+    sync_interval: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 20
     template: str = DEFAULT_TEACHER_TEMPLATE
     max_reference_tokens: Annotated[int, Field(ge=1)] = 2048
     # colocated: the learners score with one extra no-grad forward (default for small runs);
@@ -200,9 +210,9 @@ class TeacherSection(_Section):
 class RewardSection(_Section):
     verifier: Literal["exact", "numeric", "math", "callable"] = "math"
     # "package.module:function" with signature (response: str, answer: str) -> float; for `callable`.
-    callable: str | None = None
-    timeout_s: Annotated[float, Field(gt=0.0)] = 5.0
-    workers: Annotated[int, Field(ge=1)] = 2
+    callable: Annotated[str, Field(max_length=512)] | None = None
+    timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 5.0
+    workers: Annotated[int, Field(ge=1, le=1024)] = 2
 
     @model_validator(mode="after")
     def _callable_when_needed(self) -> RewardSection:
@@ -230,7 +240,7 @@ class WarmupSection(_Section):
 
 class LearnerSection(_Section):
     # Tokens per micro-batch (prompt + response, padded); gradients accumulate across micro-batches.
-    micro_batch_tokens: Annotated[int, Field(ge=64)] = 16384
+    micro_batch_tokens: Annotated[int, Field(ge=64, le=16 * MAX_TOKENS)] = 16384
     # Tokens per chunk of the output projection, bounding the float32 logits held at once.
     logprob_chunk_tokens: Annotated[int, Field(ge=16)] = 256
     # Recompute each decoder layer's activations in backward instead of keeping them.
@@ -242,13 +252,13 @@ class LearnerSection(_Section):
 
 
 class CheckpointSection(_Section):
-    every: Annotated[int, Field(ge=1)] = 20
-    keep_last: Annotated[int, Field(ge=1)] = 3
+    every: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 20
+    keep_last: Annotated[int, Field(ge=1, le=1000)] = 3
     # Write in a background thread while training goes on; committed at the next step boundary.
     async_save: bool = False
     # After SIGTERM: seconds to reach the end of the step and save before giving up (exit 76).
     # Keep it below the pod's terminationGracePeriodSeconds.
-    preemption_grace_s: Annotated[float, Field(gt=0.0)] = 120.0
+    preemption_grace_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 120.0
 
 
 class WandbSection(_Section):
