@@ -46,8 +46,8 @@ from prometheus_bed import Prometheus, scrape_configs
 from test_chart_install import Kubectl, helm_env, kubectl, monitoring_crds, token_kubeconfig
 from test_distributed import SEED, TASK, prepare_output, run_config
 
-from rlsd_operator import names
 from rlsd_contracts.config import EmbeddedTaskSection
+from rlsd_operator import names
 from rlsd_trainer.task import build_model_dir
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]

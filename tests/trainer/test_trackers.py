@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_local_run import records, tiny_config
 
-from rlsd_trainer import trackers
 from rlsd_contracts.config import ConfigError, parse_config
+from rlsd_trainer import trackers
 from rlsd_trainer.loop import run_training
 
 pytestmark = pytest.mark.slow

@@ -335,7 +335,9 @@ def build_learner_pod(
 def server_command(spec: Object, role: str) -> list[str]:
     """vLLM's server, or the trainer's CPU server, with the weight-transfer backend the learners use."""
     section = spec[role]
-    backend = SERVER_TRANSFER_BACKEND[rollout_transfer(spec) if role == ROLLOUT else section["weightTransfer"]]
+    backend = SERVER_TRANSFER_BACKEND[
+        rollout_transfer(spec) if role == ROLLOUT else section["weightTransfer"]
+    ]
     model = spec["model"]["path"]
     common = [
         "--served-model-name",
