@@ -262,21 +262,21 @@ class CheckpointSection(_Section):
 
 
 class WandbSection(_Section):
-    project: str = "rlsd"
-    entity: str | None = None
+    project: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] = "rlsd"
+    entity: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] | None = None
     # offline: written under <output_dir>/wandb only, for a later `wandb sync`.
     mode: Literal["online", "offline"] = "online"
 
 
 class MlflowSection(_Section):
     # Default: a file store in <output_dir>/mlruns.
-    tracking_uri: str | None = None
-    experiment: str = "rlsd"
+    tracking_uri: Annotated[str, Field(min_length=1, max_length=MAX_PATH)] | None = None
+    experiment: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] = "rlsd"
 
 
 class TensorBoardSection(_Section):
     # Default: <output_dir>/tensorboard.
-    log_dir: str | None = None
+    log_dir: Annotated[str, Field(min_length=1, max_length=MAX_PATH)] | None = None
 
 
 class MetricsSection(_Section):
