@@ -26,12 +26,13 @@ def readme_rules() -> set[tuple[str, str, str]]:
     The operator's README is where its permissions are stated; the chart must grant exactly those.
     """
     text = " ".join((ROOT / "operator/README.md").read_text().split())
-    sentence = re.search(r"It needs (.+?)\.", text)
+    sentence = re.search(r"It needs (.+?)\.(?=\s|$)", text)  # the dots of a group are not its end
     assert sentence, "operator/README.md no longer states what the operator needs"
     rules = set()
     for part in re.split(r", and |, | and ", sentence.group(1)):
         verbs, resource = part.replace("`", "").split(" on ")
-        group = "rlsd.io" if resource.startswith("rlsdruns") else ""
+        resource, _, group = resource.partition(".")  # kubectl's resource.group, else the core group
+        group = group or ("rlsd.io" if resource.startswith("rlsdruns") else "")
         rules |= {(group, resource, verb) for verb in verbs.split("/")}
     return rules
 

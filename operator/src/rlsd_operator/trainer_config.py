@@ -69,6 +69,7 @@ OPERATOR_FIELDS = frozenset(
         "trackers.mlflow.tokenSecret",
         "suspend",
         "ttlSecondsAfterFinished",
+        "networkPolicy",
         "trainerConfig",
     }
 )
