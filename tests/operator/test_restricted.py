@@ -13,6 +13,7 @@ import pytest
 from controlplane import wait_until
 from kubernetes import client
 from operator_runner import start_operator
+from rlsdrun_samples import run_manifest
 from test_reconcile import LEARNERS_A1, SERVERS, Cluster, start_run
 
 from rlsd_operator import admission, names
@@ -55,8 +56,12 @@ def test_a_run_in_a_restricted_namespace_runs_and_its_pods_pass_restricted(
     restricted: Cluster, operator: Any
 ) -> None:
     start_run(restricted, {"teacher": TEACHER})
-    cpu = {"learner": {"nodes": 1}, "rollout": {"backend": "cpu", "replicas": 1, "image": "rlsd/trainer:cpu"}}
-    start_run(restricted, cpu, name="cpu")
+    cpu = run_manifest(
+        "cpu", {"learner": {"nodes": 1, "nprocPerNode": 1}, "rollout": {"backend": "cpu", "replicas": 1}}
+    )
+    for role in ("learner", "rollout"):
+        cpu["spec"][role]["resources"] = {}  # no GPU: the GPUs of the kwok nodes are for the other run
+    restricted.apply(cpu)
     pods = restricted.wait_pods_running(
         [*LEARNERS_A1, *SERVERS, "demo-teacher-0", "cpu-learner-a1-0", "cpu-rollout-0"]
     )
