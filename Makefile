@@ -41,8 +41,8 @@ chart-tools:
 	nice -n 19 tests/k8s/build-chart-tools.sh
 
 # The Kueue manager, its CRDs and webhooks for the queueing tests (tests/operator/test_kueue.py),
-# built the same way and cached (about 8 min cold on 2 cores after the control plane, whose k8s.io
-# packages it shares through the Go build cache: hence built after it; a no-op once built).
+# built the same way and cached (about 8 minutes cold on 2 cores; a no-op once built). After the
+# control plane, whose k8s.io packages of the same versions it can take from the Go build cache.
 kueue: | k8s-assets
 	nice -n 19 tests/k8s/build-kueue.sh
 

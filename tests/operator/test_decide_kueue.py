@@ -205,6 +205,18 @@ def test_servers_of_the_last_group_are_replaced_at_the_next_attempt_once_they_st
     ]  # fmt: skip
 
 
+def test_a_failed_attempt_gives_its_group_back_during_the_back_off() -> None:
+    status = {**LAUNCHED, "phase": "Restarting", "attempt": 2, "attemptLaunched": False}
+    run = queued_run({**status, "restartAfter": "2026-01-01T12:00:10Z"})
+    pods = launched(run)
+    for name in ("demo-learner-a1-0", "demo-learner-a1-1"):
+        pods[name] = pod(pods[name], "Failed", 1)
+    backing_off = decide_for(run, pods)
+    # The servers go now, so the group ends and Kueue releases its quota while the run waits.
+    assert deletes(backing_off) == ["demo-rollout-0-a1", "demo-rollout-1-a1"]
+    assert creates(backing_off) == [] and backing_off.requeue == 10.0
+
+
 def test_a_lost_server_joins_the_admitted_group_at_once_under_a_new_name() -> None:
     run = queued_run(LAUNCHED)
     pods = launched(run)

@@ -20,11 +20,12 @@ from rlsdrun_samples import run_manifest
 from test_reconcile import Cluster
 
 from rlsd_contracts import exit_codes
+from rlsd_contracts.wire import LEARNER
 from rlsd_operator import kueue, names
 
 pytestmark = [pytest.mark.k8s, pytest.mark.kueue]
 FLAVOR, CLUSTER_QUEUE, QUEUE, HIGH = "kwok-gpu", "rlsd-gpus", "gpus", "rlsd-high"
-LEARNERS, SERVERS = ("learner-a1-0", "learner-a1-1"), ("rollout-0-a1", "rollout-1-a1")
+LEARNERS = ("learner-a1-0", "learner-a1-1")
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +33,15 @@ def gpu_queue(kueue: Kueue, api_client: client.ApiClient) -> str:
     """A ResourceFlavor for the kwok GPU nodes, a ClusterQueue of 12 of their GPUs, and a
     WorkloadPriorityClass above the default priority."""
     custom = client.CustomObjectsApi(api_client)
-    objects = [
-        {
-            "kind": "ResourceFlavor",
-            "metadata": {"name": FLAVOR},
-            "spec": {"nodeLabels": dict(KWOK_NODE_SELECTOR), "tolerations": [dict(KWOK_TOLERATION)]},
-        },
-        cluster_queue(CLUSTER_QUEUE, FLAVOR, gpus=12),
-        {"kind": "WorkloadPriorityClass", "metadata": {"name": HIGH}, "value": 1000},
-    ]
-    for obj in objects:
-        plural = {"ClusterQueue": "clusterqueues", "WorkloadPriorityClass": "workloadpriorityclasses"}.get(
-            obj["kind"], "resourceflavors"
-        )
-        custom.create_cluster_custom_object(
-            GROUP, VERSION, plural, {"apiVersion": f"{GROUP}/{VERSION}", **obj}
-        )
+    flavor = {"nodeLabels": dict(KWOK_NODE_SELECTOR), "tolerations": [dict(KWOK_TOLERATION)]}
+    high = {"kind": "WorkloadPriorityClass", "metadata": {"name": HIGH}, "value": 1000}
+    for plural, obj in [
+        ("resourceflavors", {"kind": "ResourceFlavor", "metadata": {"name": FLAVOR}, "spec": flavor}),
+        ("clusterqueues", cluster_queue(CLUSTER_QUEUE, FLAVOR, gpus=12)),
+        ("workloadpriorityclasses", high),
+    ]:
+        obj = {"apiVersion": f"{GROUP}/{VERSION}", **obj}
+        custom.create_cluster_custom_object(GROUP, VERSION, plural, obj)
     return CLUSTER_QUEUE
 
 
@@ -63,6 +57,12 @@ class Queued(Cluster):
 
     def admitted(self, run: str) -> dict[str, Any]:
         return self.condition("Admitted", run)
+
+    def run_events(self, reason: str) -> list[str]:
+        """The operator's events of `reason` (Kueue posts some of the same reasons on Workloads)."""
+        selector = f"reason={reason},involvedObject.kind={names.KIND}"
+        events = self.core.list_namespaced_event(self.namespace, field_selector=selector).items
+        return [e.message for e in events]
 
     def wait_running(self, run: str, attempt: int = 1, timeout: float = 90) -> dict[str, Any]:
         expected = [f"{run}-learner-a{attempt}-{r}" for r in (0, 1)]
@@ -114,7 +114,7 @@ def queued(
     cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "localqueues", local_queue)
 
     def exit_code(pod: client.V1Pod) -> int:
-        learner = pod.metadata.labels.get(names.LABEL_ROLE) == "learner"
+        learner = pod.metadata.labels.get(names.LABEL_ROLE) == LEARNER
         return exit_codes.EXIT_PREEMPTED if learner else 0
 
     with kubelet_stops_deleted_pods(cluster.core, namespace, exit_code):
@@ -143,9 +143,8 @@ def test_a_run_waits_in_the_queue_until_quota_frees_then_starts(queued: Queued, 
     assert (
         pod.metadata.labels[kueue.MANAGED_LABEL] == "true" and kueue.MANAGED_LABEL in pod.metadata.finalizers
     )
-    assert queued.admitted("first")["message"] == (
-        f"Workload {group} admitted by Kueue (ClusterQueue {CLUSTER_QUEUE!r} via LocalQueue {QUEUE!r})"
-    )
+    admitted = f"Workload {group} admitted by Kueue (ClusterQueue {CLUSTER_QUEUE!r} via LocalQueue {QUEUE!r})"
+    wait_until(lambda: queued.admitted("first")["message"] == admitted, "the ClusterQueue in the condition")
     assert queued.workloads()[group]["spec"]["queueName"] == QUEUE
 
     # The second run, by the label users put on Jobs: no quota left, so it waits, every pod gated.
@@ -157,7 +156,7 @@ def test_a_run_waits_in_the_queue_until_quota_frees_then_starts(queued: Queued, 
     assert all(
         kueue.ADMISSION_GATE in [g.name for g in p.spec.scheduling_gates or []] for p in second.values()
     )
-    assert any(m.startswith("queued in Kueue LocalQueue") for m in queued.events("Queued"))
+    assert any(m.startswith("queued in Kueue LocalQueue") for m in queued.run_events("Queued"))
 
     # Suspended while queued: its pods (which never ran) and its Workload go; resumed, it queues again.
     queued.patch_spec({"suspend": True}, "second")
@@ -171,8 +170,13 @@ def test_a_run_waits_in_the_queue_until_quota_frees_then_starts(queued: Queued, 
     status = queued.wait_running("second", attempt=2)
     assert status.get("restarts", 0) == 0 and status.get("preemptions", 0) == 0
     assert queued.admitted("second")["status"] == "True"
-    first = queued.workloads()[group]
-    assert any(c["type"] == "Finished" and c["status"] == "True" for c in first["status"]["conditions"])
+
+    # (Kueue may admit it as soon as the first run's learners succeed: their quota is reclaimable.)
+    def first_finished() -> bool:
+        conditions = queued.workloads()[group]["status"]["conditions"]
+        return any(c["type"] == "Finished" and c["status"] == "True" for c in conditions)
+
+    wait_until(first_finished, "the first run's Workload to be Finished")
 
     # Deleting a run leaves nothing behind: Kueue finalizes the stopped pods, its Workload goes.
     queued.custom.delete_namespaced_custom_object(
@@ -193,7 +197,7 @@ def test_a_higher_priority_run_preempts_a_lower_one_which_resumes_later_from_its
     low = queued.wait_queued("low")
     status = queued.status("low")
     assert status["attempt"] == 2 and status["preemptions"] == 1 and status.get("restarts", 0) == 0
-    preempted = queued.events("Preempted")
+    preempted = queued.run_events("Preempted")
     assert preempted and "stopped by Kueue (WorkloadEvictedDueToPreempted)" in preempted[0], preempted
     assert "Preempted to accommodate a workload" in preempted[0]
     assert low["reason"] == "Pending"
@@ -220,3 +224,31 @@ def test_a_run_without_a_queue_name_is_not_queued(queued: Queued, operator: Any)
         assert not [key for key in pod.metadata.labels if key.startswith("kueue.x-k8s.io/")]
         assert not pod.metadata.finalizers and not pod.spec.scheduling_gates
     assert not queued.admitted("plain") and not queued.workloads()
+
+
+def test_a_lost_server_is_replaced_inside_the_admitted_group_without_queueing(
+    queued: Queued, operator: Any
+) -> None:
+    apply(queued, "solo", queueName=QUEUE)
+    queued.wait_running("solo")
+    queued.exit("solo-rollout-0-a1", 137)  # its node's kubelet reports it killed
+    # The replacement joins the group under a name of its own; Kueue ungates it at once (the group
+    # is admitted) and, seeing it, drops the stopped pod's finalizer, so that pod goes.
+    replacement = wait_until(
+        lambda: queued.pods(live=True).get("solo-rollout-0-a1-1"), "the replacement server", timeout=60
+    )
+    assert (
+        replacement.metadata.labels[kueue.GROUP_NAME_LABEL]
+        == queued.pod("solo", LEARNERS[0]).metadata.labels[kueue.GROUP_NAME_LABEL]
+    )
+    assert replacement.spec.hostname == "solo-rollout-0"
+    wait_until(lambda: "solo-rollout-0-a1" not in queued.pods(), "Kueue to release the stopped server")
+
+    def running_again() -> dict[str, Any] | None:
+        pod = queued.pods(live=True).get("solo-rollout-0-a1-1")
+        status = queued.status("solo")
+        return status if pod and pod.status.phase == "Running" and status.get("phase") == "Running" else None
+
+    status = wait_until(running_again, "the run Running again with the replacement")
+    assert status["attempt"] == 1 and status.get("preemptions", 0) == 0 and status.get("restarts", 0) == 0
+    assert queued.admitted("solo")["status"] == "True"

@@ -320,9 +320,10 @@ class _Decider:
         self._condition("Ready", False, reason, self.status["message"])
 
     def _launch(self, current: list[Object], stale: list[Object]) -> float | None:
-        """Start the attempt: once the old learners stopped and the back-off passed, re-render the
-        ConfigMap, replace changed servers, then create the learners and, once they are created,
-        record the attempt as launched."""
+        """Start the attempt: once the old learners stopped, replace changed servers (under Kueue
+        every server of the last group: its quota is released during the back-off); once the
+        back-off passed, re-render the ConfigMap, then create the learners (and, under Kueue, the
+        servers of the attempt's group) and, once they are created, record the attempt as launched."""
         attempt = self.status["attempt"]
         # Stopped learners of the last attempt stay for their logs; older ones go.
         for pod in stale:
@@ -334,16 +335,17 @@ class _Decider:
             waiting = f"waiting for {', '.join(stopping)} to stop (they save a checkpoint)"
             self._phase("Restarting", f"{why}; {waiting}")
             return None
+        servers_replaced = self._replace_changed_servers()
         wait = (parse_timestamp(self.status["restartAfter"]) - self.now).total_seconds()
         if wait > 0:
             return wait
+        if not servers_replaced:
+            self._phase("Restarting", "waiting for changed rollout/teacher pods to be replaced")
+            return None
         config_map = self.desired.config_map
         observed = self.observed.config_maps.get(config_map["metadata"]["name"]) if config_map else None
         if config_map is not None and observed is not None and observed.get("data") != config_map["data"]:
             self.actions.append(Replace(config_map))
-        if not self._replace_changed_servers():
-            self._phase("Restarting", "waiting for changed rollout/teacher pods to be replaced")
-            return None
         self._heal_servers()
         nodes = self.spec["learner"]["nodes"]
         existing = {p["metadata"]["name"] for p in current}
@@ -362,10 +364,11 @@ class _Decider:
         self.status["conditions"] = lifecycle.drop_condition(
             self.status.get("conditions") or [], "SpecChangeDeferred"
         )
-        self._phase("Initializing", f"learner attempt {attempt}: {nodes} pods created")
         if self.queue:
             where = f"Kueue pod group {self._group()} in LocalQueue {self.queue!r}"
             self._phase("Pending", f"learner attempt {attempt}: {where}")
+        else:
+            self._phase("Initializing", f"learner attempt {attempt}: {nodes} pods created")
         self._event("AttemptStarted", f"created the learner pods of attempt {attempt}")
         return 0.0
 
@@ -408,8 +411,8 @@ class _Decider:
         group = self._group()
         for server, wanted in self.desired.servers.items():
             pods = self._servers_of(server)
-            for pod in pods:
-                if lifecycle.is_terminated(pod) and not _deleting(pod):
+            for pod in pods:  # (an earlier group's are replaced when an attempt starts)
+                if kueue.group_of(pod) == group and lifecycle.is_terminated(pod) and not _deleting(pod):
                     what = f"{pod['metadata']['name']} stopped ({pod['status'].get('phase')})"
                     self._event("ServerLost", f"{what}; replacing it", warning=True)
                     self._delete_pod(pod)
@@ -427,8 +430,9 @@ class _Decider:
 
     def _create_server(self, server: str, wanted: Object) -> None:
         pod = wanted
-        if self.queue:
-            name, base, n = f"{server}-a{self.status['attempt']}", f"{server}-a{self.status['attempt']}", 0
+        if self.queue:  # <server>-a<attempt>, then -1, -2, ... for its replacements in the group
+            base = name = f"{server}-a{self.status['attempt']}"
+            n = 0
             while name in self.observed.pods:
                 n += 1
                 name = f"{base}-{n}"
