@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= trainer/src/rlsd_trainer/configs/embedded.yaml
 
-.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools bench-learning bench-cost bench-memory bench-peer bench-weight-sync \
+.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue test-tools bench-learning bench-cost bench-memory bench-peer bench-weight-sync \
 	bench-checkpoint bench-scaling bench-rollout bench-gpu bench-operator clean
 
 $(BIN)/python:
@@ -39,6 +39,17 @@ k8s-assets:
 # way and cached (a cold build takes about 20 min on 2 cores; a no-op once built).
 chart-tools:
 	nice -n 19 tests/k8s/build-chart-tools.sh
+
+# The Kueue manager, its CRDs and webhooks for the queueing tests (tests/operator/test_kueue.py),
+# built the same way and cached (about 8 minutes cold on 2 cores; a no-op once built). After the
+# control plane, whose k8s.io packages of the same versions it can take from the Go build cache.
+kueue: | k8s-assets
+	nice -n 19 tests/k8s/build-kueue.sh
+
+# Every Go tool of the test bed, side by side (module downloads and single-threaded links overlap
+# the other builds' compiles).
+test-tools:
+	@$(MAKE) --no-print-directory -j3 k8s-assets chart-tools kueue
 
 # The environment of the vLLM conformance suite (tests/conformance/build-vllm-venv.sh): the vLLM of
 # trainer/requirements-vllm.txt with its torch and transformers, plus the trainer and the operator,
@@ -74,7 +85,7 @@ lint: $(VENV)/.trainer-installed $(VENV)/.operator-installed
 	$(BIN)/ruff check trainer operator tests benchmarks charts
 	$(BIN)/ruff format --check trainer operator tests benchmarks charts
 
-test: vllm-venv-start lint k8s-assets chart-tools $(VENV)/.chart-installed
+test: vllm-venv-start lint test-tools $(VENV)/.chart-installed
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-vllm
 

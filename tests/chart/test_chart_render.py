@@ -21,18 +21,20 @@ CONTAINER_SECURITY = {
 
 
 def readme_rules() -> set[tuple[str, str, str]]:
-    """(API group, resource, verb) from operator/README.md's sentence "It needs ... on ...".
+    """(API group, resource, verb) from operator/README.md's sentence "It needs ... on ...": a
+    resource of another API group than rlsd.io and the core one is written `<plural>.<group>`.
 
     The operator's README is where its permissions are stated; the chart must grant exactly those.
     """
     text = " ".join((ROOT / "operator/README.md").read_text().split())
-    sentence = re.search(r"It needs (.+?)\.(?=\s|$)", text)  # the dots of a group are not its end
+    sentence = re.search(r"It needs (.+?)\.(?:\s|$)", text)
     assert sentence, "operator/README.md no longer states what the operator needs"
     rules = set()
     for part in re.split(r", and |, | and ", sentence.group(1)):
         verbs, resource = part.replace("`", "").split(" on ")
-        resource, _, group = resource.partition(".")  # kubectl's resource.group, else the core group
-        group = group or ("rlsd.io" if resource.startswith("rlsdruns") else "")
+        group = "rlsd.io" if resource.startswith("rlsdruns") else ""
+        if "." in resource:
+            resource, group = resource.split(".", 1)
         rules |= {(group, resource, verb) for verb in verbs.split("/")}
     return rules
 
@@ -135,6 +137,18 @@ def test_namespace_scope_has_roles_in_the_watched_namespaces_only(
     (deployment,) = by_kind(objects, "Deployment")
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == namespaces
+
+
+def test_the_kueue_values_example_gives_the_operator_a_default_queue(helm: str) -> None:
+    def env(objects: list[dict]) -> dict[str, str]:
+        (deployment,) = by_kind(objects, "Deployment")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    example = CHART / "examples/kueue.yaml"
+    queue = yaml.safe_load(example.read_text())["operator"]["defaultQueueName"]
+    assert env(template(helm, files=(example,)))["RLSD_OPERATOR_DEFAULT_QUEUE_NAME"] == queue
+    assert "RLSD_OPERATOR_DEFAULT_QUEUE_NAME" not in env(template(helm))
 
 
 def test_monitoring_objects_follow_the_pod_labels_and_ports_of_the_operator(helm: str) -> None:

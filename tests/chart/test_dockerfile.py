@@ -155,7 +155,9 @@ def test_every_image_installs_the_contracts_with_its_distribution() -> None:
         for command in commands:
             text = " ".join(command.value)
             for project in ("./operator", "./trainer"):
-                if command.cmd == "RUN" and re.search(rf"pip install [^&]*{project}(\s|$)", text):
+                # The project, maybe with extras and quoted ("./trainer[trackers]").
+                installed = re.search(rf"pip install [^&]*{project}(\[\w+\])?\"?(\s|$)", text)
+                if command.cmd == "RUN" and installed:
                     installs += 1
                     assert "./trainer/contracts " in text, (target, text)
     assert installs == 3

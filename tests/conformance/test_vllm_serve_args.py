@@ -25,6 +25,7 @@ from vllm.entrypoints.cli.serve import ServeSubcommand
 from vllm.platforms.cpu import CpuPlatform
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+from rlsd_contracts.wire import SERVED_MODEL_NAME, SERVER_PORT
 from rlsd_operator import builders, names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,7 +137,7 @@ def test_vllm_serve_accepts_every_command_the_operator_renders(
         engine_args = AsyncEngineArgs.from_cli_args(args)
         spec = run["spec"]
         assert args.model_tag == spec["model"]["path"]
-        assert args.served_model_name == [names.SERVED_MODEL_NAME] and args.port == names.SERVER_PORT
+        assert args.served_model_name == [SERVED_MODEL_NAME] and args.port == SERVER_PORT
         assert engine_args.dtype == spec["model"].get("dtype", "auto")
         transfer = engine_args.weight_transfer_config
         if spec["rollout"].get("weightTransfer") == "filesystem":

@@ -148,6 +148,8 @@ MALFORMED: list[tuple[str, Callable[[Spec], Spec], str]] = [
         ),
         "a ReadWriteOnce claim is mounted by the pods of one node only",
     ),
+    ("queue-name-not-a-name", patch({"queueName": "Team A"}), "spec.queueName"),
+    ("queue-name-too-long", patch({"queueName": "q" * 64}), "spec.queueName"),
 ]
 
 

@@ -41,9 +41,12 @@ def run_with(status: Object | None = None, spec: Object | None = None) -> Object
 
 
 def pod(obj: Object, phase: str = "Running", code: int | None = None, **status: Any) -> Object:
-    """A built pod as the API server would show it in `phase` (and exited with `code`)."""
+    """A built pod as the API server would show it in `phase` (and exited with `code`): scheduled
+    unless Pending."""
     obj = copy.deepcopy(obj)
     obj["status"] = {"phase": phase, **status}
+    if phase != "Pending":
+        obj["spec"]["nodeName"] = "kwok-gpu-0"
     if code is not None:
         terminated = {"exitCode": code, "reason": "Error", "message": ""}
         obj["status"]["containerStatuses"] = [{"name": "learner", "state": {"terminated": terminated}}]

@@ -14,7 +14,7 @@ from kubernetes import client
 from rlsdrun_samples import defaulted_run
 
 from rlsd_contracts.wire import LEARNER, ROLLOUT, TEACHER
-from rlsd_operator import builders, names
+from rlsd_operator import builders, kueue, names
 
 # Kubernetes' validation (k8s.io/apimachinery/pkg/util/validation).
 DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -62,6 +62,9 @@ def test_every_derived_name_fits_its_kind(run: str) -> None:
         assert subdomain(names.learner_pod_name(run, 10**6, index))
     assert subdomain(names.config_map_name(run)) and subdomain(names.claim_name(run))
     assert all(label_value(value) for value in names.labels(run, LEARNER).values())
+    for attempt in (1, 10**9):  # a Kueue pod group: a label value, and its Workload's name
+        group = kueue.group_name(run, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", attempt)
+        assert label_value(group) and subdomain(group) and group.endswith(f"-0f1e2d-a{attempt}")
     url = names.server_url(run, TEACHER, LARGEST, LONGEST_NAMESPACE, "cluster.local")
     assert len(url.split("//")[1].split(":")[0]) <= 253  # a DNS name
 
@@ -130,6 +133,9 @@ def test_the_real_api_server_accepts_every_object_built_for_any_name(
         builders.build_learner_pod(run, 0, 10**6, colocate=True),
         *builders.build_server_pods(run, colocate=True),
     ]
+    # A queued run's pods carry its Kueue pod group in a label (dry run: no Kueue webhook here).
+    group = kueue.group_name(run_name, run["metadata"]["uid"], 10**6)
+    objects[4] = kueue.grouped(objects[4], run, "gpu-queue", group, total=4)
     assert len(objects) == 9  # ConfigMap, claim, 3 Services, a learner, 2 rollout servers, a teacher
     for obj in objects:
         created = create[obj["kind"]](namespace, obj, dry_run="All", field_validation="Strict")

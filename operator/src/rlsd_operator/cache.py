@@ -4,6 +4,9 @@ Every pod, Service, ConfigMap and claim labelled `app.kubernetes.io/name: rlsd` 
 run its controller owner reference names, so a reconcile reads its run's objects without an API
 call. The operator's own writes go in at once (a created object, a deletion under way), so the next
 reconcile does not redo them before their watch events arrive.
+
+Kueue's Workloads are owned by pods, not runs: one is filed under the run whose pods carry its pod
+group's name, and only what the operator reads of it is kept (every other Workload is dropped).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import datetime
 from collections import OrderedDict
 from typing import Any
 
-from rlsd_operator import names
+from rlsd_operator import kueue, names
 
 Object = dict[str, Any]
 RunKey = tuple[str, str]  # (namespace, run name)
@@ -32,12 +35,18 @@ class OwnedObjects:
     def __init__(self) -> None:
         self._by_run: dict[RunKey, dict[str, dict[str, Object]]] = {}
         self._deleted: OrderedDict[str, None] = OrderedDict()
+        # (namespace, Kueue pod group) -> the run whose pods are in it; the run's Workloads by name.
+        self._groups: dict[tuple[str, str], RunKey] = {}
+        self._workloads: dict[RunKey, dict[str, Object]] = {}
 
     def _bucket(self, kind: str, obj: Object) -> dict[str, Object] | None:
         owner = controller_owner(obj)
         if owner is None:
             return None
         key = (obj["metadata"]["namespace"], owner["name"])
+        group = kueue.group_of(obj) if kind == "Pod" else None
+        if group:
+            self._groups[(key[0], group)] = key
         return self._by_run.setdefault(key, {}).setdefault(kind, {})
 
     def observe(self, kind: str, event_type: str | None, obj: Object) -> RunKey | None:
@@ -76,6 +85,21 @@ class OwnedObjects:
             obj = bucket[name]
             bucket[name] = {**obj, "metadata": {**obj["metadata"], "deletionTimestamp": now}}
 
+    def observe_workload(self, event_type: str | None, obj: Object) -> RunKey | None:
+        """File a Workload event if it is a pod group of a run's; returns that run, or None."""
+        key = self._groups.get((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        if key is None:
+            return None
+        workloads = self._workloads.setdefault(key, {})
+        if event_type == "DELETED":
+            workloads.pop(obj["metadata"]["name"], None)
+        else:
+            workloads[obj["metadata"]["name"]] = kueue.summary(obj)
+        return key
+
+    def workloads_of(self, key: RunKey) -> dict[str, Object]:
+        return dict(self._workloads.get(key, {}))
+
     def of_run(self, key: RunKey) -> dict[str, dict[str, Object]]:
         """kind -> name -> object filed under the run (a copy of the mappings; objects are shared and
         never changed in place)."""
@@ -83,3 +107,5 @@ class OwnedObjects:
 
     def forget(self, key: RunKey) -> None:
         self._by_run.pop(key, None)
+        self._workloads.pop(key, None)
+        self._groups = {group: run for group, run in self._groups.items() if run != key}

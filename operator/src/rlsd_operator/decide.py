@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlsd_contracts.wire import LEARNER, SERVER_ROLES
-from rlsd_operator import builders, lifecycle, names
-from rlsd_operator.lifecycle import FINISHED, Verdict
+from rlsd_operator import builders, kueue, lifecycle, names
+from rlsd_operator.lifecycle import FINISHED, GangState, Verdict
 
 Object = dict[str, Any]
 # How often a run waiting for a missing Secret or claim looks again (nothing it watches wakes it).
@@ -36,6 +36,8 @@ REFUSAL_RETRY_SECONDS = 5.0
 REFUSAL_RETRY_MAX_SECONDS = 60.0
 # How often learner rank 0's metrics are read into the status of a Running run.
 SCRAPE_SECONDS = 15.0
+# The Kueue LocalQueue of runs that name none (the operator's setting; empty: such runs are not queued).
+DEFAULT_QUEUE_NAME = ""
 
 
 # -- what the handlers observe ------------------------------------------------------------------------
@@ -90,6 +92,8 @@ class Observed:
     refusals: dict[str, Refusal] = field(default_factory=dict)
     references: References = References()
     progress: Progress | None = None
+    # Kueue Workloads of the run's pod groups, by name (kueue.summary of each).
+    workloads: dict[str, Object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class Desired:
     claim: Object | None = None
     services: tuple[Object, ...] = ()
     network_policy: Object | None = None
+    # Server pods by hostname (the server's slot: its DNS name, and its pod name outside Kueue).
     servers: dict[str, Object] = field(default_factory=dict)
     colocate: bool = False
 
@@ -220,6 +225,11 @@ def _deleting(obj: Object) -> bool:
     return bool(obj["metadata"].get("deletionTimestamp"))
 
 
+def slot(pod: Object) -> str:
+    """Which server a server pod is: its hostname (a replacement in a Kueue group has another name)."""
+    return pod["spec"].get("hostname") or pod["metadata"]["name"]
+
+
 class _Decider:
     def __init__(self, run: Object, desired: Desired, observed: Observed) -> None:
         self.run = run
@@ -231,6 +241,7 @@ class _Decider:
         self.now = observed.now.replace(microsecond=0)
         self.actions: list[Action] = []
         self.record_after = False
+        self.queue = kueue.queue_name(run, DEFAULT_QUEUE_NAME)
         # While a refused create waits for its retry, the run creates nothing (everything else goes on:
         # following the learners, deleting, suspending).
         self.blocked = any(r.retry_in is None or r.retry_in > 0 for r in observed.refusals.values())
@@ -264,6 +275,19 @@ class _Decider:
 
     def _delete_pod(self, pod: Object) -> None:
         self.actions.append(Delete("Pod", pod["metadata"]["name"]))
+
+    def _group(self) -> str | None:
+        """The Kueue pod group of the current attempt (None: the run is not queued)."""
+        if not self.queue:
+            return None
+        return kueue.group_name(self.name, self.run["metadata"]["uid"], self.status["attempt"])
+
+    def _queued(self, pod: Object) -> Object:
+        """`pod` in the current attempt's Kueue pod group (as it is when the run is not queued)."""
+        group = self._group()
+        if group is None:
+            return pod
+        return kueue.grouped(pod, self.run, self.queue, group, builders.pod_count(self.spec))
 
     def _delete_live(self, pods: list[Object]) -> None:
         """Delete the pods that still run (their learners get SIGTERM and save a checkpoint)."""
@@ -300,8 +324,7 @@ class _Decider:
         self._delete_live(stale)
         if not self.status.get("attemptLaunched"):
             return self._launch(current, stale)
-        self._heal_servers()
-        return self._follow(current)
+        return self._follow(current, self._heal_servers())
 
     def _hold(self, kind: str, reason: str, message: str, retry: float) -> float:
         """Wait for something outside the run (a Secret, a claim, a name): condition, event, retry."""
@@ -374,32 +397,34 @@ class _Decider:
         self._condition("Ready", False, reason, self.status["message"])
 
     def _launch(self, current: list[Object], stale: list[Object]) -> float | None:
-        """Start the attempt: once the old learners stopped and the back-off passed, re-render the
-        ConfigMap, replace changed servers, then create the learners and, once they are created,
-        record the attempt as launched."""
+        """Start the attempt: once the old learners stopped, replace changed servers (under Kueue
+        every server of the last group: its quota is released during the back-off); once the
+        back-off passed, re-render the ConfigMap, then create the learners (and, under Kueue, the
+        servers of the attempt's group) and, once they are created, record the attempt as launched."""
         attempt = self.status["attempt"]
         # Stopped learners of the last attempt stay for their logs; older ones go.
         for pod in stale:
             if attempt_of(pod) < attempt - 1 and not _deleting(pod):
                 self._delete_pod(pod)
-        stopping = sorted(p["metadata"]["name"] for p in stale if not lifecycle.is_terminated(p))
+        stopping = sorted(p["metadata"]["name"] for p in stale if not lifecycle.stopped(p))
         if stopping:
             why = self._condition_of("Ready").get("message") or f"learner attempt {attempt}"
             waiting = f"waiting for {', '.join(stopping)} to stop (they save a checkpoint)"
             self._phase("Restarting", f"{why}; {waiting}")
             return None
+        servers_replaced = self._replace_changed_servers()
         wait = (parse_timestamp(self.status["restartAfter"]) - self.now).total_seconds()
         if wait > 0:
             return wait
+        if not servers_replaced:
+            self._phase("Restarting", "waiting for changed rollout/teacher pods to be replaced")
+            return None
         if self.blocked:
             return None  # launched when the refused creates are retried (see _surface_refusals)
         config_map = self.desired.config_map
         observed = self.observed.config_maps.get(config_map["metadata"]["name"]) if config_map else None
         if config_map is not None and observed is not None and observed.get("data") != config_map["data"]:
             self.actions.append(Replace(config_map))
-        if not self._replace_changed_servers():
-            self._phase("Restarting", "waiting for changed rollout/teacher pods to be replaced")
-            return None
         self._heal_servers()
         nodes = self.spec["learner"]["nodes"]
         existing = {p["metadata"]["name"] for p in current}
@@ -408,7 +433,7 @@ class _Decider:
                 self.run, rank, attempt, self.desired.cluster_domain, self.desired.colocate
             )
             if pod["metadata"]["name"] not in existing:
-                self._create(pod)
+                self._create(self._queued(pod))
         # Launched once the learners exist: recorded after their creates (a crash between the two
         # makes the next reconcile find them under the same names), never before (an attempt
         # recorded as launched whose learners are missing would count as preempted).
@@ -418,44 +443,88 @@ class _Decider:
         self.status["conditions"] = lifecycle.drop_condition(
             self.status.get("conditions") or [], "SpecChangeDeferred"
         )
-        self._phase("Initializing", f"learner attempt {attempt}: {nodes} pods created")
+        if self.queue:
+            where = f"Kueue pod group {self._group()} in LocalQueue {self.queue!r}"
+            self._phase("Pending", f"learner attempt {attempt}: {where}")
+        else:
+            self._phase("Initializing", f"learner attempt {attempt}: {nodes} pods created")
         self._event("AttemptStarted", f"created the learner pods of attempt {attempt}")
         return 0.0
 
     def _replace_changed_servers(self) -> bool:
-        """At an attempt's start: delete servers whose spec changed or that are gone from the spec.
-        True when none is left to wait for."""
+        """At an attempt's start: delete servers whose spec changed, that are gone from the spec or,
+        under Kueue, that belong to an earlier attempt's pod group (every attempt is one group: see
+        operator/README.md). True when none is left to wait for: without Kueue, until they are gone
+        (the replacement takes the name); in a Kueue group, until they stopped."""
         waiting = False
-        for name, pod in self.observed.pods.items():
+        group = self._group()
+        for pod in self.observed.pods.values():
             if role(pod) not in SERVER_ROLES:
                 continue
-            wanted = self.desired.servers.get(name)
+            wanted = self.desired.servers.get(slot(pod))
             annotations = pod["metadata"].get("annotations") or {}
             if (
                 wanted is None
+                or kueue.group_of(pod) != group
                 or annotations.get(names.ANNOTATION_SPEC_HASH)
                 != (wanted["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH])
             ):
                 if not _deleting(pod):
                     self._delete_pod(pod)
-                waiting = waiting or wanted is not None
+                waiting = waiting or (wanted is not None and (group is None or not lifecycle.stopped(pod)))
         return not waiting
 
-    def _heal_servers(self) -> None:
-        """Create missing rollout/teacher pods; delete stopped ones (recreated once they are gone)."""
-        for name, wanted in self.desired.servers.items():
-            pod = self.observed.pods.get(name)
-            if pod is None:
-                retry = self._refused("Pod", name)  # its refusal is the news, not each retry
-                if self._create(wanted) and self.status.get("attemptLaunched") and not retry:
-                    self._event("ServerRecreated", f"recreated {name}", warning=True)
-            elif lifecycle.is_terminated(pod) and not _deleting(pod):
-                phase = pod["status"].get("phase")
-                self._event("ServerLost", f"{name} stopped ({phase}); replacing it", warning=True)
-                self._delete_pod(pod)
+    def _servers_of(self, server: str) -> list[Object]:
+        """The pods of one server slot (the pod, and under Kueue its stopped predecessors)."""
+        return [p for p in self.observed.pods.values() if role(p) in SERVER_ROLES and slot(p) == server]
 
-    def _follow(self, current: list[Object]) -> float | None:
+    def _heal_servers(self) -> str | None:
+        """Create missing rollout/teacher pods and delete stopped ones; returns why the attempt cannot
+        go on, if a server cannot be replaced.
+
+        Without Kueue a replacement takes the stopped pod's name once it is gone. In a Kueue pod group
+        it joins the group at once under a name of its own (Kueue releases a stopped pod only when its
+        replacement exists, and the admitted group ungates it: it never queues), once the pod it
+        replaces no longer counts for Kueue; a server that exited 0 counts for good, so the attempt
+        restarts as a new group."""
+        group = self._group()
+        for server, wanted in self.desired.servers.items():
+            pods = self._servers_of(server)
+            for pod in pods:  # (an earlier group's are replaced when an attempt starts)
+                if kueue.group_of(pod) == group and lifecycle.is_terminated(pod) and not _deleting(pod):
+                    what = f"{pod['metadata']['name']} stopped ({pod['status'].get('phase')})"
+                    self._event("ServerLost", f"{what}; replacing it", warning=True)
+                    self._delete_pod(pod)
+            if group is None:
+                if not pods:
+                    self._create_server(server, wanted)
+                continue
+            members = [p for p in pods if kueue.group_of(p) == group]
+            if any(kueue.holds_quota_slot(p) and not lifecycle.is_terminated(p) for p in members):
+                continue
+            if any(kueue.holds_quota_slot(p) for p in members):  # exited 0 inside the group
+                return f"{server}: exited 0, which Kueue counts as done for its pod group {group}"
+            self._create_server(server, wanted)
+        return None
+
+    def _create_server(self, server: str, wanted: Object) -> None:
+        pod = wanted
+        if self.queue:  # <server>-a<attempt>, then -1, -2, ... for its replacements in the group
+            base = name = f"{server}-a{self.status['attempt']}"
+            n = 0
+            while name in self.observed.pods:
+                n += 1
+                name = f"{base}-{n}"
+            pod = {**wanted, "metadata": {**wanted["metadata"], "name": name}}
+        retry = self._refused("Pod", pod["metadata"]["name"])  # its refusal is the news, not each retry
+        if self._create(self._queued(pod)) and self.status.get("attemptLaunched") and not retry:
+            self._event("ServerRecreated", f"recreated {server} as {pod['metadata']['name']}", warning=True)
+
+    def _follow(self, current: list[Object], server_blocked: str | None = None) -> float | None:
+        waiting = self._admission()
         gang = lifecycle.assess_gang(current, self.spec["learner"]["nodes"])
+        if server_blocked and gang.verdict in (Verdict.STARTING, Verdict.RUNNING):
+            gang = GangState(Verdict.PREEMPTED, server_blocked)
         if gang.verdict is Verdict.BAD_CONFIG:
             return self._fail("BadConfig", gang.message)
         if gang.verdict is Verdict.PREEMPTED:
@@ -487,7 +556,9 @@ class _Decider:
             self._event("Succeeded", gang.message)
             return self._finished()
         self._note_deferred_changes()
-        servers = [self.observed.pods.get(name) for name in self.desired.servers]
+        if waiting:
+            return None
+        servers = [self._live_server(server) for server in self.desired.servers]
         if gang.verdict is Verdict.RUNNING and all(
             p is not None and (p.get("status") or {}).get("phase") == "Running" for p in servers
         ):
@@ -499,6 +570,50 @@ class _Decider:
             return SCRAPE_SECONDS
         self._phase("Initializing", gang.message or "waiting for rollout/teacher pods")
         return None
+
+    def _live_server(self, server: str) -> Object | None:
+        group = self._group()
+        live = [
+            p
+            for p in self._servers_of(server)
+            if kueue.group_of(p) == group and not _deleting(p) and not lifecycle.is_terminated(p)
+        ]
+        return live[0] if live else None
+
+    def _admission(self) -> bool:
+        """The `Admitted` condition of a queued run's current pod group; True while Kueue holds the
+        group back (the run is Pending, with Kueue's reason)."""
+        group = self._group()
+        if group is None:
+            conditions = self.status.get("conditions") or []
+            self.status["conditions"] = lifecycle.drop_condition(conditions, "Admitted")
+            return False
+        members = [p for p in self.observed.pods.values() if kueue.group_of(p) == group and not _deleting(p)]
+        workload = self.observed.workloads.get(group)
+        previous = self._condition_of("Admitted")
+        if not kueue.admitted(workload) and any(kueue.gated(p) for p in members):
+            reason, message = kueue.waiting_reason(workload, self.queue, group)
+            if previous.get("status") != "False" or previous.get("reason") == "NotManagedByKueue":
+                self._event("Queued", message)
+            self._condition("Admitted", False, reason, message)
+            self._phase("Pending", message)
+            return True
+        if members and not all(kueue.managed(p) for p in members):
+            message = (
+                f"the run's queue is {self.queue!r}, but Kueue did not take its pods (is Kueue installed, "
+                "with the pod integration on and this namespace in its managedJobsNamespaceSelector?): "
+                "they run without queueing"
+            )
+            if previous.get("reason") != "NotManagedByKueue":
+                self._event("NotManagedByKueue", message, warning=True)
+            self._condition("Admitted", False, "NotManagedByKueue", message)
+            return False
+        if members:
+            message = kueue.admitted_message(workload, self.queue, group)
+            if previous.get("status") != "True":
+                self._event("Admitted", message)
+            self._condition("Admitted", True, "Admitted", message)
+        return False
 
     def _progress(self) -> None:
         """Step, reward, accuracy and latest checkpoint from learner rank 0's metrics, when scraped;

@@ -26,7 +26,7 @@ import aiohttp
 import kopf
 from kubernetes import client
 
-from rlsd_operator import admission, builders, decide, metrics, names
+from rlsd_operator import admission, builders, decide, kueue, metrics, names
 from rlsd_operator.cache import OwnedObjects, RunKey, controller_owner
 from rlsd_operator.decide import (
     Create,
@@ -174,6 +174,7 @@ class RunReconciler:
             refusals=refusals,
             references=references,
             progress=progress,
+            workloads=self.runs.cache.workloads_of(self.key),
         )
 
     async def _scrape(self, run: Object) -> Progress | None:
@@ -425,6 +426,11 @@ class Runs:
             if run[0] == namespace and reconciler.quota_freed():
                 self.wake(run)
 
+    def on_workload(self, event_type: str | None, obj: Object) -> None:
+        key = self.cache.observe_workload(event_type, obj)
+        if key is not None and key in self.bodies:
+            self.wake(key)
+
     def wake(self, key: RunKey) -> None:
         if key not in self.tasks or self.tasks[key].done():
             self.wakeups[key] = asyncio.Event()
@@ -526,7 +532,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         )
     except ValueError as exc:
         raise kopf.PermanentError(str(exc)) from None
+    decide.DEFAULT_QUEUE_NAME = os.environ.get("RLSD_OPERATOR_DEFAULT_QUEUE_NAME", decide.DEFAULT_QUEUE_NAME)
     kube = Kube(load_configuration())
+    # Kueue's Workloads say why a queued run waits; watched when the cluster serves them (looked up
+    # once: an operator started before Kueue was installed still queues runs, without Kueue's words).
+    if await kube.serves(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS):
+        _watch_workloads()
+        log.info("Kueue's Workloads found: queued runs report why Kueue holds them back")
     cache = OwnedObjects()
     # What the runs own, before any run reconciles: a run reconciled before its pods were seen would
     # take them for lost.
@@ -557,6 +569,21 @@ def _on_owned(kind: str) -> Any:
         memo.runs.on_owned(kind, event["type"], event["object"])
 
     return on_owned_event
+
+
+async def on_workload_event(event: Object, memo: kopf.Memo, **_: Any) -> None:
+    memo.runs.on_workload(event["type"], event["object"])
+
+
+_WORKLOAD_WATCH: list[Any] = []
+
+
+def _watch_workloads() -> None:
+    """Registers the Workload watch (at start-up, before kopf resolves what to watch), once per
+    process (tests start the operator many times)."""
+    if not _WORKLOAD_WATCH:
+        handler = kopf.on.event(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS, id="on-workloads")
+        _WORKLOAD_WATCH.append(handler(on_workload_event))
 
 
 for _plural, _kind in OWNED_KINDS.items():

@@ -231,6 +231,16 @@ class Kube:
             items += (await self._json(namespaced, namespace, label_selector=selector))["items"]
         return items
 
+    async def serves(self, group: str, version: str, plural: str) -> bool:
+        """Whether the API server serves `plural` in `group`/`version` (API discovery)."""
+        try:
+            found = await self._json(self.custom.get_api_resources, group, version)
+        except client.ApiException as exc:
+            if absent(exc):
+                return False
+            raise
+        return any(resource.get("name") == plural for resource in (found or {}).get("resources") or [])
+
     # -- references the user names ----------------------------------------------------------------
 
     async def secret_keys(self, namespace: str, name: str) -> set[str] | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from rlsd_contracts import exit_codes
 from rlsd_contracts.wire import LEARNER
-from rlsd_operator import names
+from rlsd_operator import kueue, names
 
 Object = dict[str, Any]
 # Pod status reasons of the kubelet and node controllers for pods killed from outside.
@@ -60,12 +60,24 @@ def is_terminated(pod: Object) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def stopped(pod: Object) -> bool:
+    """Whether nothing runs in the pod any more: its containers stopped, or it was deleted before it
+    was scheduled (a pod Kueue still held back, say; its object may stay a while)."""
+    return is_terminated(pod) or bool(
+        pod["metadata"].get("deletionTimestamp") and not (pod.get("spec") or {}).get("nodeName")
+    )
+
+
 def disruption(pod: Object) -> str | None:
-    """Why the pod was taken away from outside (preemption, eviction, lost node), or None."""
+    """Why the pod was taken away from outside (preemption, eviction, lost node, Kueue), or None."""
     status = pod.get("status") or {}
     for condition in status.get("conditions") or []:
-        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "DisruptionTarget":
             return f"disruption target ({condition.get('reason') or 'unknown reason'})"
+        if condition.get("type") == kueue.TERMINATION_TARGET:  # Kueue evicted or preempted the group
+            return f"stopped by Kueue ({condition.get('reason')}): {condition.get('message') or 'no message'}"
     if status.get("reason") in DISRUPTED_REASONS:
         return f"{status['reason']}: {status.get('message') or 'no message'}"
     if pod["metadata"].get("deletionTimestamp") and not is_terminated(pod):

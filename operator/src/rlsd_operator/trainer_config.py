@@ -63,6 +63,7 @@ OPERATOR_FIELDS = frozenset(
         "checkpoint.mountPath",
         "restartPolicy",
         "scheduling",
+        "queueName",
         "imagePullSecrets",
         "huggingFaceTokenSecret",
         "trackers.wandb.apiKeySecret",
