@@ -155,6 +155,7 @@ def test_a_run_waits_in_the_queue_until_quota_frees_then_starts(queued: Queued, 
     apply(queued, "second", labels={kueue.QUEUE_LABEL: QUEUE})
     admitted = queued.wait_queued("second")
     assert admitted["message"].startswith(f"queued in Kueue LocalQueue {QUEUE!r} (Workload second-")
+    assert queued.condition("Ready", "second")["reason"] == "Queued"  # `kubectl get rlsd`'s Reason
     second = {n: p for n, p in queued.pods().items() if n.startswith("second-")}
     assert len(second) == 4 and all(not p.spec.node_name for p in second.values())
     assert all(

@@ -582,7 +582,8 @@ class _Decider:
 
     def _admission(self) -> bool:
         """The `Admitted` condition of a queued run's current pod group; True while Kueue holds the
-        group back (the run is Pending, with Kueue's reason)."""
+        group back (the run is Pending, with Kueue's reason; `Ready` is False, reason `Queued`, which
+        `kubectl get rlsd` shows)."""
         group = self._group()
         if group is None:
             conditions = self.status.get("conditions") or []
@@ -596,6 +597,7 @@ class _Decider:
             if previous.get("status") != "False" or previous.get("reason") == "NotManagedByKueue":
                 self._event("Queued", message)
             self._condition("Admitted", False, reason, message)
+            self._condition("Ready", False, "Queued", message)
             self._phase("Pending", message)
             return True
         if members and not all(kueue.managed(p) for p in members):
@@ -613,6 +615,8 @@ class _Decider:
             if previous.get("status") != "True":
                 self._event("Admitted", message)
             self._condition("Admitted", True, "Admitted", message)
+            if self._condition_of("Ready").get("reason") == "Queued":  # no longer why it waits
+                self._condition("Ready", False, "Admitted", message)
         return False
 
     def _progress(self) -> None:
