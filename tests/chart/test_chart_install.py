@@ -39,6 +39,8 @@ RESOURCES = [
     ("", "persistentvolumeclaims"),
     ("", "secrets"),
     ("", "events"),
+    ("", "resourcequotas"),
+    ("networking.k8s.io", "networkpolicies"),
     ("", "serviceaccounts"),
     ("apps", "deployments"),
     ("rbac.authorization.k8s.io", "roles"),
@@ -128,6 +130,27 @@ def test_every_rendered_object_passes_a_server_side_dry_run(
     )  # fmt: skip
     applied = [line for line in result.stdout.splitlines() if "(server dry run)" in line]
     assert len(applied) == len([d for d in yaml.safe_load_all(rendered) if d]), result.stdout
+
+
+def test_the_operator_pod_passes_pod_security_restricted(
+    helm: str, kubectl: Kubectl, api_client: client.ApiClient, namespace: str
+) -> None:
+    """The chart's one pod (the operator's Deployment) in a namespace enforcing and warning on
+    "restricted": its pod passes a server-side dry run, the Deployment draws no warning."""
+    core = client.CoreV1Api(api_client)
+    labels = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn")}
+    core.patch_namespace(namespace, {"metadata": {"labels": labels}})
+    objects = [o for o in yaml.safe_load_all(helm_template(helm, (), namespace)) if o]
+    (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+    core.create_namespaced_service_account(namespace, account)  # the pod names it
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    template = deployment["spec"]["template"]
+    pod = {"metadata": {**template["metadata"], "name": "operator"}, "spec": template["spec"]}
+    core.create_namespaced_pod(namespace, pod, dry_run="All")  # a violation is a 403
+    result = kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(deployment)
+    )
+    assert "(server dry run)" in result.stdout and "PodSecurity" not in result.stderr, result.stderr
 
 
 def test_samples_pass_a_server_side_dry_run_and_render_valid_trainer_configs(

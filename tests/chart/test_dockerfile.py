@@ -71,6 +71,15 @@ def test_targets_bases_labels_users() -> None:
             assert f"org.opencontainers.image.{key}" in labels, (target, key)
         users = [c.value[0] for c in commands if c.cmd == "USER"]
         assert users and not users[-1].startswith(("0", "root")), target
+    # The operator runs the learner, rollout and teacher pods as the trainer images' user.
+    from rlsd_operator import security
+
+    user = f"{security.RUN_AS_USER}:{security.RUN_AS_GROUP}"
+    for target in ("trainer", "trainer-cpu"):
+        commands = all_stages[target]
+        assert [c.value[0] for c in commands if c.cmd == "USER"] == [user], target
+        created = " ".join(" ".join(c.value) for c in commands if c.cmd == "RUN")
+        assert f"useradd --uid {security.RUN_AS_USER} " in created, target
     # The chart runs the operator as 65532 with a read-only root filesystem.
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     (operator_user,) = [c.value[0] for c in all_stages["operator"] if c.cmd == "USER"]

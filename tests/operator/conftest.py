@@ -79,6 +79,7 @@ def operator_env(kubeconfig: Path, rlsd_crd: str, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(decide, "SCRAPE_SECONDS", 0.5)
     monkeypatch.setattr(decide, "REFERENCE_RETRY_SECONDS", 1.0)
     monkeypatch.setattr(decide, "REFUSAL_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(decide, "REFUSAL_RETRY_MAX_SECONDS", 2.0)
 
 
 @pytest.fixture

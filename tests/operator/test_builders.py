@@ -11,7 +11,7 @@ import yaml
 from rlsdrun_samples import defaulted_run
 
 from rlsd_contracts.config import parse_config
-from rlsd_operator import builders, lifecycle, metrics, names
+from rlsd_operator import admission, builders, lifecycle, metrics, names
 from rlsd_operator.lifecycle import Verdict
 from rlsd_operator.trainer_config import InvalidSpec, build_trainer_config
 
@@ -226,7 +226,8 @@ def test_learner_pod() -> None:
     assert volumes["shm"]["emptyDir"] == {"medium": "Memory"}
     assert volumes["config"]["configMap"] == {"name": "demo-config"}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    assert mounts == {"checkpoints": "/checkpoints", "shm": "/dev/shm", "config": "/etc/rlsd"}
+    own = {"checkpoints": "/checkpoints", "shm": "/dev/shm", "config": "/etc/rlsd"}
+    assert mounts == {**own, "tmp": "/tmp", "home": "/home/rlsd", "hf-cache": "/var/cache/huggingface"}
 
 
 def test_vllm_rollout_pod() -> None:
@@ -292,6 +293,158 @@ def test_services_are_headless_and_only_for_roles_with_pods() -> None:
     }
     local = builders.build_services(defaulted_run(spec={"rollout": {"backend": "local"}}))
     assert [s["metadata"]["name"] for s in local] == ["demo-learners"]
+
+
+def every_kind_of_pod() -> list[dict]:
+    """A learner, vLLM and CPU rollout servers and a teacher server."""
+    teacher = {"placement": "remote", "replicas": 1, "image": "t", "weightTransfer": "gloo"}
+    run = defaulted_run(spec={"teacher": teacher})
+    cpu = defaulted_run(spec={"rollout": {"backend": "cpu"}})
+    return [
+        builders.build_learner_pod(run, 0, 1),
+        *builders.build_server_pods(run),
+        builders.build_server_pod(cpu, "rollout", 0),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["learner", "vllm-rollout", "teacher", "cpu-rollout"])
+def test_every_pod_runs_non_root_without_privileges_token_or_writable_root(index: int) -> None:
+    """The posture Pod Security "restricted" requires (the real API server checks it in
+    test_restricted.py), plus a read-only root filesystem whose writable places are emptyDirs."""
+    spec = every_kind_of_pod()[index]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+        "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"},
+    }  # fmt: skip
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert {kind for v in volumes.values() for kind in v if kind != "name"} <= {
+        "emptyDir", "persistentVolumeClaim", "configMap",
+    }  # fmt: skip
+    (container,) = spec["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    writable = [
+        path for path, volume in mounts.items() if "emptyDir" in volume or "persistentVolumeClaim" in volume
+    ]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    for variable in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HF_HOME"):
+        assert any(env[variable] == path or env[variable].startswith(path + "/") for path in writable), (
+            variable
+        )
+    assert env["TMPDIR"] == "/tmp" and "/tmp" in writable and "ports" in container
+    assert not any(port.get("hostPort") for port in container["ports"])
+    assert not {"hostNetwork", "hostPID", "hostIPC"} & set(spec)
+
+
+def test_a_variable_the_spec_sets_wins_over_the_posture() -> None:
+    run = defaulted_run(spec={"learner": {"env": [{"name": "HF_HOME", "value": "/checkpoints/hf"}]}})
+    env = builders.build_learner_pod(run, 0, 1)["spec"]["containers"][0]["env"]
+    assert [e["value"] for e in env if e["name"] == "HF_HOME"] == ["/checkpoints/hf"]
+
+
+def test_no_network_policy_unless_the_spec_or_the_operator_asks() -> None:
+    assert builders.build_network_policy(defaulted_run()) is None
+    on = builders.NetworkPolicyDefaults(enabled=True)
+    assert (
+        builders.build_network_policy(defaulted_run(spec={"networkPolicy": {"enabled": False}}), on) is None
+    )
+    policy = builders.build_network_policy(defaulted_run(spec={"networkPolicy": {"enabled": True}}))
+    assert policy is not None and policy["metadata"]["name"] == "demo-netpol"
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == "1234-5678"
+    members = {"matchLabels": {"app.kubernetes.io/name": "rlsd", "rlsd.io/run": "demo"}}
+    assert policy["spec"] == {
+        "podSelector": members,
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": members}]}],  # no scraper: only each other
+    }
+
+
+def test_the_metrics_ports_admit_the_operator_and_the_scrapers() -> None:
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "rlsd-system"}}}
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    defaults = builders.NetworkPolicyDefaults.from_json(
+        json.dumps({"enabled": True, "metricsFrom": [prometheus], "operator": operator})
+    )
+    policy = builders.build_network_policy(defaulted_run(), defaults)
+    assert policy is not None
+    scrapes = policy["spec"]["ingress"][1]
+    assert scrapes["from"] == [operator, prometheus]
+    assert scrapes["ports"] == [{"protocol": "TCP", "port": 9400}, {"protocol": "TCP", "port": 8000}]
+    own = {"podSelector": {"matchLabels": {"app": "grafana-agent"}}}
+    mine = builders.build_network_policy(
+        defaulted_run(spec={"networkPolicy": {"metricsFrom": [own]}}), defaults
+    )
+    assert mine is not None and mine["spec"]["ingress"][1]["from"] == [operator, own]
+    assert mine["metadata"]["annotations"] != policy["metadata"]["annotations"]  # a change is seen
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"enabled": true, "metrics": []}'])
+def test_bad_network_policy_settings_name_the_variable(text: str) -> None:
+    with pytest.raises(ValueError, match="RLSD_OPERATOR_NETWORK_POLICY"):
+        builders.NetworkPolicyDefaults.from_json(text)
+
+
+# What kube-apiserver answers (as tests/operator/test_refusals.py provokes it), and the reason it means.
+FORBIDDEN = 'pods "p" is forbidden: '
+REFUSALS = [
+    (
+        403,
+        "PodSecurity",
+        FORBIDDEN + 'violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false',
+    ),
+    (403, "QuotaExceeded", FORBIDDEN + "exceeded quota: q, requested: pods=1, used: pods=2, limited: pods=2"),
+    (403, "QuotaRequiresResources", FORBIDDEN + "failed quota: q: must specify limits.cpu for: learner"),
+    (403, "LimitRange", FORBIDDEN + "maximum cpu usage per Container is 1, but limit is 2"),
+    (403, "PriorityClassNotFound", FORBIDDEN + "no PriorityClass with name high was found"),
+    (400, "AdmissionWebhook", 'admission webhook "deny.example.com" denied the request: no GPUs on Fridays'),
+    (500, "AdmissionWebhook", 'Internal error occurred: failed calling webhook "deny.example.com": EOF'),
+    (
+        403,
+        "AdmissionPolicy",
+        FORBIDDEN + "ValidatingAdmissionPolicy 'gpus' with binding 'b' denied request: no",
+    ),
+    (403, "NotPermitted", 'pods is forbidden: User "x" cannot create resource "pods" in API group ""'),
+    (422, "Invalid", 'Pod "p" is invalid: spec.containers[0].resources.requests: Invalid value: "2"'),
+    (403, "CreateRefused", "something new"),
+]
+
+
+@pytest.mark.parametrize(("status", "reason", "message"), REFUSALS, ids=[r[1] for r in REFUSALS])
+def test_a_refusal_names_its_cause_and_object(status: int, reason: str, message: str) -> None:
+    assert admission.is_refusal(status, message)
+    found, text = admission.refusal("Pod", "p", status, message)
+    assert found == reason and text.startswith("Pod p refused by ") and text.endswith(message)
+
+
+def test_server_failures_are_not_refusals() -> None:
+    assert not admission.is_refusal(500, "etcdserver: request timed out")
+    assert not admission.is_refusal(503, "the server is currently unable to handle the request")
+
+
+def quota(hard: dict[str, str], used: dict[str, str]) -> dict:
+    return {"status": {"hard": hard, "used": used}}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "freed"),
+    [
+        (None, quota({"pods": "2"}, {}), False),  # a new quota only restricts
+        (quota({"pods": "2"}, {"pods": "2"}), None, True),  # deleted
+        (quota({"requests.nvidia.com/gpu": "4"}, {}), quota({"requests.nvidia.com/gpu": "16"}, {}), True),
+        (quota({"cpu": "4"}, {"cpu": "3500m"}), quota({"cpu": "4"}, {"cpu": "3"}), True),  # a pod ended
+        (quota({"cpu": "4"}, {"cpu": "3"}), quota({"cpu": "4"}, {"cpu": "3500m"}), False),
+        (quota({"cpu": "4", "pods": "4"}, {}), quota({"cpu": "4"}, {}), True),  # a limit went
+        (quota({"memory": "1Gi"}, {}), quota({"memory": "1024Mi"}, {}), False),  # the same
+    ],
+)
+def test_a_quota_frees_room_when_a_limit_grows_or_usage_shrinks(old: dict, new: dict, freed: bool) -> None:
+    assert admission.quota_freed(old, new) is freed
 
 
 # -- decisions ----------------------------------------------------------------------------------------

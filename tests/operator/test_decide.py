@@ -22,6 +22,7 @@ from rlsd_operator.decide import (
     Observed,
     Progress,
     References,
+    Refusal,
     Replace,
     decide,
     desire,
@@ -273,14 +274,121 @@ def test_missing_references_hold_the_run_with_one_event() -> None:
     assert events(again) == [] and again.requeue == first.requeue
 
 
-def test_a_refused_create_holds_the_run_without_retrying_at_once() -> None:
+def ready(decision: Decision) -> Object:
+    return next(c for c in decision.status["conditions"] if c["type"] == "Ready")
+
+
+def test_a_name_held_by_another_object_holds_the_run_until_it_goes() -> None:
     run = run_with()
-    refusals = {"Service/demo-learners": ("NameConflict", "Service demo-learners exists and is not owned")}
-    decision = decide_for(run, refusals=refusals)
+    conflict = Refusal("NameConflict", "Service demo-learners exists and is not owned by this run")
+    decision = decide_for(run, refusals={"Service/demo-learners": conflict})
     assert creates(decision) == [] and events(decision) == ["NameConflict"]
-    assert decision.requeue == 30.0
-    ready = next(c for c in decision.status["conditions"] if c["type"] == "Ready")
-    assert (ready["status"], ready["reason"]) == ("False", "NameConflict")
+    assert decision.requeue is None  # the watch sees the other object go
+    assert (ready(decision)["status"], ready(decision)["reason"]) == ("False", "NameConflict")
+
+
+QUOTA = (
+    'Pod demo-learner-a1-1 refused by a ResourceQuota: pods "demo-learner-a1-1" is forbidden: '
+    "exceeded quota: gpus, requested: requests.nvidia.com/gpu=4, used: requests.nvidia.com/gpu=6, "
+    "limited: requests.nvidia.com/gpu=8"
+)
+
+
+def test_an_exceeded_quota_keeps_the_run_pending_with_one_event_then_retries() -> None:
+    def refused(retry_in: float) -> dict[str, Refusal]:
+        return {"Pod/demo-learner-a1-1": Refusal("QuotaExceeded", QUOTA, retry_in)}
+
+    run = run_with()
+    # Learner 1 and both rollout pods were refused; learner 0 was created.
+    pending = {"demo-learner-a1-0": learners(run, 1, "Pending")["demo-learner-a1-0"]}
+    first = decide_for(run, pending, refusals=refused(5.0))
+    assert first.status["phase"] == "Pending" and first.status["message"] == QUOTA
+    condition = ready(first)
+    assert (condition["status"], condition["reason"], condition["message"]) == (
+        "False",
+        "QuotaExceeded",
+        QUOTA,
+    )
+    assert events(first) == ["QuotaExceeded"] and creates(first) == [] and first.requeue == 5.0
+    assert not first.status["attemptLaunched"]
+
+    # Waiting: no event, no create, no change of the condition's transition time.
+    run = run_with(first.status)
+    waiting = decide_for(run, pending, refusals=refused(2.5))
+    assert events(waiting) == [] and creates(waiting) == [] and waiting.requeue == 2.5
+    assert ready(waiting) == condition
+
+    # Due: every missing object is created again; the launch is recorded once they exist.
+    due = decide_for(run, pending, refusals=refused(0.0))
+    assert sorted(creates(due)) == ["demo-learner-a1-1", "demo-rollout-0", "demo-rollout-1"]
+    assert due.record_after and "QuotaExceeded" not in events(due)
+    assert due.status["message"] == QUOTA  # until the retry went through
+
+
+def test_many_refusals_are_summed_up_in_one_message() -> None:
+    refused = {
+        f"Pod/demo-rollout-{i}": Refusal("PodSecurity", f"Pod demo-rollout-{i} refused", 9.0) for i in (0, 1)
+    }
+    refused["Pod/demo-learner-a1-0"] = Refusal("QuotaExceeded", QUOTA, 3.0)
+    decision = decide_for(run_with(), refusals=refused)
+    assert decision.status["message"] == QUOTA + " (and 2 more objects refused)"
+    assert events(decision) == ["QuotaExceeded"] and decision.requeue == 3.0
+
+
+def test_the_gang_is_followed_while_a_refused_server_waits() -> None:
+    run = run_with(LAUNCHED)
+    pods = learners(run, 1)
+    pods["demo-learner-a1-1"] = pod(pods["demo-learner-a1-1"], "Failed", 75)
+    refused = {
+        "Pod/demo-rollout-0": Refusal("PodSecurity", "Pod demo-rollout-0 refused by Pod Security", 20.0)
+    }
+    servers_left = {k: v for k, v in servers(run).items() if k != "demo-rollout-0"}
+    decision = decide_for(run, {**pods, **servers_left}, refusals=refused)
+    assert decision.status["attempt"] == 2 and decision.status["preemptions"] == 1
+    assert deletes(decision) == ["demo-learner-a1-0"] and creates(decision) == []
+    assert events(decision) == ["Preempted", "PodSecurity"] and decision.requeue == 0.0
+
+
+def test_a_refused_server_is_retried_without_an_event_per_retry() -> None:
+    refusal = Refusal("QuotaExceeded", QUOTA, 0.0)
+    earlier = {"type": "Ready", "status": "False", "reason": "QuotaExceeded", "message": QUOTA,
+               "lastTransitionTime": "2026-01-01T11:00:00Z"}  # fmt: skip
+    run = run_with({**LAUNCHED, "phase": "Initializing", "conditions": [earlier]})
+    left = {k: v for k, v in servers(run).items() if k != "demo-rollout-0"}
+    decision = decide_for(run, {**learners(run, 1), **left}, refusals={"Pod/demo-rollout-0": refusal})
+    assert creates(decision) == ["demo-rollout-0"] and events(decision) == []
+    assert ready(decision) == earlier
+
+
+def test_a_suspended_run_shows_no_refusal() -> None:
+    refused = {"Pod/demo-rollout-0": Refusal("QuotaExceeded", QUOTA, 9.0)}
+    decision = decide_for(run_with(LAUNCHED, spec={"suspend": True}), refusals=refused)
+    assert decision.status["phase"] == "Suspended" and events(decision) == ["Suspended"]
+    assert ready(decision)["reason"] == "Suspended"
+
+
+def test_the_network_policy_follows_the_spec() -> None:
+    defaults = builders.NetworkPolicyDefaults(enabled=True)
+    run = run_with(LAUNCHED)
+    pods = {**learners(run, 1), **servers(run)}
+    wanted = desire(run, "cluster.local", References(), defaults)
+    assert wanted.network_policy is not None
+    missing = decide(run, wanted, Observed(now=NOW, pods=pods, **shared(run)))
+    assert creates(missing) == ["demo-netpol"]
+    present = {"demo-netpol": wanted.network_policy}
+    same = decide(run, wanted, Observed(now=NOW, pods=pods, network_policies=present, **shared(run)))
+    assert same.actions == []
+    changed_run = run_with(LAUNCHED, spec={"networkPolicy": {"metricsFrom": [{"podSelector": {}}]}})
+    changed = desire(changed_run, "cluster.local", References(), defaults)
+    replaced = decide(
+        changed_run, changed, Observed(now=NOW, pods=pods, network_policies=present, **shared(run))
+    )
+    assert [a.obj["metadata"]["name"] for a in replaced.actions if isinstance(a, Replace)] == ["demo-netpol"]
+    assert "SpecChangeDeferred" not in events(replaced)  # applies at once
+    off_run = run_with(LAUNCHED, spec={"networkPolicy": {"enabled": False}})
+    off = decide(off_run, desire(off_run, "cluster.local", References(), defaults),
+                 Observed(now=NOW, pods=pods, network_policies=present, **shared(run)))  # fmt: skip
+    assert deletes(off) == ["demo-netpol"]
 
 
 def test_suspend_stops_every_pod() -> None:

@@ -134,8 +134,15 @@ def test_a_gated_group_is_pending_with_kueues_reason() -> None:
     assert admitted["reason"] == "Pending"
     assert admitted["message"] == f"queued in Kueue LocalQueue 'team-a' (Workload {GROUP_A1}): {QUOTA}"
     assert waiting.status["message"] == admitted["message"]
+    ready = condition(waiting, "Ready")  # what `kubectl get rlsd` shows as the reason
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "Queued", admitted["message"])
     # One event per wait; woken by Kueue's pod and Workload events, never by a timer.
     assert waiting.actions == [] and waiting.requeue is None
+
+    # Admitted, its pods not running yet: Kueue is no longer the reason.
+    ungated = launched(run, phase="Pending")
+    starting = decide_for(run_with(waiting.status, run["spec"]), ungated, workloads={GROUP_A1: ADMITTED})
+    assert condition(starting, "Ready")["reason"] == "Admitted" and starting.status["phase"] == "Initializing"
 
 
 def test_an_admitted_group_runs_and_says_where_it_was_admitted() -> None:

@@ -18,6 +18,7 @@ from kubernetes import client
 from kueue_manager import GROUP, MANAGED_NAMESPACE_LABEL, VERSION, Kueue, cluster_queue
 from rlsdrun_samples import run_manifest
 from test_reconcile import Cluster
+from test_restricted import RESTRICTED
 
 from rlsd_contracts import exit_codes
 from rlsd_contracts.wire import LEARNER
@@ -104,7 +105,10 @@ def queued(
     api_client: client.ApiClient, namespace: str, checkpoint_claim: str, gpu_queue: str
 ) -> Iterator[Queued]:
     cluster = Queued(api_client, namespace)
-    cluster.core.patch_namespace(namespace, {"metadata": {"labels": MANAGED_NAMESPACE_LABEL}})
+    # Kueue's gates and group labels beside the pods' restricted securityContext: every queued pod
+    # here is admitted by Pod Security "restricted" too.
+    labels = {**MANAGED_NAMESPACE_LABEL, **RESTRICTED}
+    cluster.core.patch_namespace(namespace, {"metadata": {"labels": labels}})
     local_queue = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "LocalQueue",
@@ -151,10 +155,15 @@ def test_a_run_waits_in_the_queue_until_quota_frees_then_starts(queued: Queued, 
     apply(queued, "second", labels={kueue.QUEUE_LABEL: QUEUE})
     admitted = queued.wait_queued("second")
     assert admitted["message"].startswith(f"queued in Kueue LocalQueue {QUEUE!r} (Workload second-")
+    assert queued.condition("Ready", "second")["reason"] == "Queued"  # `kubectl get rlsd`'s Reason
     second = {n: p for n, p in queued.pods().items() if n.startswith("second-")}
     assert len(second) == 4 and all(not p.spec.node_name for p in second.values())
     assert all(
         kueue.ADMISSION_GATE in [g.name for g in p.spec.scheduling_gates or []] for p in second.values()
+    )
+    assert all(  # created in a namespace enforcing "restricted": gated and hardened
+        p.spec.security_context.run_as_non_root and p.spec.automount_service_account_token is False
+        for p in second.values()
     )
     assert any(m.startswith("queued in Kueue LocalQueue") for m in queued.run_events("Queued"))
 

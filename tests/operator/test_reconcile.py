@@ -127,7 +127,8 @@ def test_create_makes_owned_pods_config_and_services(cluster: Cluster, operator:
     assert config["teacher"]["servers"]["urls"] == [f"http://demo-teacher-0.demo-teacher.{domain}:8000"]
     services = {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.namespace).items}
     assert services == {"demo-learners", "demo-rollout", "demo-teacher"}
-    assert cluster.events("AttemptStarted") and cluster.events("Running")
+    assert cluster.events("AttemptStarted")
+    wait_until(lambda: cluster.events("Running"), "the Running event (kopf posts events in the background)")
 
 
 @pytest.fixture

@@ -49,6 +49,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/*
+The operator's NetworkPolicy settings (RLSD_OPERATOR_NETWORK_POLICY): the values, and the operator's
+own pods as a peer (they read learner rank 0's progress from its metrics port).
+*/}}
+{{- define "rlsd-operator.networkPolicy" -}}
+{{- $namespace := dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace) }}
+{{- $pods := dict "matchLabels" (include "rlsd-operator.selectorLabels" . | fromYaml) }}
+{{- $operator := dict "namespaceSelector" $namespace "podSelector" $pods }}
+{{- dict "enabled" .Values.networkPolicy.enabled "metricsFrom" .Values.networkPolicy.metricsFrom "operator" $operator | toJson }}
+{{- end }}
+
 {{- define "rlsd-operator.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}

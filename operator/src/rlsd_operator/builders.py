@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -25,7 +26,7 @@ from rlsd_contracts.wire import (
     SERVER_TRANSFER_BACKEND,
     TEACHER,
 )
-from rlsd_operator import names
+from rlsd_operator import names, security
 from rlsd_operator.trainer_config import (
     InvalidSpec,
     build_trainer_config,
@@ -174,6 +175,66 @@ def build_services(run: Object) -> list[Object]:
     return [build_service(run, role) for role in roles]
 
 
+@dataclass(frozen=True)
+class NetworkPolicyDefaults:
+    """The operator's NetworkPolicy settings (chart value `networkPolicy`, in the environment variable
+    RLSD_OPERATOR_NETWORK_POLICY as JSON): whether runs get one when their spec does not say, the peers
+    that scrape metrics unless the spec names its own, and the operator's own pods (which read learner
+    rank 0's progress), always admitted to the metrics ports."""
+
+    enabled: bool = False
+    metrics_from: tuple[Object, ...] = ()
+    operator: Object | None = None
+
+    @classmethod
+    def from_json(cls, text: str) -> NetworkPolicyDefaults:
+        """Parsed from RLSD_OPERATOR_NETWORK_POLICY; a ValueError names what is wrong."""
+        try:
+            value = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"RLSD_OPERATOR_NETWORK_POLICY is not JSON: {exc}") from None
+        unknown = set(value) - {"enabled", "metricsFrom", "operator"} if isinstance(value, dict) else None
+        if unknown is None or unknown:
+            raise ValueError(
+                "RLSD_OPERATOR_NETWORK_POLICY must be a JSON object with the keys enabled, metricsFrom "
+                f"(a list of NetworkPolicy peers) and operator (a peer); got {text!r}"
+            )
+        return cls(
+            bool(value.get("enabled", False)), tuple(value.get("metricsFrom") or ()), value.get("operator")
+        )
+
+
+NO_NETWORK_POLICY = NetworkPolicyDefaults()
+
+
+def build_network_policy(run: Object, defaults: NetworkPolicyDefaults = NO_NETWORK_POLICY) -> Object | None:
+    """The run's NetworkPolicy, or None when it has none (`spec.networkPolicy.enabled`, else the
+    operator's default): the run's pods accept traffic from each other on any port (torchrun, NCCL and
+    gloo pick ports of their own) and, on the metrics ports only (learners' 9400, the servers' HTTP
+    port, where vLLM serves /metrics), from the operator and the `metricsFrom` peers. Egress is not
+    restricted (model downloads, trackers, DNS)."""
+    name = _run_name(run)
+    wanted = run["spec"].get("networkPolicy") or {}
+    if not wanted.get("enabled", defaults.enabled):
+        return None
+    scrapers = [defaults.operator] if defaults.operator else []
+    scrapers += wanted.get("metricsFrom", defaults.metrics_from)
+    members = {"matchLabels": names.labels(name)}
+    ingress: list[Object] = [{"from": [{"podSelector": members}]}]
+    if scrapers:
+        ports = [{"protocol": "TCP", "port": port} for port in (METRICS_PORT, SERVER_PORT)]
+        ingress.append({"from": copy.deepcopy(scrapers), "ports": ports})
+    spec = {"podSelector": members, "policyTypes": ["Ingress"], "ingress": ingress}
+    metadata = {
+        "name": names.network_policy_name(name),
+        "labels": names.labels(name),
+        # The API server adds defaults to the spec: a change is seen by this hash, not by comparing.
+        "annotations": {names.ANNOTATION_SPEC_HASH: spec_hash(spec)},
+    }
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": metadata}
+    return _owned(run, {**policy, "spec": spec})
+
+
 def _resources(section: Object) -> Object:
     """Resource requirements with every quantity as a string, as the API's Quantity type has them."""
     return {
@@ -260,7 +321,7 @@ def _pod(
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": name, "labels": pod_labels},
-            "spec": pod_spec,
+            "spec": security.harden(pod_spec),
         },
     )
 

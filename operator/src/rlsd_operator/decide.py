@@ -8,8 +8,9 @@ so a reconcile interrupted at any point is redone by the next one with the same 
 owned object that goes missing is recreated by whichever reconcile sees it missing.
 
 A refusal (a spec the trainer would refuse, a claim the pods cannot share, a name held by another
-object) is a condition plus a Warning event, decided here like every other outcome; a new kind of
-refusal is one more check in `_Decider.decide` that returns `self._fail(...)` or `self._hold(...)`.
+object, a create the API server refused) is a condition plus a Warning event, decided here like every
+other outcome; a new kind of refusal is one more check in `_Decider.decide` that returns
+`self._fail(...)` or `self._hold(...)`, or one more `Refusal` the handlers observe.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ from rlsd_operator import builders, kueue, lifecycle, names
 from rlsd_operator.lifecycle import FINISHED, GangState, Verdict
 
 Object = dict[str, Any]
-# How often a run waiting for a missing Secret or claim looks again (nothing it watches wakes it), and
-# how long before a create the API server refused (a name someone else holds, admission) is retried.
+# How often a run waiting for a missing Secret or claim looks again (nothing it watches wakes it).
 REFERENCE_RETRY_SECONDS = 10.0
-REFUSAL_RETRY_SECONDS = 30.0
+# A create the API server refused (admission, quota, a name someone else holds) is retried after
+# REFUSAL_RETRY_SECONDS, doubling with every refused retry up to REFUSAL_RETRY_MAX_SECONDS: what fixes
+# it (a PriorityClass, a namespace label, a webhook) is mostly nothing the operator watches. A quota
+# that frees up wakes the run sooner (handlers watch ResourceQuotas).
+REFUSAL_RETRY_SECONDS = 5.0
+REFUSAL_RETRY_MAX_SECONDS = 60.0
 # How often learner rank 0's metrics are read into the status of a Running run.
 SCRAPE_SECONDS = 15.0
 # The Kueue LocalQueue of runs that name none (the operator's setting; empty: such runs are not queued).
@@ -56,6 +61,22 @@ class Progress:
     error: str | None = None
 
 
+def refusal_retry_seconds(refused_retries: int) -> float:
+    """Delay before retrying creates after `refused_retries` refused attempts in a row (1 or more)."""
+    return min(REFUSAL_RETRY_SECONDS * 2 ** max(refused_retries - 1, 0), REFUSAL_RETRY_MAX_SECONDS)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An object the run cannot have yet: why (a reason, a message naming the object and quoting the
+    API server), and the seconds until its create is retried (0: due now; None: whenever what holds it
+    changes, as with a name another object holds, which the watches see go)."""
+
+    reason: str
+    message: str
+    retry_in: float | None = None
+
+
 @dataclass(frozen=True)
 class Observed:
     """The run's own objects (owned by this run's uid), by kind and name, and what else was seen."""
@@ -65,9 +86,10 @@ class Observed:
     services: dict[str, Object] = field(default_factory=dict)
     config_maps: dict[str, Object] = field(default_factory=dict)
     claims: dict[str, Object] = field(default_factory=dict)
-    # "Kind/name" of objects the run cannot have (yet) -> (reason, message): a name another object
-    # holds, a create the API server refused.
-    refusals: dict[str, tuple[str, str]] = field(default_factory=dict)
+    network_policies: dict[str, Object] = field(default_factory=dict)
+    # "Kind/name" of objects the run cannot have (yet): a name another object holds, a create the API
+    # server refused.
+    refusals: dict[str, Refusal] = field(default_factory=dict)
     references: References = References()
     progress: Progress | None = None
     # Kueue Workloads of the run's pod groups, by name (kueue.summary of each).
@@ -84,12 +106,18 @@ class Desired:
     config_map: Object | None = None
     claim: Object | None = None
     services: tuple[Object, ...] = ()
+    network_policy: Object | None = None
     # Server pods by hostname (the server's slot: its DNS name, and its pod name outside Kueue).
     servers: dict[str, Object] = field(default_factory=dict)
     colocate: bool = False
 
 
-def desire(run: Object, cluster_domain: str, references: References) -> Desired:
+def desire(
+    run: Object,
+    cluster_domain: str,
+    references: References,
+    network_policy: builders.NetworkPolicyDefaults = builders.NO_NETWORK_POLICY,
+) -> Desired:
     """The objects `run` should own (pure; raises nothing: a spec that cannot be realised is a problem)."""
     spec = run["spec"]
     volume = spec["checkpoint"]["volume"]
@@ -110,6 +138,7 @@ def desire(run: Object, cluster_domain: str, references: References) -> Desired:
         config_map=config_map,
         claim=builders.build_claim(run),
         services=tuple(builders.build_services(run)),
+        network_policy=builders.build_network_policy(run, network_policy),
         servers=servers,
         colocate=colocate,
     )
@@ -188,6 +217,10 @@ def attempt_of(pod: Object) -> int:
     return int(pod["metadata"]["labels"].get(names.LABEL_ATTEMPT, "0"))
 
 
+def _spec_hash(obj: Object) -> str | None:
+    return (obj["metadata"].get("annotations") or {}).get(names.ANNOTATION_SPEC_HASH)
+
+
 def _deleting(obj: Object) -> bool:
     return bool(obj["metadata"].get("deletionTimestamp"))
 
@@ -209,6 +242,9 @@ class _Decider:
         self.actions: list[Action] = []
         self.record_after = False
         self.queue = kueue.queue_name(run, DEFAULT_QUEUE_NAME)
+        # While a refused create waits for its retry, the run creates nothing (everything else goes on:
+        # following the learners, deleting, suspending).
+        self.blocked = any(r.retry_in is None or r.retry_in > 0 for r in observed.refusals.values())
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -227,6 +263,15 @@ class _Decider:
 
     def _event(self, reason: str, message: str, warning: bool = False) -> None:
         self.actions.append(Event(reason, message, warning))
+
+    def _create(self, obj: Object) -> bool:
+        """Create `obj`, unless a refusal blocks every create for now; whether it will be created."""
+        if not self.blocked:
+            self.actions.append(Create(obj))
+        return not self.blocked
+
+    def _refused(self, kind: str, name: str) -> bool:
+        return f"{kind}/{name}" in self.observed.refusals
 
     def _delete_pod(self, pod: Object) -> None:
         self.actions.append(Delete("Pod", pod["metadata"]["name"]))
@@ -261,10 +306,10 @@ class _Decider:
         if missing:
             return self._hold("ReferencesResolved", *missing, retry=REFERENCE_RETRY_SECONDS)
         self._condition("ReferencesResolved", True, "Found", "every Secret and claim the spec names exists")
-        if self.observed.refusals:
-            refusals = [refusal for _, refusal in sorted(self.observed.refusals.items())]
-            message = "; ".join(message for _, message in refusals)
-            return self._hold("Ready", refusals[0][0], message, retry=REFUSAL_RETRY_SECONDS)
+        return self._surface_refusals(self._reconcile())
+
+    def _reconcile(self) -> float | None:
+        """The run's objects and learner gang (creates held back while `self.blocked`)."""
         self._ensure_shared_objects()
 
         pods = list(self.observed.pods.values())
@@ -293,8 +338,31 @@ class _Decider:
         self._condition(kind, False, reason, message)
         return retry
 
+    def _surface_refusals(self, requeue: float | None) -> float | None:
+        """Objects the API server refused (or whose names others hold): `Ready=False` with the first
+        one's reason, the phase's message naming the object and quoting the API server, one Warning
+        event when the reason changes (not per retry); look again when the next retry is due."""
+        refusals = self.observed.refusals
+        if not refusals or self.status.get("phase") in FINISHED | {"Suspended"}:
+            return requeue
+        (_, first), *others = sorted(refusals.items())
+        message = first.message + (f" (and {len(others)} more objects refused)" if others else "")
+        recorded = next(
+            (c for c in (self.run.get("status") or {}).get("conditions") or [] if c["type"] == "Ready"), {}
+        )
+        if (recorded.get("status"), recorded.get("reason")) != ("False", first.reason):
+            self._event(first.reason, message, warning=True)
+        # From the recorded condition, whatever this decision set before (its transition time stays).
+        conditions = lifecycle.drop_condition(self.status.get("conditions") or [], "Ready")
+        self.status["conditions"] = conditions + ([recorded] if recorded else [])
+        self._condition("Ready", False, first.reason, message)
+        self.status["message"] = message
+        timers = [r.retry_in for r in refusals.values() if r.retry_in]
+        return min([*timers, *([requeue] if requeue is not None else [])], default=None)
+
     def _ensure_shared_objects(self) -> None:
-        """Create the claim, Services and ConfigMap that are missing (whenever they are)."""
+        """Create the claim, Services, ConfigMap and NetworkPolicy that are missing (whenever they are);
+        replace the NetworkPolicy when the spec changed it, delete it when the spec turned it off."""
         desired = [*([self.desired.claim] if self.desired.claim else []), *self.desired.services]
         if self.desired.config_map is not None:
             desired.append(self.desired.config_map)
@@ -302,10 +370,19 @@ class _Decider:
             "PersistentVolumeClaim": self.observed.claims,
             "Service": self.observed.services,
             "ConfigMap": self.observed.config_maps,
+            "NetworkPolicy": self.observed.network_policies,
         }
-        for obj in desired:
+        policy = self.desired.network_policy
+        for name in self.observed.network_policies:
+            if policy is None or policy["metadata"]["name"] != name:
+                self.actions.append(Delete("NetworkPolicy", name))
+        existing = self.observed.network_policies.get(policy["metadata"]["name"]) if policy else None
+        changed = policy is not None and existing is not None and _spec_hash(existing) != _spec_hash(policy)
+        if changed and not self.blocked:
+            self.actions.append(Replace(policy))
+        for obj in [*desired, *([policy] if policy else [])]:
             if obj["metadata"]["name"] not in observed[obj["kind"]]:
-                self.actions.append(Create(obj))
+                self._create(obj)
 
     def _next_attempt(self, reason: str, delay: float) -> None:
         """Record the next learner attempt (launched once the old pods stopped and `delay` passed)."""
@@ -342,6 +419,8 @@ class _Decider:
         if not servers_replaced:
             self._phase("Restarting", "waiting for changed rollout/teacher pods to be replaced")
             return None
+        if self.blocked:
+            return None  # launched when the refused creates are retried (see _surface_refusals)
         config_map = self.desired.config_map
         observed = self.observed.config_maps.get(config_map["metadata"]["name"]) if config_map else None
         if config_map is not None and observed is not None and observed.get("data") != config_map["data"]:
@@ -354,7 +433,7 @@ class _Decider:
                 self.run, rank, attempt, self.desired.cluster_domain, self.desired.colocate
             )
             if pod["metadata"]["name"] not in existing:
-                self.actions.append(Create(self._queued(pod)))
+                self._create(self._queued(pod))
         # Launched once the learners exist: recorded after their creates (a crash between the two
         # makes the next reconcile find them under the same names), never before (an attempt
         # recorded as launched whose learners are missing would count as preempted).
@@ -437,8 +516,8 @@ class _Decider:
                 n += 1
                 name = f"{base}-{n}"
             pod = {**wanted, "metadata": {**wanted["metadata"], "name": name}}
-        self.actions.append(Create(self._queued(pod)))
-        if self.status.get("attemptLaunched"):
+        retry = self._refused("Pod", pod["metadata"]["name"])  # its refusal is the news, not each retry
+        if self._create(self._queued(pod)) and self.status.get("attemptLaunched") and not retry:
             self._event("ServerRecreated", f"recreated {server} as {pod['metadata']['name']}", warning=True)
 
     def _follow(self, current: list[Object], server_blocked: str | None = None) -> float | None:
@@ -503,7 +582,8 @@ class _Decider:
 
     def _admission(self) -> bool:
         """The `Admitted` condition of a queued run's current pod group; True while Kueue holds the
-        group back (the run is Pending, with Kueue's reason)."""
+        group back (the run is Pending, with Kueue's reason; `Ready` is False, reason `Queued`, which
+        `kubectl get rlsd` shows)."""
         group = self._group()
         if group is None:
             conditions = self.status.get("conditions") or []
@@ -517,6 +597,7 @@ class _Decider:
             if previous.get("status") != "False" or previous.get("reason") == "NotManagedByKueue":
                 self._event("Queued", message)
             self._condition("Admitted", False, reason, message)
+            self._condition("Ready", False, "Queued", message)
             self._phase("Pending", message)
             return True
         if members and not all(kueue.managed(p) for p in members):
@@ -534,6 +615,8 @@ class _Decider:
             if previous.get("status") != "True":
                 self._event("Admitted", message)
             self._condition("Admitted", True, "Admitted", message)
+            if self._condition_of("Ready").get("reason") == "Queued":  # no longer why it waits
+                self._condition("Ready", False, "Admitted", message)
         return False
 
     def _progress(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -25,7 +26,7 @@ import aiohttp
 import kopf
 from kubernetes import client
 
-from rlsd_operator import decide, kueue, metrics, names
+from rlsd_operator import admission, builders, decide, kueue, metrics, names
 from rlsd_operator.cache import OwnedObjects, RunKey, controller_owner
 from rlsd_operator.decide import (
     Create,
@@ -36,9 +37,10 @@ from rlsd_operator.decide import (
     Event,
     Observed,
     Progress,
+    Refusal,
     Replace,
 )
-from rlsd_operator.kube import OWNED_KINDS, Kube, absent, connection_info, load_configuration
+from rlsd_operator.kube import API_GROUPS, OWNED_KINDS, Kube, absent, connection_info, load_configuration
 
 Object = dict[str, Any]
 log = logging.getLogger("rlsd_operator")
@@ -50,6 +52,21 @@ ERROR_RETRY_SECONDS = 5.0
 SCRAPE_TIMEOUT_SECONDS = 3.0
 # Namespaces the operator watches (main sets them; empty: all).
 WATCHED_NAMESPACES: list[str] = []
+# The runs' NetworkPolicy defaults (RLSD_OPERATOR_NETWORK_POLICY, read at start-up).
+NETWORK_POLICY = builders.NetworkPolicyDefaults()
+# A ResourceQuota that frees room retries the creates it refused at once, but no sooner than this
+# after they were refused: quota usage changes with every pod of a busy namespace.
+QUOTA_RETRY_SECONDS = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingRefusal:
+    """A create the API server refused: why, when it was refused and when to retry it (monotonic)."""
+
+    reason: str
+    message: str
+    refused_at: float
+    until: float
 
 
 def _now() -> datetime.datetime:
@@ -75,8 +92,11 @@ class RunReconciler:
         self.references_at = 0.0
         self.references_generation: int | None = None
         self.desired: tuple[tuple[Any, ...], Desired] | None = None
-        # "Kind/name" -> (reason, message, until): creates the API server refused, retried after that.
-        self.refusals: dict[str, tuple[str, str, float]] = {}
+        # "Kind/name" -> the create the API server refused, until it is retried and goes through.
+        self.refusals: dict[str, PendingRefusal] = {}
+        # Refused retries in a row (the back-off), and what the writes of one reconcile had refused.
+        self.refused_retries = 0
+        self.just_refused: dict[str, tuple[str, str]] = {}
         self.last_scrape = 0.0
 
     # -- observing --------------------------------------------------------------------------------
@@ -121,20 +141,26 @@ class RunReconciler:
         hundreds of server pods takes a while to build, and the event loop must not wait)."""
         key = (run["metadata"].get("generation"), references.claim_access_modes, CLUSTER_DOMAIN)
         if self.desired is None or self.desired[0] != key:
-            self.desired = key, await asyncio.to_thread(decide.desire, run, CLUSTER_DOMAIN, references)
+            self.desired = (
+                key,
+                await asyncio.to_thread(decide.desire, run, CLUSTER_DOMAIN, references, NETWORK_POLICY),
+            )
         return self.desired[1]
 
     def _observed(self, run: Object, references: decide.References, progress: Progress | None) -> Observed:
         uid = run["metadata"]["uid"]
         mine: dict[str, dict[str, Object]] = {kind: {} for kind in OWNED_KINDS.values()}
-        refusals = {what: (reason, message) for what, (reason, message, _) in self.refusals.items()}
+        now = time.monotonic()
+        refusals = {
+            what: Refusal(r.reason, r.message, max(r.until - now, 0.0)) for what, r in self.refusals.items()
+        }
         for kind, objects in self.runs.cache.of_run(self.key).items():
             for name, obj in objects.items():
                 owner = controller_owner(obj)
                 if owner is not None and owner.get("uid") == uid:
                     mine[kind][name] = obj
                 else:
-                    refusals[f"{kind}/{name}"] = (
+                    refusals[f"{kind}/{name}"] = Refusal(
                         "NameConflict",
                         f"{kind} {name} belongs to an earlier run {self.name!r} (waiting until it is gone)",
                     )
@@ -144,6 +170,7 @@ class RunReconciler:
             services=mine["Service"],
             config_maps=mine["ConfigMap"],
             claims=mine["PersistentVolumeClaim"],
+            network_policies=mine["NetworkPolicy"],
             refusals=refusals,
             references=references,
             progress=progress,
@@ -178,20 +205,21 @@ class RunReconciler:
             return None
         if body["metadata"]["uid"] != self.uid:  # a new run of the same name
             self.uid, self.status, self.desired, self.refusals = body["metadata"]["uid"], None, None, {}
-            self.references = None
+            self.references, self.refused_retries = None, 0
         run = {**body, "status": self.status if self.status is not None else body.get("status") or {}}
         with metrics.RECONCILE_SECONDS.time():
             references = await self._references(run)
             desired = await self._desired(run, references)
             progress = await self._scrape(run)
-            self._expire_refusals()
+            due = {what for what, refusal in self.refusals.items() if refusal.until <= time.monotonic()}
             decision = decide.decide(run, desired, self._observed(run, references, progress))
             if not decision.record_after and not await self._record(run, decision):
                 return None
-            refused = set(self.refusals)
+            self.just_refused = {}
             acted = await self._act(decision)
+            self._settle_refusals(due)
             if decision.record_after:
-                if set(self.refusals) - refused:
+                if self.just_refused:
                     return 0.0  # a create was refused: what was decided did not happen
                 if not await self._record(run, decision):
                     return None
@@ -239,8 +267,9 @@ class RunReconciler:
         if isinstance(action, Create):
             await self._create(action.obj)
         elif isinstance(action, Replace):
-            replaced = await self._api(self.kube.replace_config_map, self.namespace, action.obj)
-            self.runs.cache.observe(replaced["kind"], "MODIFIED", replaced)
+            replaced = await self._write(self.kube.replace, action.obj)
+            if replaced is not None:
+                self.runs.cache.observe(replaced["kind"], "MODIFIED", replaced)
         elif isinstance(action, Delete):
             gone = not await self._api(self.kube.delete, action.kind, self.namespace, action.name)
             self.runs.cache.deleting(self.key, action.kind, action.name, gone)
@@ -248,36 +277,64 @@ class RunReconciler:
             await self._api(self.kube.delete_run, self.namespace, self.name)
 
     async def _create(self, obj: Object) -> None:
+        created = await self._write(self.kube.create, obj)
+        if created is not None:
+            self.runs.cache.created(obj["kind"], created)
+
+    async def _write(self, write: Any, obj: Object) -> Object | None:
+        """`write(namespace, obj)`, a create or a replace: the object written, or None when the API
+        server refused it (recorded in `just_refused`: surfaced, retried later) or the namespace goes."""
         kind, name = obj["kind"], obj["metadata"]["name"]
         try:
-            created = await self._api(self.kube.create, self.namespace, obj)
+            return await self._api(write, self.namespace, obj)
         except client.ApiException as exc:
+            message = _api_message(exc)
             if exc.status == 409:
-                # Made by an earlier operator before its watch events reached this one, or a name
-                # someone else holds: look once.
-                existing = await self._api(self.kube.read, kind, self.namespace, name)
-                owner = controller_owner(existing) if existing else None
-                if owner is not None and owner.get("uid") == self.uid:
-                    self.runs.cache.created(kind, existing)
-                    return
-                who = f"is owned by {owner['kind']} {owner['name']}" if owner else "is not owned by this run"
-                self._refuse(kind, name, "NameConflict", f"{kind} {name} exists and {who}")
-            elif _namespace_terminating(exc):
+                return await self._name_taken(obj)
+            if _namespace_terminating(exc):
                 self.gone = True  # the run goes with its namespace: nothing to do or report
-            elif exc.status in (400, 403, 422):
-                # Refused by validation or admission (quota, policy): say so, retry later.
-                self._refuse(kind, name, "CreateRefused", f"creating {kind} {name}: {_api_message(exc)}")
+            elif admission.is_refusal(exc.status, message):
+                self.just_refused[f"{kind}/{name}"] = admission.refusal(kind, name, exc.status, message)
             else:
                 raise
-            return
-        self.runs.cache.created(kind, created)
+            return None
 
-    def _refuse(self, kind: str, name: str, reason: str, message: str) -> None:
-        self.refusals[f"{kind}/{name}"] = (reason, message, time.monotonic() + decide.REFUSAL_RETRY_SECONDS)
+    async def _name_taken(self, obj: Object) -> Object | None:
+        """A create found its name taken: made by an earlier operator before its watch events reached
+        this one (the object, which is ours), or held by someone else (a refusal; None)."""
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        existing = await self._api(self.kube.read, kind, self.namespace, name)
+        owner = controller_owner(existing) if existing else None
+        if owner is not None and owner.get("uid") == self.uid:
+            return existing
+        who = f"is owned by {owner['kind']} {owner['name']}" if owner else "is not owned by this run"
+        self.just_refused[f"{kind}/{name}"] = ("NameConflict", f"{kind} {name} exists and {who}")
+        return None
 
-    def _expire_refusals(self) -> None:
-        now = time.monotonic()
-        self.refusals = {what: refusal for what, refusal in self.refusals.items() if refusal[2] > now}
+    def _settle_refusals(self, due: set[str]) -> None:
+        """After a reconcile's writes: the retried creates that went through are no longer refused;
+        those refused now (again) are retried after the back-off, which grows while they keep failing."""
+        for what in due - set(self.just_refused):
+            self.refusals.pop(what, None)
+        if self.just_refused:
+            self.refused_retries += 1
+            now = time.monotonic()
+            until = now + decide.refusal_retry_seconds(self.refused_retries)
+            for what, (reason, message) in self.just_refused.items():
+                self.refusals[what] = PendingRefusal(reason, message, now, until)
+        elif not self.refusals:
+            self.refused_retries = 0
+
+    def quota_freed(self) -> bool:
+        """A ResourceQuota of the run's namespace has room again: creates it refused are retried now
+        (but no sooner than QUOTA_RETRY_SECONDS after they were refused). Whether there were any."""
+        freed = False
+        for what, refusal in self.refusals.items():
+            if refusal.reason in admission.QUOTA_REASONS:
+                until = min(refusal.until, refusal.refused_at + QUOTA_RETRY_SECONDS)
+                self.refusals[what] = dataclasses.replace(refusal, until=until)
+                freed = True
+        return freed
 
     def _post(self, run: Object, event: Event) -> None:
         """One decision: an Event on the run, one log line, and the counters it moves."""
@@ -327,7 +384,11 @@ class Runs:
         self.bodies: dict[RunKey, Object] = {}
         self.wakeups: dict[RunKey, asyncio.Event] = {}
         self.tasks: dict[RunKey, asyncio.Task[None]] = {}
+        self.reconcilers: dict[RunKey, RunReconciler] = {}
         self.phases: dict[RunKey, str] = {}
+        # The ResourceQuotas last seen, by (namespace, name): a change that frees room wakes the runs
+        # of that namespace that a quota refused.
+        self.quotas: dict[tuple[str, str], Object] = {}
 
     def http(self) -> aiohttp.ClientSession:
         """One HTTP client for every run's scrapes (its connections are kept between scrapes)."""
@@ -350,6 +411,21 @@ class Runs:
         if key is not None and key in self.bodies:
             self.wake(key)
 
+    def on_quota(self, event_type: str | None, quota: Object) -> None:
+        namespace = quota["metadata"]["namespace"]
+        key = (namespace, quota["metadata"]["name"])
+        old = self.quotas.get(key)
+        new = None if event_type == "DELETED" else quota
+        if new is None:
+            self.quotas.pop(key, None)
+        else:
+            self.quotas[key] = new
+        if not admission.quota_freed(old, new):
+            return
+        for run, reconciler in list(self.reconcilers.items()):
+            if run[0] == namespace and reconciler.quota_freed():
+                self.wake(run)
+
     def on_workload(self, event_type: str | None, obj: Object) -> None:
         key = self.cache.observe_workload(event_type, obj)
         if key is not None and key in self.bodies:
@@ -362,7 +438,7 @@ class Runs:
         self.wakeups[key].set()
 
     async def _loop(self, key: RunKey) -> None:
-        reconciler = RunReconciler(self, key)
+        reconciler = self.reconcilers[key] = RunReconciler(self, key)
         wakeup = self.wakeups[key]
         try:
             while True:
@@ -395,6 +471,8 @@ class Runs:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), timeout=delay)
         finally:
+            if self.reconcilers.get(key) is reconciler:
+                del self.reconcilers[key]
             self.phases.pop(key, None)
             metrics.publish_phases(self.phases)
 
@@ -419,7 +497,8 @@ class Runs:
 
 
 def _owned_resource(resource: kopf.Resource) -> bool:
-    return resource.group == "" and resource.plural in OWNED_KINDS
+    kind = OWNED_KINDS.get(resource.plural)
+    return kind is not None and resource.group == API_GROUPS.get(kind, ("", "v1"))[0]
 
 
 @kopf.on.startup()
@@ -446,6 +525,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     decide.REFERENCE_RETRY_SECONDS = float(
         os.environ.get("RLSD_OPERATOR_REFERENCE_RETRY_SECONDS", decide.REFERENCE_RETRY_SECONDS)
     )
+    global NETWORK_POLICY
+    try:
+        NETWORK_POLICY = builders.NetworkPolicyDefaults.from_json(
+            os.environ.get("RLSD_OPERATOR_NETWORK_POLICY", "")
+        )
+    except ValueError as exc:
+        raise kopf.PermanentError(str(exc)) from None
     decide.DEFAULT_QUEUE_NAME = os.environ.get("RLSD_OPERATOR_DEFAULT_QUEUE_NAME", decide.DEFAULT_QUEUE_NAME)
     kube = Kube(load_configuration())
     # Kueue's Workloads say why a queued run waits; watched when the cluster serves them (looked up
@@ -501,6 +587,12 @@ def _watch_workloads() -> None:
 
 
 for _plural, _kind in OWNED_KINDS.items():
-    kopf.on.event("", "v1", _plural, labels={names.LABEL_APP: names.APP}, id=f"on-{_plural}")(
+    _group, _version = API_GROUPS.get(_kind, ("", "v1"))
+    kopf.on.event(_group, _version, _plural, labels={names.LABEL_APP: names.APP}, id=f"on-{_plural}")(
         _on_owned(_kind)
     )
+
+
+@kopf.on.event("", "v1", "resourcequotas")
+async def on_quota_event(event: Object, memo: kopf.Memo, **_: Any) -> None:
+    memo.runs.on_quota(event["type"], event["object"])

@@ -35,7 +35,10 @@ OWNED_KINDS = {
     "services": "Service",
     "configmaps": "ConfigMap",
     "persistentvolumeclaims": "PersistentVolumeClaim",
+    "networkpolicies": "NetworkPolicy",
 }
+# The API group and version of each owned kind outside the core group.
+API_GROUPS = {"NetworkPolicy": ("networking.k8s.io", "v1")}
 
 
 def load_configuration() -> client.Configuration:
@@ -111,6 +114,7 @@ class Kube:
         api = client.ApiClient(configuration)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        networking = client.NetworkingV1Api(api)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="rlsd-kube")
         self.gate = PriorityGate(workers)
         core = self.core
@@ -119,6 +123,7 @@ class Kube:
             "Service": core.create_namespaced_service,
             "ConfigMap": core.create_namespaced_config_map,
             "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
+            "NetworkPolicy": networking.create_namespaced_network_policy,
         }
         self._read = {
             "Pod": core.read_namespaced_pod,
@@ -126,6 +131,15 @@ class Kube:
             "ConfigMap": core.read_namespaced_config_map,
             "PersistentVolumeClaim": core.read_namespaced_persistent_volume_claim,
             "Secret": core.read_namespaced_secret,
+            "NetworkPolicy": networking.read_namespaced_network_policy,
+        }
+        self._replace = {
+            "ConfigMap": core.replace_namespaced_config_map,
+            "NetworkPolicy": networking.replace_namespaced_network_policy,
+        }
+        self._delete = {
+            "Pod": core.delete_namespaced_pod,
+            "NetworkPolicy": networking.delete_namespaced_network_policy,
         }
         self._list = {
             "Pod": (core.list_pod_for_all_namespaces, core.list_namespaced_pod),
@@ -134,6 +148,10 @@ class Kube:
             "PersistentVolumeClaim": (
                 core.list_persistent_volume_claim_for_all_namespaces,
                 core.list_namespaced_persistent_volume_claim,
+            ),
+            "NetworkPolicy": (
+                networking.list_network_policy_for_all_namespaces,
+                networking.list_namespaced_network_policy,
             ),
         }
 
@@ -186,15 +204,16 @@ class Kube:
                 return None
             raise
 
-    async def replace_config_map(self, namespace: str, obj: Object) -> Object:
+    async def replace(self, namespace: str, obj: Object) -> Object:
+        """The replaced object (a ConfigMap or NetworkPolicy); raises ApiException."""
         name = obj["metadata"]["name"]
-        return await self._json(self.core.replace_namespaced_config_map, name, namespace, obj)
+        return await self._json(self._replace[obj["kind"]], name, namespace, obj)
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """False when it was already gone."""
-        method = {"Pod": self.core.delete_namespaced_pod}[kind]
+        priority = PODS if kind == "Pod" else OTHER
         try:
-            await self._json(method, name, namespace, priority=PODS)
+            await self._json(self._delete[kind], name, namespace, priority=priority)
         except client.ApiException as exc:
             if absent(exc):
                 return False

@@ -26,7 +26,7 @@ DISRUPTED_REASONS = {
     "UnexpectedAdmissionError",
 }
 # Spec fields that apply at once; any other change waits for the next attempt of the learners.
-LIVE_FIELDS = {"suspend", "ttlSecondsAfterFinished", "restartPolicy"}
+LIVE_FIELDS = {"suspend", "ttlSecondsAfterFinished", "restartPolicy", "networkPolicy"}
 # Phases that never change again.
 FINISHED = {"Succeeded", "Failed"}
 

@@ -76,6 +76,10 @@ def labels(run: str, role: str | None = None, **extra: str) -> dict[str, str]:
     return {**result, **extra}
 
 
+def network_policy_name(run: str) -> str:
+    return f"{stem(run)}-netpol"
+
+
 def config_map_name(run: str) -> str:
     return f"{stem(run)}-config"
 

@@ -70,6 +70,7 @@ OPERATOR_FIELDS = frozenset(
         "trackers.mlflow.tokenSecret",
         "suspend",
         "ttlSecondsAfterFinished",
+        "networkPolicy",
         "trainerConfig",
     }
 )
