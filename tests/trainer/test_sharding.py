@@ -40,7 +40,7 @@ prompts = [torch.randint(2, 97, (int(n),), generator=generator).tolist() for n i
 responses = [torch.randint(2, 97, (int(n),), generator=generator).tolist() for n in (4, 1, 6, 3, 5, 2)]
 advantages = torch.randn(6, generator=generator)
 rows = share_of(6, ctx)
-batch = pack([prompts[i] for i in rows], [responses[i] for i in rows], 0)
+batch = pack([prompts[i] for i in rows], [responses[i] for i in rows])
 (global_tokens,) = all_reduce([float(batch.response_mask.sum())], ctx)
 policy = prepare_policy(tiny_model(seed=1), ctx, LearnerSection())
 logprobs, _ = policy.response_logprobs(batch, chunk_tokens=4)
@@ -87,7 +87,7 @@ def test_activation_checkpointing_keeps_gradients() -> None:
 
     from rlsd_trainer.logprobs import pack
 
-    batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]], 0)
+    batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]])
     grads = []
     for checkpointing in (False, True):
         policy = prepare_policy(

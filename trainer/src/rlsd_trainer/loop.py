@@ -136,7 +136,6 @@ class Trainer:
         self.initial_policy = broadcast_from_main(initial_policy, ctx)
         loaded = load_model(self.initial_policy, config.model)
         self.tokenizer = loaded.tokenizer
-        self.pad_id = int(self.tokenizer.pad_token_id)
         self.policy = prepare_policy(loaded.model.train(), ctx, config.learner)
         self.teacher = self._build_teacher() if algorithms.needs_teacher(config.algorithm) else None
         self.reference = self._frozen_copy() if config.algorithm.kl_coef > 0 else None
@@ -160,9 +159,7 @@ class Trainer:
         self.teacher_client = None
         self.metrics: MetricsLogger | None = None
         if ctx.is_main:
-            self.engine = build_rollout_engine(
-                config, self.initial_policy, loaded.stop_token_ids, self.pad_id, ctx.device
-            )
+            self.engine = build_rollout_engine(config, self.initial_policy, loaded.stop_token_ids, ctx.device)
             if self.teacher is not None and config.teacher.placement == "remote":
                 self.teacher_client = build_teacher_client(config)
             self.metrics = MetricsLogger(
@@ -387,7 +384,7 @@ class Trainer:
         rows = range(groups.start * group, groups.stop * group)
         responses = [plan.responses[i] for i in rows]
         device = self.ctx.device
-        batch = pack([plan.prompts[i // group] for i in rows], responses, self.pad_id).to(device)
+        batch = pack([plan.prompts[i // group] for i in rows], responses).to(device)
         advantages = torch.tensor([plan.advantages[i] for i in rows], device=device)
         rollout_lp = _padded([plan.rollout_logprobs[i] for i in rows], batch.response_mask)
         teacher_lp = None
@@ -399,7 +396,6 @@ class Trainer:
                     [plan.teacher_prompts[g] for g in groups],
                     responses,
                     group,
-                    self.pad_id,
                     cfg.learner.logprob_chunk_tokens,
                 )
 
@@ -428,20 +424,24 @@ class Trainer:
         return values
 
     def _micro_batches(self, batch: PackedBatch) -> tuple[list[torch.Tensor], int]:
-        """Row indices of micro-batches whose padded size fits `learner.micro_batch_tokens`, and how
-        many of them are real.
+        """Row indices of micro-batches of at most `learner.micro_batch_tokens` real tokens (a longer
+        row alone), and how many of them are real.
 
-        Every rank runs as many micro-batches as the busiest one (the extra ones repeat a row and
-        contribute zero), because each sharded forward and backward is a collective."""
-        lengths = batch.attention_mask.sum(1)
-        order = torch.argsort(lengths, descending=True).tolist()
+        Rows go longest first, so a micro-batch holds rows of similar lengths (the CPU attention pads
+        its rows to the longest). Every rank runs as many micro-batches as the busiest one (the extra
+        ones repeat a row and contribute zero), because each sharded forward and backward is a
+        collective."""
+        lengths = batch.row_lengths.tolist()
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         budget = self.config.learner.micro_batch_tokens
         groups: list[list[int]] = [[]]
+        filled = 0
         for index in order:
-            widest = int(lengths[groups[-1][0]]) if groups[-1] else int(lengths[index])
-            if groups[-1] and widest * (len(groups[-1]) + 1) > budget:
+            if groups[-1] and filled + lengths[index] > budget:
                 groups.append([])
+                filled = 0
             groups[-1].append(index)
+            filled += lengths[index]
         (most,) = all_reduce([float(len(groups))], self.ctx, op="max")
         padding = [torch.tensor(groups[-1][:1])] * (int(most) - len(groups))
         return [torch.tensor(g) for g in groups] + padding, len(groups)
@@ -465,7 +465,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for index, rows in enumerate(micro_batches):
                 counted = index < real  # repeats only keep the ranks' collectives in step
-                micro = _select(batch, rows)
+                micro = batch.select(rows)
                 width = micro.response_mask.shape[1]
                 logprobs, entropy = self.policy.response_logprobs(
                     micro, cfg.learner.logprob_chunk_tokens, with_entropy=True
@@ -535,7 +535,7 @@ class Trainer:
         """Log-probs before any update of this step, for the ratio of epochs after the first."""
         old = torch.zeros_like(batch.response_mask)
         for rows in micro_batches:
-            micro = _select(batch, rows)
+            micro = batch.select(rows)
             logprobs, _ = self.policy.response_logprobs(micro, self.config.learner.logprob_chunk_tokens)
             old[rows, : logprobs.shape[1]] = logprobs
         return old
@@ -639,19 +639,6 @@ def _padded(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
     for i, values in enumerate(rows):
         out[i, : len(values)] = torch.tensor(values, dtype=out.dtype)
     return out
-
-
-def _select(batch: PackedBatch, rows: torch.Tensor) -> PackedBatch:
-    """Rows of a packed batch, trimmed to the longest row so padding is not computed."""
-    width = int(batch.attention_mask[rows].sum(1).max())
-    response_width = max(1, int(batch.response_mask[rows].sum(1).max()))
-    return PackedBatch(
-        input_ids=batch.input_ids[rows, :width],
-        attention_mask=batch.attention_mask[rows, :width],
-        prompt_lengths=batch.prompt_lengths[rows],
-        response_ids=batch.response_ids[rows, :response_width],
-        response_mask=batch.response_mask[rows, :response_width],
-    )
 
 
 def run_training(

@@ -156,7 +156,5 @@ def build_app(
         backend,
         transfer_timeout_s,
     )
-    engine = LocalEngine(
-        host.model, int(loaded.tokenizer.pad_token_id), loaded.stop_token_ids, max_batch_size
-    )
+    engine = LocalEngine(host.model, loaded.stop_token_ids, max_batch_size)
     return create_app("rollout", host, _router(host, engine, loaded.tokenizer))
