@@ -61,7 +61,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from harness import qwen3_config
+from harness import model_flops, qwen3_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results"
@@ -112,14 +112,6 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 # ---- the learner step ---------------------------------------------------------------------------
-
-
-def model_flops(
-    shape: dict[str, int], parameters: int, tokens: int, response_tokens: int, squared_lengths: int
-) -> float:
-    body = parameters - shape["vocab"] * shape["hidden"]
-    attention = 12 * shape["layers"] * shape["heads"] * shape["head_dim"] * squared_lengths
-    return 6.0 * body * tokens + 6.0 * shape["vocab"] * shape["hidden"] * response_tokens + attention
 
 
 def peak_tflops(args: argparse.Namespace, device_name: str) -> float | None:

@@ -47,7 +47,9 @@ def parameter_count(shape: dict[str, int]) -> int:
     return shape["vocab"] * shape["hidden"] + shape["layers"] * (attention + mlp)
 
 
-def qwen3_config(shape: dict[str, int], max_positions: int = 4096) -> Any:
+def qwen3_config(
+    shape: dict[str, int], max_positions: int = 4096, eos_token_id: int = 1, pad_token_id: int = 0
+) -> Any:
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -61,8 +63,8 @@ def qwen3_config(shape: dict[str, int], max_positions: int = 4096) -> Any:
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=None,
-        eos_token_id=1,
-        pad_token_id=0,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
 
 
@@ -93,6 +95,51 @@ def random_model_dir(directory: Path, shape: dict[str, int], seed: int = 0) -> t
     word_tokenizer(shape["vocab"]).save_pretrained(directory)
     marker.write_text(json.dumps({"shape": shape, "parameters": parameters}))
     return directory, parameters
+
+
+def model_flops(
+    shape: dict[str, int], parameters: int, tokens: int, response_tokens: int, squared_lengths: int
+) -> float:
+    """Model FLOPs of one learner forward + backward over packed rows (no recomputation counted):
+    `6 N_body tokens + 6 V h response_tokens + 12 L H d sum(length^2)`, N_body = parameters without
+    the (tied) embedding; the output projection runs on response tokens only; attention within each
+    row, not halved for causal masking (the usual MFU convention)."""
+    body = parameters - shape["vocab"] * shape["hidden"]
+    attention = 12 * shape["layers"] * shape["heads"] * shape["head_dim"] * squared_lengths
+    return 6.0 * body * tokens + 6.0 * shape["vocab"] * shape["hidden"] * response_tokens + attention
+
+
+def shape_of(config: Any) -> dict[str, int]:
+    """A `SHAPES`-style entry from a transformers Qwen3-like config."""
+    return dict(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        vocab=config.vocab_size,
+    )
+
+
+def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 7) -> float:
+    """This machine's float32 matmul rate with `threads` threads (GFLOP/s): the best of `repeats`
+    `[size, size] @ [size, size]` products, i.e. what a learner's large matmuls can reach here."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up: threads, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - started)
+    torch.set_num_threads(previous)
+    return 2 * size**3 / best / 1e9
 
 
 def load_average() -> list[float]:

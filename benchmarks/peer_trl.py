@@ -1,11 +1,18 @@
-"""Our GRPO step against TRL's GRPOTrainer: same tiny model, same data, same batch shape, one run.
+"""Our GRPO step against TRL's GRPOTrainer: same model, same data, same batch shape, one run.
 
 Setting (both sides, measured one after the other in this one process, `torch.set_num_threads(2)`)
-    * Model: the embedded tiny Qwen3 model (`rlsd_trainer.task.build_model_dir`), given a short
-      supervised warm-up (`rlsd_trainer.warmup.supervised_warmup`, `--warmup-sft-steps`, default 150,
-      batch 64, lr 2e-3: about 90 s on 2 cores; 60 steps leave the reward near 0.01) so that rewards
-      are not all zero; the result is saved once and both trainers load that very directory, so
-      they start from the same weights. float32 on CPU.
+    * Models (`--shapes`, both by default, each measured on both sides in turn):
+      `embedded`: the embedded tiny Qwen3 model (`rlsd_trainer.task.build_model_dir`: hidden 128,
+      4 layers), given a short supervised warm-up (`rlsd_trainer.warmup.supervised_warmup`,
+      `--warmup-sft-steps`, default 150, batch 64, lr 2e-3: about 90 s on 2 cores; 60 steps leave
+      the reward near 0.01) so that rewards are not all zero;
+      `qwen3-512x4`: a larger random-initialised Qwen3 (hidden 512, 4 layers, 8 heads, 4 KV heads,
+      head_dim 64, MLP 1536, 12.6M parameters) with the embedded tokenizer and chat template. A
+      random tied-embedding model favours tokens already in its context, among them the chat
+      template's end-of-turn token, so response lengths vary widely (mean about 18 of 64) as RL
+      responses do; rewards stay 0, which changes neither side's work.
+      Each model is saved once and both trainers load that very directory, so they start from the
+      same weights. float32 on CPU.
     * Data: train rows of the embedded arithmetic task (`rlsd_trainer.task.generate_examples`),
       written to a JSONL file for our trainer. The question becomes a one-turn user message under
       the tokenizer's chat template on both sides (ours: `models.encode_prompt`; TRL: conversational
@@ -37,8 +44,16 @@ Throughput (the same definition for both sides)
     cross-checked against TRL's own `state.num_input_tokens_seen` (prompt + completion tokens it
     counts per generation). Completion tokens include the stop token and no padding on both sides.
 
-Output: a table on stdout, `benchmarks/results/peer_trl.json` and `benchmarks/results/peer_trl.png`.
-Target: ours/TRL tokens/s >= 2.
+Learner efficiency (ours)
+    The learn phase (`time_learn_seconds` of `train_step`: log-probs, loss, backward, optimizer
+    step) against its model FLOPs counted on real tokens only (`harness.model_flops`: 6 x body
+    parameters x prompt + response tokens + 6 x V x h x response tokens + 12 x L x H x d x sum of
+    squared row lengths), as GFLOP/s and as a share of this machine's float32 matmul peak with the
+    same threads (`harness.matmul_peak_gflops`, 2048^3 products, measured in the same run).
+
+Output: a table per model on stdout, `benchmarks/results/peer_trl.json` and
+`benchmarks/results/peer_trl.png`. Targets: ours/TRL tokens/s >= 2 on both models; learn phase at
+>= 50% of the matmul peak.
 
 Running it
     TRL is needed by this benchmark only and is not a dependency of the trainer, so this module does
@@ -67,6 +82,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {
+    "qwen3-512x4": dict(hidden=512, intermediate=1536, layers=4, heads=8, kv_heads=4, head_dim=64),
+}
 
 
 class CpuWatch:
@@ -114,6 +132,8 @@ class StepRecord:
     framework_tokens: int | None = None
     # Seconds per phase: ours as `train_step` reports them; TRL's generation and the rest.
     phases: dict[str, float] | None = None
+    # Ours only: sum over rows of (prompt + response length)^2, for the attention FLOPs.
+    squared_lengths: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -154,6 +174,11 @@ class SideResult:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shapes",
+        default="embedded,qwen3-512x4",
+        help=f"models, comma-separated: embedded, {', '.join(SHAPES)}",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps run first on each side")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step")
@@ -178,16 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- common set-up ------------------------------------------------------------------------------
 
 
-def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, list[Any]]:
-    """The warmed-up start model, the train JSONL, and the rows in the order our sampler draws them."""
-    from rlsd_trainer.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection, WarmupSection
+def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, list[Any]]:
+    """The train JSONL, and its rows in the order our sampler draws them."""
+    from rlsd_trainer.config import EmbeddedTaskSection
     from rlsd_trainer.data import ResumableSampler
-    from rlsd_trainer.models import load_model
-    from rlsd_trainer.task import build_model_dir, generate_examples
-    from rlsd_trainer.warmup import supervised_warmup
+    from rlsd_trainer.task import generate_examples
 
-    task = EmbeddedTaskSection(num_train=args.num_train)
-    rows = generate_examples(task, "train", args.seed)
+    rows = generate_examples(EmbeddedTaskSection(num_train=args.num_train), "train", args.seed)
     jsonl = work / "train.jsonl"
     with jsonl.open("w") as handle:
         for row in rows:
@@ -195,10 +217,44 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, list[Any]
                 json.dumps({"question": row.question, "answer": row.answer, "reference": row.reference})
             )
             handle.write("\n")
+    # The rows our trainer will draw, step by step (its sampler is ResumableSampler(len, run.seed)).
+    sampler = ResumableSampler(len(rows), args.seed)
+    total = (args.warmup_steps + args.steps) * args.prompts
+    return jsonl, [rows[i] for i in sampler.next_indices(total)]
 
+
+def prepare_model(args: argparse.Namespace, work: Path, shape: str) -> Path:
+    """The start model of `shape`: the warmed-up embedded model, or a random one of `SHAPES`."""
+    import torch
+    from harness import qwen3_config
+    from transformers import AutoModelForCausalLM
+
+    from rlsd_trainer.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection, WarmupSection
+    from rlsd_trainer.models import load_model
+    from rlsd_trainer.task import build_model_dir, generate_examples
+    from rlsd_trainer.warmup import supervised_warmup
+
+    task = EmbeddedTaskSection(num_train=args.num_train)
+    base = work / "base-model"
+    if not (base / "config.json").exists():
+        build_model_dir(base, task, args.seed)
+    if shape != "embedded":
+        start = work / f"{shape}-seed{args.seed}"
+        if not (start / "config.json").exists():
+            tokenizer = load_model(base, ModelSection()).tokenizer
+            config = qwen3_config(
+                {**SHAPES[shape], "vocab": len(tokenizer)},
+                1024,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+            )
+            torch.manual_seed(args.seed)
+            AutoModelForCausalLM.from_config(config).save_pretrained(start, safe_serialization=True)
+            tokenizer.save_pretrained(start)
+        return start
     start = work / f"start-model-sft{args.warmup_sft_steps}-seed{args.seed}"
     if not (start / "config.json").exists():
-        base = build_model_dir(work / "base-model", task, args.seed)
+        rows = generate_examples(task, "train", args.seed)
         loaded = load_model(base, ModelSection())
         started = time.perf_counter()
         losses = supervised_warmup(
@@ -218,12 +274,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, list[Any]
         )
         loaded.model.save_pretrained(start, safe_serialization=True)
         loaded.tokenizer.save_pretrained(start)
-
-    # The rows our trainer will draw, step by step (its sampler is ResumableSampler(len, run.seed)).
-    sampler = ResumableSampler(len(rows), args.seed)
-    total = (args.warmup_steps + args.steps) * args.prompts
-    ordered = [rows[i] for i in sampler.next_indices(total)]
-    return start, jsonl, ordered
+    return start
 
 
 # ---- our trainer --------------------------------------------------------------------------------
@@ -244,7 +295,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
             "run": {
                 "name": "peer-ours",
                 "seed": args.seed,
-                "output_dir": str(work / "ours"),
+                "output_dir": str(work / f"ours-{model_dir.name}"),
                 "total_steps": big,
             },
             "model": {"path": str(model_dir)},
@@ -266,13 +317,16 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
     side = SideResult("ours", notes={"micro_batch_tokens": config.learner.micro_batch_tokens})
 
     # Count the tokens of every rollout from what the engine was given and returned.
-    counts = {"prompt": 0, "completion": 0}
+    counts = {"prompt": 0, "completion": 0, "squared": 0}
     generate = trainer.engine.generate
 
     def counting_generate(prompts, params):  # type: ignore[no-untyped-def]
         groups = generate(prompts, params)
         counts["prompt"] += sum(len(p) for p in prompts) * params.n
         counts["completion"] += sum(len(c.token_ids) for group in groups for c in group)
+        counts["squared"] += sum(
+            (len(p) + len(c.token_ids)) ** 2 for p, group in zip(prompts, groups, strict=True) for c in group
+        )
         return groups
 
     trainer.engine.generate = counting_generate  # type: ignore[method-assign]
@@ -283,7 +337,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
         for index in range(args.warmup_steps + args.steps):
             if index == args.warmup_steps:
                 watch = CpuWatch()
-            counts.update(prompt=0, completion=0)
+            counts.update(prompt=0, completion=0, squared=0)
             started = time.perf_counter()
             values = trainer.train_step(rewards)
             seconds = time.perf_counter() - started
@@ -299,6 +353,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
                         for key, value in values.items()
                         if key.startswith("time_")
                     },
+                    squared_lengths=counts["squared"],
                 )
             )
             _progress("ours", index, args, side.steps[-1])
@@ -334,7 +389,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], 
     )
     batch = args.prompts * args.group
     config = GRPOConfig(
-        output_dir=str(work / "trl"),
+        output_dir=str(work / f"trl-{model_dir.name}"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         num_generations=args.group,
@@ -456,55 +511,86 @@ def _progress(name: str, index: int, args: argparse.Namespace, step: StepRecord)
     )
 
 
-def plot(sides: dict[str, SideResult], path: Path) -> None:
+def plot(results: dict[str, dict[str, SideResult]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False)
     colours = {"ours": "#4c72b0", "trl": "#dd8452"}
-    for name, side in sides.items():
-        timed = side.timed()
-        left.plot(
-            range(1, len(timed) + 1),
-            [s.tokens_per_second for s in timed],
-            "o-",
-            label=name,
-            color=colours[name],
+    for column, (shape, sides) in enumerate(results.items()):
+        steps, bars = axes[0][column], axes[1][column]
+        for name, side in sides.items():
+            timed = side.timed()
+            steps.plot(
+                range(1, len(timed) + 1),
+                [s.tokens_per_second for s in timed],
+                "o-",
+                label=name,
+                color=colours[name],
+            )
+        steps.set_title(shape, fontsize=10)
+        steps.set_xlabel("timed step")
+        steps.set_ylabel("tokens/s (prompt + completion)")
+        steps.set_ylim(bottom=0)
+        steps.legend()
+        names = list(sides)
+        means = [sides[n].summary()["tokens_per_second"] for n in names]
+        drawn = bars.bar(names, means, color=[colours[n] for n in names])
+        for bar, name in zip(drawn, names, strict=True):
+            summary = sides[name].summary()
+            bars.annotate(
+                f"{summary['tokens_per_second']:.0f} tok/s\n{summary['step_seconds']:.2f} s/step",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        bars.set_ylim(0, max(means) * 1.25)
+        bars.set_title(
+            f"mean over timed steps: ours/TRL = {means[names.index('ours')] / means[names.index('trl')]:.2f}",
+            fontsize=10,
         )
-    left.set_xlabel("timed step")
-    left.set_ylabel("tokens/s (prompt + completion)")
-    left.set_ylim(bottom=0)
-    left.legend()
-    names = list(sides)
-    means = [sides[n].summary()["tokens_per_second"] for n in names]
-    bars = right.bar(names, means, color=[colours[n] for n in names])
-    for bar, name in zip(bars, names, strict=True):
-        summary = sides[name].summary()
-        right.annotate(
-            f"{summary['tokens_per_second']:.0f} tok/s\n{summary['step_seconds']:.2f} s/step",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    right.set_ylim(0, max(means) * 1.25)
-    right.set_title("mean over timed steps", fontsize=10)
-    fig.suptitle("GRPO step throughput, embedded tiny model, CPU", fontsize=11)
+    fig.suptitle("GRPO step throughput, ours vs TRL GRPOTrainer, CPU", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def report(args: argparse.Namespace, sides: dict[str, SideResult]) -> dict[str, Any]:
+def learner_efficiency(side: SideResult, model_dir: Path, peak: float) -> dict[str, float]:
+    """Ours: model GFLOP/s of the learn phase on real tokens, and its share of the matmul peak."""
+    from harness import model_flops, parameter_count, shape_of
+    from transformers import AutoConfig
+
+    shape = shape_of(AutoConfig.from_pretrained(model_dir))
+    parameters = parameter_count(shape)
+    timed = side.timed()
+    flops = [
+        model_flops(shape, parameters, s.tokens, s.completion_tokens, s.squared_lengths or 0) for s in timed
+    ]
+    seconds = [s.phases["learn"] for s in timed if s.phases]
+    gflops = sum(flops) / sum(seconds) / 1e9
+    return {
+        "learn_seconds": statistics.fmean(seconds),
+        "learn_gflop_per_step": statistics.fmean(flops) / 1e9,
+        "learn_gflops": gflops,
+        "matmul_peak_gflops": peak,
+        "share_of_peak": gflops / peak,
+    }
+
+
+def report(
+    args: argparse.Namespace, shape: str, sides: dict[str, SideResult], efficiency: dict[str, float]
+) -> dict[str, Any]:
     ours, peer = sides["ours"].summary(), sides["trl"].summary()
     ratio = ours["tokens_per_second"] / peer["tokens_per_second"]
     print()
     print(
-        f"{args.prompts} prompts x {args.group} completions per step, max {args.max_new_tokens} new tokens, "
-        f"{args.threads} threads; mean over {args.steps} timed steps after {args.warmup_steps} untimed"
+        f"{shape}: {args.prompts} prompts x {args.group} completions per step, max {args.max_new_tokens} new "
+        f"tokens, {args.threads} threads; mean over {args.steps} timed steps after {args.warmup_steps} "
+        "untimed"
     )
     header = f"{'':<24}{'ours':>12}{'TRL':>12}{'ours/TRL':>10}"
     print(header)
@@ -526,6 +612,12 @@ def report(args: argparse.Namespace, sides: dict[str, SideResult]) -> dict[str, 
     for name, side in sides.items():
         split = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in side.phase_seconds().items())
         print(f"mean phase split, {name}: {split}")
+    print(
+        f"our learn phase: {efficiency['learn_gflop_per_step']:.1f} GFLOP on real tokens in "
+        f"{efficiency['learn_seconds']:.2f} s = {efficiency['learn_gflops']:.1f} GFLOP/s, "
+        f"{100 * efficiency['share_of_peak']:.0f}% of the float32 matmul peak "
+        f"({efficiency['matmul_peak_gflops']:.1f} GFLOP/s, {args.threads} threads; target >= 50%)"
+    )
     foreign = {name: side.notes.get("foreign_cpu_cores", float("nan")) for name, side in sides.items()}
     print(
         "cores kept busy by other processes during the timed steps: "
@@ -535,12 +627,10 @@ def report(args: argparse.Namespace, sides: dict[str, SideResult]) -> dict[str, 
         print("warning: other processes competed for the CPU; timings are not trustworthy, rerun when idle")
     print(f"throughput ratio ours/TRL = {ratio:.2f} (target >= 2: {'met' if ratio >= 2 else 'MISSED'})")
     return {
-        "setting": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "throughput_definition": "(prompt + completion tokens of all rollouts of a step) / step wall time, "
-        "mean over timed steps",
         "ratio_ours_over_trl": ratio,
         "target_ratio": 2.0,
         "target_met": ratio >= 2,
+        "learner_efficiency": efficiency,
         "sides": {
             name: {
                 "summary": side.summary(),
@@ -559,6 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     order = [name.strip() for name in args.order.split(",")]
     if sorted(order) != ["ours", "trl"]:
         raise SystemExit("--order must name 'ours' and 'trl' once each")
+    shapes = [name.strip() for name in args.shapes.split(",")]
+    unknown = [name for name in shapes if name != "embedded" and name not in SHAPES]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {unknown}; choose from embedded, {', '.join(SHAPES)}")
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -567,25 +661,46 @@ def main(argv: list[str] | None = None) -> int:
             "(see this script's docstring)"
         ) from None
     import torch
+    from harness import load_average, matmul_peak_gflops
 
     torch.set_num_threads(args.threads)
+    load_start = load_average()
+    peak = matmul_peak_gflops(args.threads)
+    print(
+        f"float32 matmul peak, {args.threads} threads: {peak:.1f} GFLOP/s; load average {load_start}",
+        flush=True,
+    )
+    measured: dict[str, dict[str, SideResult]] = {}
+    reports: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="peer-trl-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model_dir, jsonl, ordered = prepare(args, work)
-        sides: dict[str, SideResult] = {}
-        for name in order:
-            print(f"running {name} ...", flush=True)
-            if name == "ours":
-                sides[name] = run_ours(args, model_dir, jsonl, work)
-            else:
-                sides[name] = run_trl(args, model_dir, ordered, work)
-    results = report(args, sides)
+        jsonl, ordered = prepare_data(args, work)
+        for shape in shapes:
+            model_dir = prepare_model(args, work, shape)
+            sides: dict[str, SideResult] = {}
+            for name in order:
+                print(f"{shape}: running {name} ...", flush=True)
+                if name == "ours":
+                    sides[name] = run_ours(args, model_dir, jsonl, work)
+                else:
+                    sides[name] = run_trl(args, model_dir, ordered, work)
+            measured[shape] = sides
+            reports[shape] = report(args, shape, sides, learner_efficiency(sides["ours"], model_dir, peak))
+    results = {
+        "setting": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "throughput_definition": "(prompt + completion tokens of all rollouts of a step) / step wall time, "
+        "mean over timed steps",
+        "load_average": {"start": load_start, "end": load_average()},
+        "matmul_peak_gflops": peak,
+        "shapes": reports,
+    }
+    print(f"load average at start {load_start}, at end {results['load_average']['end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     if str(args.plot) not in ("", "."):
-        plot(sides, args.plot)
+        plot(measured, args.plot)
         print(f"wrote {args.plot}")
     return 0
 

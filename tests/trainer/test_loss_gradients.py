@@ -252,6 +252,36 @@ def test_packed_micro_batches_equal_the_padded_path() -> None:
             torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_a_prompt_packed_once_for_its_group_gives_the_padded_gradients() -> None:
+    """Groups of responses continuing one prompt, the prompt packed (and differentiated) once per
+    group: the padded path's log-probs and gradients, where every row repeats its prompt; also when
+    a micro-batch cuts a group, whose prompt it then packs again."""
+    model = _tiny_model(tie=False, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, 97, (n,), generator=generator).tolist() for n in (5, 1, 8)]
+    responses = [
+        torch.randint(2, 97, (n,), generator=generator).tolist() for n in (3, 1, 6, 2, 9, 4, 1, 5, 2)
+    ]
+    groups = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    batch = pack(prompts, responses, groups)
+    assert len(batch.input_ids) == 5 + 1 + 8 + sum(map(len, responses))
+    weights = torch.randn(batch.response_mask.shape, generator=generator, dtype=F64)
+
+    padded, _ = padded_logprobs(model, [prompts[g] for g in groups], responses)
+    (padded * weights).sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for micro_batches in ([torch.arange(9)], [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])]):
+        model.zero_grad(set_to_none=True)
+        for rows in micro_batches:
+            micro = batch.select(rows)
+            logprobs, _ = response_logprobs(model, micro, chunk_tokens=4)
+            width = logprobs.shape[1]
+            torch.testing.assert_close(logprobs.double(), padded[rows, :width].detach(), atol=2e-5, rtol=1e-5)
+            (logprobs.double() * weights[rows, :width]).sum().backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_chunked_projection_gradients_match_finite_differences(softcap: float | None) -> None:
     """The hand-written backward of the chunked projection (log-probs and entropies, with and

@@ -8,16 +8,16 @@ starts and ends. That is what this module provides, as an attention function reg
 transformers (`ATTENTION`; `use_packed_attention(model)` selects it). A call of the model chooses a
 mode with one keyword argument, which transformers hands to every layer's attention:
 
-* `packed=PackedRows(...)`: each token attends causally to the tokens of its own row; with a
-  `KeyPrefix`, first to a prefix of keys and values from an earlier forward (a teacher's privileged
-  prompt, run once for its group of responses). `PackedRows.keep` records every layer's keys and
-  values, to serve as such a prefix or to fill a `DecodeCache`.
+* `packed=PackedRows(...)`: each token attends causally to the tokens of its own row, and a row
+  with a context row first to all of that one: the G responses of a group continue their prompt,
+  which is packed once (run once, its gradient summed once), not once per response.
+  `PackedRows.keep` records every layer's keys and values, to fill a `DecodeCache`.
 * `decode=DecodeCache(...)`: one new token per row, attending to that row's cached tokens.
 * neither: plain SDPA, so the model still answers ordinary calls as before.
 
 Kernels: on CUDA in bfloat16/float16, torch's own FlashAttention varlen kernel
 (`torch.nn.attention.varlen.varlen_attn`: cumulative row offsets, no padding anywhere, causal
-aligned to each row's last key so a key prefix works, grouped-query heads; the kernel family veRL
+aligned to each row's last key so a row's context works, grouped-query heads; the kernel family veRL
 and OpenRLHF reach through the flash-attn package, here without that extra dependency). Elsewhere
 (CPU; float32 on CUDA) rows of similar length share a zero-padded `[rows, heads, width, head_dim]`
 grid for the attention kernel only (SDPA's fused causal kernel), and the result is gathered back:
@@ -67,34 +67,18 @@ def _grid_slots(lengths: torch.Tensor, width: int) -> torch.Tensor:
     return spans(torch.arange(len(lengths), device=lengths.device) * width, lengths)
 
 
-@dataclass
-class KeyPrefix:
-    """Keys and values from an earlier packed forward (its `PackedRows.keep`) that each row attends
-    to before its own tokens: row r sees all of prefix segment `segments[r]`, then its own tokens
-    causally."""
-
-    layers: LayerKV
-    prefix_offsets: torch.Tensor  # [P + 1] the prefix segments in the earlier forward's sequence
-    segments: torch.Tensor  # [R] which segment each row continues
-
-    def lengths(self) -> torch.Tensor:
-        """The prefix length of every row `[R]`."""
-        offsets = self.prefix_offsets.long()
-        return (offsets[1:] - offsets[:-1])[self.segments]
-
-
 @dataclass(frozen=True)
 class _Bucket:
     """Rows of similar lengths that share one zero-padded grid on the SDPA path."""
 
-    tokens: torch.Tensor  # their packed query tokens, row after row
+    tokens: torch.Tensor  # their packed tokens (queries), row after row
     slots: torch.Tensor  # where those go in the row-major [rows, width] query grid
     rows: int
     width: int
-    key_tokens: torch.Tensor  # their keys: indices into [prefix keys; this forward's keys]
+    key_tokens: torch.Tensor  # the packed tokens of their keys: context row, then own, row after row
     key_slots: torch.Tensor
     key_width: int
-    mask: torch.Tensor | None  # [rows, 1, width, key_width] with a prefix; None: plain causal
+    mask: torch.Tensor | None  # [rows, 1, width, key_width] when some row has a context; else causal
 
 
 # Rows share a grid while their key lengths stay within this factor of the bucket's longest, so the
@@ -104,37 +88,41 @@ BUCKET_RATIO = 2**0.5
 
 @dataclass
 class PackedRows:
-    """Rows of `lengths` tokens packed back to back into one sequence (rows may be empty)."""
+    """Rows of `lengths` tokens packed back to back into one sequence (rows may be empty).
+
+    A row attends causally to its own tokens. A row with a context (`contexts[r] >= 0`, the index of
+    another row that has none) first attends to all of that row: the responses of a group continue
+    their prompt, which is packed, run and differentiated once for the whole group.
+    """
 
     lengths: torch.Tensor  # [R] long, on the model's device
-    prefix: KeyPrefix | None = None
+    contexts: torch.Tensor | None = None  # [R] long, -1 for none
     keep: LayerKV | None = None  # when given, every layer's packed keys and values are stored here
     offsets: torch.Tensor = field(init=False)  # [R + 1] int32
     width: int = field(init=False)  # the longest row
-    position_ids: torch.Tensor = field(init=False)  # [1, N], each row counting from its prefix length
-    key_lengths: torch.Tensor = field(init=False)
+    position_ids: torch.Tensor = field(init=False)  # [1, N]: a row counts on from its context's length
+    key_lengths: torch.Tensor = field(init=False)  # [R] context + own length
     key_offsets: torch.Tensor = field(init=False)
     key_width: int = field(init=False)
-    key_gather: torch.Tensor | None = field(init=False, default=None)
+    key_gather: torch.Tensor | None = field(init=False, default=None)  # each row's keys, back to back
 
     def __post_init__(self) -> None:
         lengths = self.lengths
         self.offsets = _offsets(lengths)
         self.width = max(1, int(lengths.max())) if len(lengths) else 1
-        prefix_lengths = self.prefix.lengths() if self.prefix is not None else torch.zeros_like(lengths)
-        self.position_ids = spans(prefix_lengths, lengths).unsqueeze(0)
-        self.key_lengths = prefix_lengths + lengths
+        context_lengths = torch.zeros_like(lengths)
+        if self.contexts is not None:
+            context_lengths = torch.where(self.contexts >= 0, lengths[self.contexts.clamp(min=0)], 0)
+        self.position_ids = spans(context_lengths, lengths).unsqueeze(0)
+        self.key_lengths = context_lengths + lengths
         self.key_offsets, self.key_width = self.offsets, self.width
-        if self.prefix is not None:
-            # Each row's keys: its prefix segment, then its own tokens, gathered back to back from the
-            # concatenation [prefix tokens; this forward's tokens].
+        if self.contexts is not None:
             self.key_offsets = _offsets(self.key_lengths)
             self.key_width = max(1, int(self.key_lengths.max()))
-            prefix_starts = self.prefix.prefix_offsets[:-1].long()[self.prefix.segments]
-            own_starts = int(self.prefix.prefix_offsets[-1]) + self.offsets[:-1].long()
+            starts = self.offsets[:-1].long()
             self.key_gather = spans(
-                torch.stack([prefix_starts, own_starts], 1).view(-1),
-                torch.stack([prefix_lengths, lengths], 1).view(-1),
+                torch.stack([starts[self.contexts.clamp(min=0)], starts], 1).view(-1),
+                torch.stack([context_lengths, lengths], 1).view(-1),
             )
 
     @cached_property
@@ -157,12 +145,13 @@ class PackedRows:
             key_tokens, mask = tokens, None
             if self.key_gather is not None:
                 key_tokens = self.key_gather[spans(self.key_offsets[:-1].long()[rows], key_lengths_b)]
-                # Query t of a row sees key columns c <= prefix + t (later columns are its future or
-                # padding), so no query row is fully masked.
-                prefix = (key_lengths_b - lengths)[:, None, None]
-                columns = torch.arange(key_width, device=device)
-                steps = torch.arange(width, device=device)[:, None]
-                mask = (columns <= prefix + steps).unsqueeze(1)
+                context = (key_lengths_b - lengths)[:, None, None]
+                if bool(context.any()):
+                    # Query t of a row sees key columns c <= context + t (later columns are its
+                    # future or padding), so no query row is fully masked.
+                    columns = torch.arange(key_width, device=device)
+                    steps = torch.arange(width, device=device)[:, None]
+                    mask = (columns <= context + steps).unsqueeze(1)
             buckets.append(
                 _Bucket(
                     tokens=tokens,
@@ -184,9 +173,6 @@ class PackedRows:
         """Attention of packed `query` `[N, H, d]` over `key`/`value` `[N, Hkv, d]` -> `[N, H, d]`."""
         if self.keep is not None:
             self.keep[layer] = (key, value)
-        if self.prefix is not None:
-            prefix_key, prefix_value = self.prefix.layers[layer]
-            key, value = torch.cat([prefix_key, key]), torch.cat([prefix_value, value])
         gqa = query.shape[1] != key.shape[1]
         if varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
             if self.key_gather is not None:
@@ -219,7 +205,7 @@ class PackedRows:
                 scale=scale,
                 enable_gqa=gqa,
             )
-            flat = grid.transpose(1, 2).reshape(bucket.rows * bucket.width, *grid.shape[1:2], grid.shape[3])
+            flat = grid.transpose(1, 2).reshape(bucket.rows * bucket.width, grid.shape[1], grid.shape[3])
             outputs.append(flat.index_select(0, bucket.slots))
         return torch.cat(outputs).index_select(0, inverse)
 
@@ -252,28 +238,31 @@ class DecodeCache:
     the first slots, so finished rows leave the batch, the cache and every later forward.
     """
 
-    def __init__(self, prompts: PackedRows, capacity: int) -> None:
+    def __init__(self, prompts: PackedRows, sources: torch.Tensor, capacity: int) -> None:
         assert prompts.keep is not None
-        count = len(prompts.lengths)
-        slots = _grid_slots(prompts.lengths, capacity)
+        count = len(sources)
+        self.lengths = prompts.lengths[sources]
+        tokens = spans(prompts.offsets[:-1].long()[sources], self.lengths)
+        slots = _grid_slots(self.lengths, capacity)
         layers = [prompts.keep[layer] for layer in range(len(prompts.keep))]
-        self.keys = [_to_grid(key, slots, count, capacity).contiguous() for key, _ in layers]
-        self.values = [_to_grid(value, slots, count, capacity).contiguous() for _, value in layers]
+        self.keys = [_to_grid(key[tokens], slots, count, capacity).contiguous() for key, _ in layers]
+        self.values = [_to_grid(value[tokens], slots, count, capacity).contiguous() for _, value in layers]
         self.capacity = capacity
-        self.lengths = prompts.lengths.clone()
         self.slots = torch.arange(count, device=self.lengths.device)
         self.mask = torch.ones(0, dtype=torch.bool)
 
     @classmethod
     def prefill(
-        cls, model: PreTrainedModel, prompts: list[list[int]], max_new_tokens: int
+        cls, model: PreTrainedModel, prompts: list[list[int]], sources: list[int], max_new_tokens: int
     ) -> tuple[DecodeCache, torch.Tensor]:
-        """Run the prompts packed; the cache holds them with room for `max_new_tokens` more, and the
-        states `[R, hidden]` of their last tokens predict the first new ones."""
+        """Run the prompts once, packed; slot s of the cache continues prompt `sources[s]` (samples of
+        one prompt share its prefill), with room for `max_new_tokens` more. Also returns the states
+        `[slots, hidden]` of the prompts' last tokens, which predict the first new ones."""
         input_ids, lengths = packed_ids(prompts, model.device)
         rows = PackedRows(lengths, keep={})
         hidden = forward_packed(model, input_ids, rows)
-        return cls(rows, rows.width + max_new_tokens), hidden[rows.offsets[1:].long() - 1]
+        source = torch.tensor(sources, device=lengths.device)
+        return cls(rows, source, rows.width + max_new_tokens), hidden[rows.offsets[1:].long() - 1][source]
 
     def step(self, model: PreTrainedModel, token_ids: torch.Tensor) -> torch.Tensor:
         """Append one token `[rows]` to every row; returns the new states `[rows, hidden]`."""

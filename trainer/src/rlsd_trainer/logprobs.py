@@ -1,7 +1,8 @@
 """Per-token log-probabilities of response tokens, padding-free, without materialising the full logits.
 
-Rows (prompt + response) are packed back to back into one sequence whose attention never crosses
-rows (`attention.PackedRows`), so the backbone computes real tokens only.
+Prompts and responses are packed back to back into one sequence whose attention never crosses
+rows (`attention.PackedRows`), so the backbone computes real tokens only, and a prompt shared by
+the G responses of a group runs (and is differentiated) once.
 
 The output projection of a 151,936-token vocabulary at 4,096 tokens is 2.5 GB of float32 logits
 per sequence, plus as much again for its gradient. We run the backbone once, gather the hidden
@@ -19,50 +20,79 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from rlsd_trainer.attention import KeyPrefix, PackedRows, forward_packed, packed_ids, spans
+from rlsd_trainer.attention import PackedRows, forward_packed, spans
 
 
 @dataclass
 class PackedBatch:
-    """`prompt + response` rows packed back to back, without padding, and where each response sits.
+    """Prompts and their responses packed back to back, without padding; each prompt packed once.
 
-    `input_ids` is `[N]`, every row's tokens in turn, and `row_lengths` `[R]` says where rows end;
-    response token t of row r is token `prompt_lengths[r] + t` of its row. `response_ids` and
-    `response_mask` are `[R, T]`, right-padded: the per-token layout the algorithms work in.
+    `input_ids` is `[N]`: every prompt's tokens in turn, then every response's. Response r continues
+    prompt `groups[r]` (the G responses of a group share one prompt); `prompt_lengths` is `[P]`.
+    `response_ids` and `response_mask` are `[R, T]`, right-padded: the per-token layout the
+    algorithms work in.
     """
 
     input_ids: torch.Tensor
-    row_lengths: torch.Tensor
     prompt_lengths: torch.Tensor
+    groups: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
 
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1).long()
+
+    def rows(self) -> PackedRows:
+        """The attention layout: the prompts, then the responses, each continuing its prompt."""
+        no_context = torch.full_like(self.prompt_lengths, -1)
+        return PackedRows(
+            torch.cat([self.prompt_lengths, self.response_lengths]), torch.cat([no_context, self.groups])
+        )
+
     def select(self, rows: torch.Tensor) -> PackedBatch:
-        """The given rows (`[K]` indices), packed anew; responses trimmed to the longest of them."""
-        starts = F.pad(self.row_lengths.cumsum(0), (1, 0))[rows]
-        width = max(1, int(self.response_mask[rows].sum(1).max()))
+        """The responses `rows` (`[K]` indices) and their prompts, packed anew; responses trimmed to
+        the longest of them."""
+        prompts, groups = torch.unique(self.groups[rows], return_inverse=True)
+        prompt_offsets = F.pad(self.prompt_lengths.cumsum(0), (1, 0))
+        response_lengths = self.response_lengths
+        response_offsets = prompt_offsets[-1] + F.pad(response_lengths.cumsum(0), (1, 0))
+        width = max(1, int(response_lengths[rows].max()))
         return PackedBatch(
-            input_ids=self.input_ids[spans(starts, self.row_lengths[rows])],
-            row_lengths=self.row_lengths[rows],
-            prompt_lengths=self.prompt_lengths[rows],
+            input_ids=torch.cat(
+                [
+                    self.input_ids[spans(prompt_offsets[prompts], self.prompt_lengths[prompts])],
+                    self.input_ids[spans(response_offsets[rows], response_lengths[rows])],
+                ]
+            ),
+            prompt_lengths=self.prompt_lengths[prompts],
+            groups=groups,
             response_ids=self.response_ids[rows, :width],
             response_mask=self.response_mask[rows, :width],
         )
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]]) -> PackedBatch:
+def pack(
+    prompts: list[list[int]], responses: list[list[int]], groups: list[int] | None = None
+) -> PackedBatch:
+    """Pack `responses`, response r continuing prompt `groups[r]` (default: prompt r)."""
+    if groups is None:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts; pass their groups")
+        groups = list(range(len(responses)))
     if any(not prompt for prompt in prompts):
-        raise ValueError("every row needs a prompt token: the first response token is predicted from it")
-    input_ids = torch.tensor(
-        [t for p, r in zip(prompts, responses, strict=True) for t in (*p, *r)], dtype=torch.long
-    )
-    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        raise ValueError("every prompt needs a token: the first response token is predicted from it")
+    tokens = [token for row in (*prompts, *responses) for token in row]
     response_ids, response_mask = _right_padded(responses)
     return PackedBatch(
-        input_ids, prompt_lengths + response_mask.sum(1).long(), prompt_lengths, response_ids, response_mask
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long),
+        groups=torch.tensor(groups, dtype=torch.long),
+        response_ids=response_ids,
+        response_mask=response_mask,
     )
 
 
@@ -172,15 +202,19 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs `[R, T]` of every response token (0 on padding), and their entropies if asked.
 
-    `log pi(y_t) = log_softmax(W h_{t-1})[y_t]`: one forward over the packed rows (each attends only
-    to itself), then the output projection over chunks of `chunk_tokens` response tokens.
+    `log pi(y_t) = log_softmax(W h_{t-1})[y_t]`: one forward over the packed batch (a response
+    attends to its prompt and causally to itself, never to other rows; a prompt shared by a group
+    runs once), then the output projection over chunks of `chunk_tokens` response tokens.
     Differentiable when grad is enabled; the chunks are recomputed in backward.
     """
-    rows = PackedRows(batch.row_lengths)
+    rows = batch.rows()
     hidden = forward_packed(model, batch.input_ids, rows)
     row, column = torch.nonzero(batch.response_mask, as_tuple=True)
-    # The state before a token predicts it.
-    predicting = rows.offsets[:-1].long()[row] + batch.prompt_lengths[row] + column - 1
+    starts = rows.offsets.long()
+    # Token t is predicted by the state before it: its prompt's last one for t = 0.
+    predicting = torch.where(
+        column == 0, starts[batch.groups[row] + 1] - 1, starts[len(batch.prompt_lengths) + row] + column - 1
+    )
     return _project_tokens(
         model,
         hidden[predicting],
@@ -200,42 +234,13 @@ def shared_prompt_logprobs(
     group_size: int,
     chunk_tokens: int = 256,
 ) -> torch.Tensor:
-    """Log-probs `[R, T]` of responses that come in groups of `group_size` after one shared prompt.
-
-    The prompts run once, packed; then the responses, packed, each attending to its group's prompt
-    keys and values and causally to itself, instead of recomputing the prompt for every response:
-    for a teacher whose privileged prompt is long, this is most of the cost. Same values as
-    `response_logprobs` on the concatenated rows (up to float rounding).
-    """
+    """Log-probs `[R, T]` of responses that come in groups of `group_size` after one shared prompt
+    (a teacher's privileged prompt): `response_logprobs` with each prompt packed once for its group."""
     if len(responses) != len(prompts) * group_size:
         raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts x group {group_size}")
-    device = model.device
-    response_ids, response_mask = _right_padded(responses)
-    response_ids, response_mask = response_ids.to(device), response_mask.to(device)
-    if not response_mask.any():
-        return torch.zeros(response_mask.shape, dtype=torch.float32, device=device)
-    prompt_ids, prompt_lengths = packed_ids(prompts, device)
-    prompt_rows = PackedRows(prompt_lengths, keep={})
-    prompt_hidden = forward_packed(model, prompt_ids, prompt_rows)
-    groups = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
-    packed_responses, response_lengths = packed_ids(responses, device)
-    rows = PackedRows(response_lengths, prefix=KeyPrefix(prompt_rows.keep, prompt_rows.offsets, groups))
-    response_hidden = forward_packed(model, packed_responses, rows)
-    # Token t is predicted by the state before it: its group prompt's last one for t = 0.
-    states = torch.cat([prompt_hidden[prompt_rows.offsets[1:].long() - 1], response_hidden])
-    row, column = torch.nonzero(response_mask, as_tuple=True)
-    predicting = torch.where(
-        column == 0, groups[row], len(prompts) + rows.offsets[:-1].long()[row] + column - 1
-    )
-    logprobs, _ = _project_tokens(
-        model,
-        states[predicting],
-        response_ids[row, column],
-        (row, column),
-        response_mask.shape,
-        chunk_tokens,
-        False,
-    )
+    groups = [index // group_size for index in range(len(responses))]
+    batch = pack(prompts, responses, groups).to(model.device)
+    logprobs, _ = response_logprobs(model, batch, chunk_tokens)
     return logprobs
 
 

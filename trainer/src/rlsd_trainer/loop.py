@@ -384,7 +384,11 @@ class Trainer:
         rows = range(groups.start * group, groups.stop * group)
         responses = [plan.responses[i] for i in rows]
         device = self.ctx.device
-        batch = pack([plan.prompts[i // group] for i in rows], responses).to(device)
+        # Each group's prompt is packed once, for all its responses.
+        batch = pack(
+            plan.prompts[groups.start : groups.stop], responses, [i // group - groups.start for i in rows]
+        )
+        batch = batch.to(device)
         advantages = torch.tensor([plan.advantages[i] for i in rows], device=device)
         rollout_lp = _padded([plan.rollout_logprobs[i] for i in rows], batch.response_mask)
         teacher_lp = None
@@ -424,27 +428,30 @@ class Trainer:
         return values
 
     def _micro_batches(self, batch: PackedBatch) -> tuple[list[torch.Tensor], int]:
-        """Row indices of micro-batches of at most `learner.micro_batch_tokens` real tokens (a longer
-        row alone), and how many of them are real.
+        """Response indices of micro-batches of at most `learner.micro_batch_tokens` real tokens
+        (a prompt counted once per micro-batch that holds its responses; a longer response alone),
+        and how many of them are real.
 
-        Rows go longest first, so a micro-batch holds rows of similar lengths (the CPU attention pads
-        its rows to the longest). Every rank runs as many micro-batches as the busiest one (the extra
-        ones repeat a row and contribute zero), because each sharded forward and backward is a
-        collective."""
-        lengths = batch.row_lengths.tolist()
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        Responses are taken in group order, so a group's prompt is packed once unless the budget
+        cuts the group. Every rank runs as many micro-batches as the busiest one (the extra ones
+        repeat a row and contribute zero), because each sharded forward and backward is a collective."""
+        response_lengths = batch.response_lengths.tolist()
+        prompt_lengths = batch.prompt_lengths.tolist()
         budget = self.config.learner.micro_batch_tokens
-        groups: list[list[int]] = [[]]
-        filled = 0
-        for index in order:
-            if groups[-1] and filled + lengths[index] > budget:
-                groups.append([])
-                filled = 0
-            groups[-1].append(index)
-            filled += lengths[index]
-        (most,) = all_reduce([float(len(groups))], self.ctx, op="max")
-        padding = [torch.tensor(groups[-1][:1])] * (int(most) - len(groups))
-        return [torch.tensor(g) for g in groups] + padding, len(groups)
+        micro: list[list[int]] = [[]]
+        filled, prompts = 0, set()
+        for index, prompt in enumerate(batch.groups.tolist()):
+            cost = response_lengths[index] + (0 if prompt in prompts else prompt_lengths[prompt])
+            if micro[-1] and filled + cost > budget:
+                micro.append([])
+                filled, prompts = 0, set()
+                cost = response_lengths[index] + prompt_lengths[prompt]
+            micro[-1].append(index)
+            filled += cost
+            prompts.add(prompt)
+        (most,) = all_reduce([float(len(micro))], self.ctx, op="max")
+        padding = [torch.tensor(micro[-1][:1])] * (int(most) - len(micro))
+        return [torch.tensor(g) for g in micro] + padding, len(micro)
 
     def _learn(
         self,

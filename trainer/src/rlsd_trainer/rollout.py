@@ -104,21 +104,27 @@ class LocalEngine:
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator
     ) -> list[Completion]:
-        """Sample the rows of one batch: the prompts run packed, then one token per unfinished row and
-        step; a row that stops leaves the batch and the cache.
+        """Sample the rows (prompts) of one batch: each distinct prompt runs once, packed (the n
+        samples of a prompt share it), then one token per unfinished row and step; a row that stops
+        leaves the batch and the cache.
 
         The random stream is drawn as if every row stayed: `torch.multinomial` over all rows of the
         batch each step (a finished row keeps its last distribution), so a row's tokens depend on the
         seed and its place in the batch only, as when finished rows were decoded on to the end."""
         stop_ids = self.stop_ids.to(self.model.device)
-        cache, hidden = DecodeCache.prefill(self.model, prompts, params.max_new_tokens)
-        rows = len(prompts)
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        logprobs: list[list[float]] = [[] for _ in range(rows)]
+        prompts: list[list[int]] = []
+        sources: list[int] = []  # the prompt of each row (repeats of a prompt come in a run)
+        for row in rows:
+            if not prompts or row != prompts[-1]:
+                prompts.append(row)
+            sources.append(len(prompts) - 1)
+        cache, hidden = DecodeCache.prefill(self.model, prompts, sources, params.max_new_tokens)
+        tokens: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
         sampling = torch.empty(0)
-        live = torch.arange(rows, device=hidden.device)  # the batch row of each cache slot
+        live = torch.arange(len(rows), device=hidden.device)  # the batch row of each cache slot
         for step in range(params.max_new_tokens):
             logits = output_logits(self.model, hidden)
             if params.temperature == 0.0:
