@@ -46,10 +46,11 @@ Throughput (the same definition for both sides)
 
 Learner efficiency (ours)
     The learn phase (`time_learn_seconds` of `train_step`: log-probs, loss, backward, optimizer
-    step) against its model FLOPs counted on real tokens only (`harness.model_flops`: 6 x body
-    parameters x prompt + response tokens + 6 x V x h x response tokens + 12 x L x H x d x sum of
-    squared row lengths), as GFLOP/s and as a share of this machine's float32 matmul peak with the
-    same threads (`harness.matmul_peak_gflops`, 2048^3 products, measured in the same run).
+    step) against its model FLOPs counted on the real tokens it runs, each prompt once per group as
+    the learner packs it (`harness.model_flops`: 6 x body parameters x tokens + 6 x V x h x response
+    tokens + 12 x L x H x d x query-key pairs, a prompt with itself and a response with its prompt
+    and itself), as GFLOP/s and as a share of this machine's float32 matmul peak with the same
+    threads (`harness.matmul_peak_gflops`, 2048^3 products, measured in the same run).
 
 Output: a table per model on stdout, `benchmarks/results/peer_trl.json` and
 `benchmarks/results/peer_trl.png`. Targets: ours/TRL tokens/s >= 2 on both models; learn phase at
@@ -81,10 +82,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHAPES = {
-    "qwen3-512x4": dict(hidden=512, intermediate=1536, layers=4, heads=8, kv_heads=4, head_dim=64),
-}
+from harness import RESULTS, TASK_SHAPES, load_average, matmul_peak_gflops, task_model_dir
 
 
 class CpuWatch:
@@ -132,8 +130,10 @@ class StepRecord:
     framework_tokens: int | None = None
     # Seconds per phase: ours as `train_step` reports them; TRL's generation and the rest.
     phases: dict[str, float] | None = None
-    # Ours only: sum over rows of (prompt + response length)^2, for the attention FLOPs.
-    squared_lengths: int | None = None
+    # Ours only: the tokens our learner runs (each prompt once per group, every response) and the
+    # attention's query-key pairs (a prompt with itself, a response with its prompt and itself).
+    learner_tokens: int | None = None
+    attention_pairs: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shapes",
         default="embedded,qwen3-512x4",
-        help=f"models, comma-separated: embedded, {', '.join(SHAPES)}",
+        help=f"models, comma-separated: {', '.join(TASK_SHAPES)}",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps run first on each side")
@@ -223,60 +223,6 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, list[Any]]
     return jsonl, [rows[i] for i in sampler.next_indices(total)]
 
 
-def prepare_model(args: argparse.Namespace, work: Path, shape: str) -> Path:
-    """The start model of `shape`: the warmed-up embedded model, or a random one of `SHAPES`."""
-    import torch
-    from harness import qwen3_config
-    from transformers import AutoModelForCausalLM
-
-    from rlsd_trainer.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection, WarmupSection
-    from rlsd_trainer.models import load_model
-    from rlsd_trainer.task import build_model_dir, generate_examples
-    from rlsd_trainer.warmup import supervised_warmup
-
-    task = EmbeddedTaskSection(num_train=args.num_train)
-    base = work / "base-model"
-    if not (base / "config.json").exists():
-        build_model_dir(base, task, args.seed)
-    if shape != "embedded":
-        start = work / f"{shape}-seed{args.seed}"
-        if not (start / "config.json").exists():
-            tokenizer = load_model(base, ModelSection()).tokenizer
-            config = qwen3_config(
-                {**SHAPES[shape], "vocab": len(tokenizer)},
-                1024,
-                tokenizer.eos_token_id,
-                tokenizer.pad_token_id,
-            )
-            torch.manual_seed(args.seed)
-            AutoModelForCausalLM.from_config(config).save_pretrained(start, safe_serialization=True)
-            tokenizer.save_pretrained(start)
-        return start
-    start = work / f"start-model-sft{args.warmup_sft_steps}-seed{args.seed}"
-    if not (start / "config.json").exists():
-        rows = generate_examples(task, "train", args.seed)
-        loaded = load_model(base, ModelSection())
-        started = time.perf_counter()
-        losses = supervised_warmup(
-            loaded.model,
-            loaded.tokenizer,
-            rows,
-            WarmupSection(steps=args.warmup_sft_steps, batch_size=64, lr=2e-3),
-            DEFAULT_TEACHER_TEMPLATE,
-            args.seed,
-            512,
-        )
-        print(
-            f"supervised warm-up: {args.warmup_sft_steps} steps in {time.perf_counter() - started:.0f} s, "
-            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-            if losses
-            else "supervised warm-up: 0 steps"
-        )
-        loaded.model.save_pretrained(start, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(start)
-    return start
-
-
 # ---- our trainer --------------------------------------------------------------------------------
 
 
@@ -317,15 +263,17 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
     side = SideResult("ours", notes={"micro_batch_tokens": config.learner.micro_batch_tokens})
 
     # Count the tokens of every rollout from what the engine was given and returned.
-    counts = {"prompt": 0, "completion": 0, "squared": 0}
+    counts = {"prompt": 0, "completion": 0, "learner": 0, "pairs": 0}
     generate = trainer.engine.generate
 
     def counting_generate(prompts, params):  # type: ignore[no-untyped-def]
         groups = generate(prompts, params)
         counts["prompt"] += sum(len(p) for p in prompts) * params.n
         counts["completion"] += sum(len(c.token_ids) for group in groups for c in group)
-        counts["squared"] += sum(
-            (len(p) + len(c.token_ids)) ** 2 for p, group in zip(prompts, groups, strict=True) for c in group
+        counts["learner"] += sum(len(p) for p in prompts) + sum(len(c.token_ids) for g in groups for c in g)
+        counts["pairs"] += sum(
+            len(p) ** 2 + sum(len(c.token_ids) * (len(p) + len(c.token_ids)) for c in group)
+            for p, group in zip(prompts, groups, strict=True)
         )
         return groups
 
@@ -337,7 +285,7 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
         for index in range(args.warmup_steps + args.steps):
             if index == args.warmup_steps:
                 watch = CpuWatch()
-            counts.update(prompt=0, completion=0, squared=0)
+            counts.update(prompt=0, completion=0, learner=0, pairs=0)
             started = time.perf_counter()
             values = trainer.train_step(rewards)
             seconds = time.perf_counter() - started
@@ -353,7 +301,8 @@ def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path)
                         for key, value in values.items()
                         if key.startswith("time_")
                     },
-                    squared_lengths=counts["squared"],
+                    learner_tokens=counts["learner"],
+                    attention_pairs=counts["pairs"],
                 )
             )
             _progress("ours", index, args, side.steps[-1])
@@ -568,7 +517,8 @@ def learner_efficiency(side: SideResult, model_dir: Path, peak: float) -> dict[s
     parameters = parameter_count(shape)
     timed = side.timed()
     flops = [
-        model_flops(shape, parameters, s.tokens, s.completion_tokens, s.squared_lengths or 0) for s in timed
+        model_flops(shape, parameters, s.learner_tokens or 0, s.completion_tokens, s.attention_pairs or 0)
+        for s in timed
     ]
     seconds = [s.phases["learn"] for s in timed if s.phases]
     gflops = sum(flops) / sum(seconds) / 1e9
@@ -650,9 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     if sorted(order) != ["ours", "trl"]:
         raise SystemExit("--order must name 'ours' and 'trl' once each")
     shapes = [name.strip() for name in args.shapes.split(",")]
-    unknown = [name for name in shapes if name != "embedded" and name not in SHAPES]
+    unknown = [name for name in shapes if name not in TASK_SHAPES]
     if unknown:
-        raise SystemExit(f"--shapes: unknown {unknown}; choose from embedded, {', '.join(SHAPES)}")
+        raise SystemExit(f"--shapes: unknown {unknown}; choose from {', '.join(TASK_SHAPES)}")
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -661,7 +611,6 @@ def main(argv: list[str] | None = None) -> int:
             "(see this script's docstring)"
         ) from None
     import torch
-    from harness import load_average, matmul_peak_gflops
 
     torch.set_num_threads(args.threads)
     load_start = load_average()
@@ -677,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         jsonl, ordered = prepare_data(args, work)
         for shape in shapes:
-            model_dir = prepare_model(args, work, shape)
+            model_dir = task_model_dir(work, shape, args.seed, args.warmup_sft_steps, args.num_train)
             sides: dict[str, SideResult] = {}
             for name in order:
                 print(f"{shape}: running {name} ...", flush=True)
