@@ -256,6 +256,17 @@ def finish(report: dict[str, Any], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def save_figure(figure: Any, path: Path) -> None:
+    """Lay out a matplotlib figure, write it as a PNG to `path` and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    print(f"wrote {path}")
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

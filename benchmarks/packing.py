@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS, ROOT, TASK_SHAPES, WORK, environment, finish, task_model_dir
+from harness import RESULTS, ROOT, TASK_SHAPES, WORK, environment, finish, save_figure, task_model_dir
 from transformers import AttentionInterface, PreTrainedModel
 
 from rlsd_trainer import attention
@@ -406,10 +406,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         )
         last.bar_label(bars, fmt="%.3f s")
         last.set_title(f"{shape}: teacher scoring (seconds)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,7 +467,6 @@ def main(argv: list[str] | None = None) -> int:
     finish(report, args.out)
     if str(args.plot) not in ("", "."):
         plot(results, args.plot)
-        print(f"wrote {args.plot}")
     return 0
 
 

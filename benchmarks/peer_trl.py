@@ -82,7 +82,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, TASK_SHAPES, load_average, matmul_peak_gflops, task_model_dir
+from harness import RESULTS, TASK_SHAPES, load_average, matmul_peak_gflops, save_figure, task_model_dir
 
 
 class CpuWatch:
@@ -502,10 +502,7 @@ def plot(results: dict[str, dict[str, SideResult]], path: Path) -> None:
             fontsize=10,
         )
     fig.suptitle("GRPO step throughput, ours vs TRL GRPOTrainer, CPU", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def learner_efficiency(side: SideResult, model_dir: Path, peak: float) -> dict[str, float]:
@@ -650,7 +647,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out}")
     if str(args.plot) not in ("", "."):
         plot(measured, args.plot)
-        print(f"wrote {args.plot}")
     return 0
 
 
