@@ -17,9 +17,12 @@ ARG VERSION=0.1.0
 FROM ${PYTHON_IMAGE} AS operator-build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+COPY trainer/contracts/pyproject.toml trainer/contracts/
+COPY trainer/contracts/src trainer/contracts/src
 COPY operator/pyproject.toml operator/
 COPY operator/src operator/src
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install ./operator
+# rlsd-contracts (what the operator and the trainer agree on) is not on PyPI: installed from here.
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install ./trainer/contracts ./operator
 
 FROM ${PYTHON_IMAGE} AS operator
 ARG VERSION
@@ -41,11 +44,13 @@ FROM ${PYTHON_IMAGE} AS trainer-cpu-build
 ARG TORCH_VERSION=2.15.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+COPY trainer/contracts/pyproject.toml trainer/contracts/
+COPY trainer/contracts/src trainer/contracts/src
 COPY trainer/pyproject.toml trainer/
 COPY trainer/src trainer/src
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
- && /opt/venv/bin/pip install ./trainer
+ && /opt/venv/bin/pip install ./trainer/contracts "./trainer[trackers]"
 
 FROM ${PYTHON_IMAGE} AS trainer-cpu
 ARG VERSION
@@ -65,7 +70,6 @@ CMD ["--help"]
 
 # ---- trainer, GPU (CUDA, torch, vLLM) -----------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS trainer-build
-ARG VLLM_VERSION=0.33.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 # The distribution's packages follow the pinned base image (their versions change with its updates).
 # hadolint ignore=DL3008
@@ -73,12 +77,16 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev build-essential \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY trainer/pyproject.toml trainer/
+COPY trainer/contracts/pyproject.toml trainer/contracts/
+COPY trainer/contracts/src trainer/contracts/src
+COPY trainer/pyproject.toml trainer/requirements-vllm.txt trainer/
 COPY trainer/src trainer/src
-# vLLM pins the torch it was built against; the trainer accepts it (torch>=2.6).
+# The project's one vLLM pin (trainer/requirements-vllm.txt; tests/conformance runs that version's
+# code). vLLM pins the torch and transformers it was built against; the trainer accepts them, and
+# `make test` runs the trainer's fast tests under them.
 RUN python3.12 -m venv /opt/venv \
- && /opt/venv/bin/pip install "vllm==${VLLM_VERSION}" \
- && /opt/venv/bin/pip install ./trainer
+ && /opt/venv/bin/pip install -r trainer/requirements-vllm.txt \
+ && /opt/venv/bin/pip install ./trainer/contracts "./trainer[trackers]"
 
 FROM ${CUDA_IMAGE} AS trainer
 ARG VERSION

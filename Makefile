@@ -6,18 +6,23 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= trainer/src/rlsd_trainer/configs/embedded.yaml
 
-.PHONY: train test lint k8s-assets chart-tools bench-learning bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
+.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue test-tools bench-learning bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
 	bench-checkpoint bench-scaling bench-rollout bench-gpu bench-operator clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-$(VENV)/.trainer-installed: $(BIN)/python trainer/pyproject.toml
+# What the trainer and the operator agree on (config schema, exit codes, ports): both depend on it.
+$(VENV)/.contracts-installed: $(BIN)/python trainer/contracts/pyproject.toml
+	$(BIN)/pip install -e trainer/contracts
+	touch $@
+
+$(VENV)/.trainer-installed: $(VENV)/.contracts-installed trainer/pyproject.toml
 	$(BIN)/pip install -e 'trainer[test]'
 	touch $@
 
-$(VENV)/.operator-installed: $(BIN)/python operator/pyproject.toml
+$(VENV)/.operator-installed: $(VENV)/.contracts-installed operator/pyproject.toml
 	$(BIN)/pip install -e 'operator[test]'
 	touch $@
 
@@ -30,10 +35,48 @@ $(VENV)/.chart-installed: $(BIN)/python tests/chart/requirements.txt
 k8s-assets:
 	nice -n 19 tests/k8s/build-control-plane.sh
 
-# helm, promtool and the prometheus-operator CRDs for tests/chart, built the same way and cached (a
-# cold build takes about 17 min on 2 cores; a no-op once built).
+# helm, promtool, the Prometheus server and the prometheus-operator CRDs for tests/chart, built the same
+# way and cached (a cold build takes about 20 min on 2 cores; a no-op once built).
 chart-tools:
 	nice -n 19 tests/k8s/build-chart-tools.sh
+
+# The Kueue manager, its CRDs and webhooks for the queueing tests (tests/operator/test_kueue.py),
+# built the same way and cached (about 8 minutes cold on 2 cores; a no-op once built). After the
+# control plane, whose k8s.io packages of the same versions it can take from the Go build cache.
+kueue: | k8s-assets
+	nice -n 19 tests/k8s/build-kueue.sh
+
+# Every Go tool of the test bed, side by side (module downloads and single-threaded links overlap
+# the other builds' compiles).
+test-tools:
+	@$(MAKE) --no-print-directory -j3 k8s-assets chart-tools kueue
+
+# The environment of the vLLM conformance suite (tests/conformance/build-vllm-venv.sh): the vLLM of
+# trainer/requirements-vllm.txt with its torch and transformers, plus the trainer and the operator,
+# cached in ~/.cache/rlsd/vllm (about 5 minutes cold, mostly downloads; a no-op afterwards). `make
+# test` starts it first, in the background, so it overlaps the Go builds; `test-vllm` then waits for
+# it (the script holds a lock) and would rebuild it, showing the error, had it failed.
+VLLM_BUILD_LOG := build/vllm-venv.log
+
+vllm-venv-start:
+	@mkdir -p build
+	@echo "building the vLLM environment in the background (log: $(VLLM_BUILD_LOG))"
+	@nice -n 10 tests/conformance/build-vllm-venv.sh >/dev/null 2>$(VLLM_BUILD_LOG) &
+
+# Run under the vLLM environment (the main .venv never holds vLLM): the conformance suite, which runs
+# vLLM's own request/response models, RL routers and CLI parser against our client, servers and
+# operator, and the trainer's fast tests under the torch and transformers the GPU image gets from
+# vLLM's pins (unit tests, the multi-process server tests and the sharding test; the end-to-end runs
+# of test_local_run and test_distributed stay in the main suite only, as they take minutes).
+VLLM_TRAINER_TESTS := tests/trainer/test_algorithms.py tests/trainer/test_loss_gradients.py \
+	tests/trainer/test_config.py tests/trainer/test_data.py tests/trainer/test_rollout.py \
+	tests/trainer/test_metrics.py tests/trainer/test_checkpoint.py tests/trainer/test_verifiers.py \
+	tests/trainer/test_servers.py tests/trainer/test_sharding.py
+
+test-vllm:
+	@venv=$$(tests/conformance/build-vllm-venv.sh) && \
+	PYTHONPATH=$(CURDIR)/trainer/contracts/src:$(CURDIR)/trainer/src:$(CURDIR)/operator/src $$venv/bin/python -m pytest -q -p no:cacheprovider \
+		--confcutdir=tests/conformance tests/conformance $(VLLM_TRAINER_TESTS)
 
 train: $(VENV)/.trainer-installed
 	$(BIN)/rlsd-trainer local --config $(CONFIG)
@@ -42,8 +85,9 @@ lint: $(VENV)/.trainer-installed $(VENV)/.operator-installed
 	$(BIN)/ruff check trainer operator tests benchmarks charts
 	$(BIN)/ruff format --check trainer operator tests benchmarks charts
 
-test: lint k8s-assets chart-tools $(VENV)/.chart-installed
+test: vllm-venv-start lint test-tools $(VENV)/.chart-installed
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-vllm
 
 bench-learning: $(VENV)/.trainer-installed
 	$(BIN)/python benchmarks/learning.py

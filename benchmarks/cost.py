@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from rlsd_contracts.config import parse_config
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.config import parse_config
 from rlsd_trainer.loop import Trainer
 from rlsd_trainer.verifiers import RewardPool
 

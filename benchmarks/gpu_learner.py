@@ -125,9 +125,9 @@ def run_worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
+    from rlsd_contracts.config import AlgorithmSection, LearnerSection
     from rlsd_trainer import algorithms
     from rlsd_trainer.cli import quiet_libraries
-    from rlsd_trainer.config import AlgorithmSection, LearnerSection
     from rlsd_trainer.distributed import DistContext, all_reduce, init_distributed, prepare_policy
     from rlsd_trainer.logprobs import PackedBatch, pack
 
@@ -286,12 +286,16 @@ def run_worker(args: argparse.Namespace) -> None:
 class NcclStandIn:
     """Rank 1's stand-in for a vLLM server: vLLM's weight-transfer routes over its NCCL engine's
     protocol (join from `nccl_unique_id_b64`, one-element warm-up all_reduce, then one broadcast per
-    tensor of `update_info`, rank 0 the source), plus /health and /weight_info."""
+    tensor of `update_info`, rank 0 the source), plus /health and /weight_info (labelled "default"
+    until an update names a version). Routes that move no weights (/pause, /resume,
+    /shutdown_weight_transfer_engine) answer {}; closing a session that is not open is an error, as
+    in vLLM."""
 
     def __init__(self, device: Any) -> None:
         self.device = device
         self.group: Any = None
-        self.version: str | None = None
+        self.version = "default"
+        self.updating = False
         self.received_bytes = 0
         stand_in = self
 
@@ -342,6 +346,8 @@ class NcclStandIn:
             self.group = dist.ProcessGroupNCCL(store, info["rank_offset"], info["world_size"], options)
             self.group.allreduce([torch.zeros(1, device=self.device)]).wait()
             torch.cuda.synchronize(self.device)
+        elif path == "/start_weight_update":
+            self.updating = True
         elif path == "/update_weights":
             torch.cuda.set_device(self.device)
             info = body["update_info"]
@@ -353,7 +359,13 @@ class NcclStandIn:
                 self.received_bytes += tensor.numel() * tensor.element_size()
             torch.cuda.synchronize(self.device)
         elif path == "/finish_weight_update":
-            self.version = str(body.get("weight_version")) if body else None
+            if not self.updating:
+                raise RuntimeError("finish_weight_update called without a matching start_weight_update.")
+            self.updating = False
+            if body and body.get("weight_version") is not None:
+                self.version = str(body["weight_version"])
+        elif path == "/update_weight_version":
+            self.version = str(body["new_version"])
         return {}
 
     def close(self) -> None:

@@ -55,7 +55,12 @@ def task_model_dir(work: Path, shape: str, seed: int, sft_steps: int, num_train:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlsd_trainer.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection, WarmupSection
+    from rlsd_contracts.config import (
+        DEFAULT_TEACHER_TEMPLATE,
+        EmbeddedTaskSection,
+        ModelSection,
+        WarmupSection,
+    )
     from rlsd_trainer.models import load_model
     from rlsd_trainer.task import build_model_dir, generate_examples
     from rlsd_trainer.warmup import supervised_warmup

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args)
         return 0
 
-    from rlsd_trainer.config import LearnerSection
+    from rlsd_contracts.config import LearnerSection
 
     default_chunk = LearnerSection().logprob_chunk_tokens
     chunks = sorted({*args.chunks, default_chunk})

@@ -38,6 +38,15 @@ What is measured
        Running again. Reported: stopped -> created (the operator's own restart latency), and end to
        end from the preempting call's return.
 
+    3. burst (after the runs above, on the same operator): `--burst` runs (default 200; 1 learner
+       and 1 vLLM pod each, no GPUs) created at once from 16 threads; for each run, from its create
+       call returning (and from the burst's start) to both its pods existing, and to its phase
+       Running. Once all run, the learners of `--burst-preempt` of them (default 50) are deleted at
+       once (kwok removes a deleted pod at once): from each delete call returning to attempt 2's
+       learner pod existing. Targets on 2 cores: all pods of a run exist p99 <= 10 s after the
+       burst's start, replacement p99 <= 5 s. Then the operator's peak RSS (VmHWM, target <= 300
+       MiB) and its log's ERROR and traceback lines (target 0).
+
     Before the timed runs, `--warmup` runs (not counted) warm up the operator and the watches.
     Every latency is counted from the moment the create / preempting call returned; a reaction the
     watches saw while a slow call was still returning counts negative. p99 is the nearest-rank
@@ -47,8 +56,8 @@ Output: a table on stdout, `benchmarks/results/operator_latency.json` (figures, 
 operator's reconcile counts and durations from its /metrics, load averages at start and end) and
 `operator_latency.png` (CDFs of both latencies).
 
-    make bench-operator                                                  # 60 runs, ~3 minutes
-    .venv/bin/python benchmarks/operator_latency.py --runs 4 --warmup 1  # quick check
+    make bench-operator                                                  # 60 runs + the burst, ~5 minutes
+    .venv/bin/python benchmarks/operator_latency.py --runs 4 --warmup 1 --burst 20 --burst-preempt 5
 """
 
 from __future__ import annotations
@@ -62,13 +71,12 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -81,11 +89,13 @@ sys.path[:0] = [str(ROOT / "tests/k8s"), str(ROOT / "tests/operator")]
 import kopf  # noqa: E402
 import kubernetes  # noqa: E402
 import yaml  # noqa: E402
-from controlplane import ControlPlane, build_assets, free_port, terminated_status, wait_until  # noqa: E402
+from controlplane import ControlPlane, build_assets, terminated_status, wait_until  # noqa: E402
 from kubernetes import client, watch  # noqa: E402
+from operator_runner import OperatorProcess  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from rlsdrun_samples import run_manifest  # noqa: E402
 
+from rlsd_contracts import wire  # noqa: E402
 from rlsd_operator import names  # noqa: E402
 
 Object = dict[str, Any]
@@ -107,10 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stops", nargs="+", choices=STOPS, default=list(STOPS), help="who stops learners")
     parser.add_argument("--settle", type=float, default=1.0, help="seconds of quiet before a preemption")
     parser.add_argument("--gpu-nodes", type=int, default=3, help="kwok nodes with 8 GPUs each")
+    parser.add_argument("--burst", type=int, default=200, help="runs created at once (0 skips the burst)")
+    parser.add_argument("--burst-preempt", type=int, default=50, help="learners of the burst deleted at once")
     parser.add_argument("--work-dir", type=Path, default=WORK, help="control-plane and operator logs")
     parser.add_argument("--out", type=Path, default=RESULTS / "operator_latency.json")
     parser.add_argument("--plot", default=str(RESULTS / "operator_latency.png"), help="PNG ('' skips)")
     return parser
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load_average() -> list[float]:
@@ -224,13 +242,18 @@ class Watcher(threading.Thread):
         self.resource_version = json.loads(response.data)["metadata"]["resourceVersion"]
 
     def run(self) -> None:
+        # The API server ends a watch after a while: watch again from the last resource version seen
+        # (bookmarks keep it fresh), or the next watch asks for one already compacted away.
         try:
-            for event in self.watch.stream(
-                self.list_fn, *self.args, resource_version=self.resource_version, deserialize=False
-            ):
-                now = time.perf_counter()
-                if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                    self.on_event(event["type"], event["object"], now)
+            while not self.stopping:
+                for event in self.watch.stream(
+                    self.list_fn, *self.args, resource_version=self.resource_version, deserialize=False,
+                    allow_watch_bookmarks=True, timeout_seconds=300,
+                ):  # fmt: skip
+                    now = time.perf_counter()
+                    self.resource_version = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        self.on_event(event["type"], event["object"], now)
         except Exception as exc:  # the control plane stopping under us, or a real failure
             if not self.stopping:
                 self.error = exc
@@ -320,56 +343,17 @@ def learner_metrics() -> Iterator[str]:
         server.shutdown()
 
 
-class Operator:
-    """`rlsd-operator` (the console script) in a subprocess, with the admin's kubeconfig."""
-
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
-        self.metrics_port, liveness_port = free_port(), free_port()
-        self.log = log_path.open("wb")
-        script = Path(sys.executable).with_name("rlsd-operator")
-        self.proc = subprocess.Popen(
-            [str(script), "--metrics-port", str(self.metrics_port), "--liveness-port", str(liveness_port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
-        )
-        self.log_path = log_path
-
-        def healthy() -> bool:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"rlsd-operator exited with {self.proc.returncode}:\n{self.tail()}")
-            with urllib.request.urlopen(f"http://127.0.0.1:{liveness_port}/healthz", timeout=2) as response:
-                return response.status == 200
-
-        wait_until(healthy, "rlsd-operator /healthz", retry_on=(OSError,))
-
-    def reconciles(self) -> tuple[float, float]:
-        """(count, total seconds) of `rlsd_operator_reconcile_duration_seconds` so far."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        count = total = 0.0
-        for family in text_string_to_metric_families(text):
-            if family.name == "rlsd_operator_reconcile_duration_seconds":
-                for sample in family.samples:
-                    if sample.name.endswith("_count"):
-                        count = sample.value
-                    elif sample.name.endswith("_sum"):
-                        total = sample.value
-        return count, total
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def reconciles(operator: OperatorProcess) -> tuple[float, float]:
+    """(count, total seconds) of `rlsd_operator_reconcile_duration_seconds` so far."""
+    count = total = 0.0
+    for family in text_string_to_metric_families(operator.metrics()):
+        if family.name == "rlsd_operator_reconcile_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_count"):
+                    count = sample.value
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+    return count, total
 
 
 # -- one run ----------------------------------------------------------------------------------------
@@ -396,7 +380,7 @@ class Bench:
         )
         start = time.perf_counter()
         learners = [names.learner_pod_name(name, 1, rank) for rank in range(self.args.learners)]
-        servers = [names.server_pod_name(name, names.ROLLOUT, i) for i in range(self.args.rollouts)]
+        servers = [names.server_pod_name(name, wire.ROLLOUT, i) for i in range(self.args.rollouts)]
         pods = [*learners, *servers]
         tl = self.timeline
         tl.wait(lambda: tl.all_marked(pods, "running"), f"{name}: {pods} Running")
@@ -489,6 +473,89 @@ class Bench:
                 self.core.patch_namespaced_pod_status(pod, self.namespace, {"status": status})
                 self.core.patch_namespaced_pod(pod, self.namespace, {"metadata": {"finalizers": None}})
 
+    def burst(self, count: int, preempt: int, metrics_url: str) -> dict[str, Any]:
+        """`count` runs (1 learner + 1 vLLM pod each, no GPUs) created at once from 16 threads; once
+        all run, the learners of `preempt` of them deleted at once (kwok removes a deleted pod at
+        once). Latencies from each run's create / delete call returning, and from the burst's start."""
+        runs = [f"burst-{i:03d}" for i in range(count)]
+        pods = {
+            run: [names.learner_pod_name(run, 1, 0), names.server_pod_name(run, wire.ROLLOUT, 0)]
+            for run in runs
+        }
+        tl = self.timeline
+
+        def create(run: str) -> float:
+            manifest = run_manifest(
+                run, {"learner": {"nodes": 1, "nprocPerNode": 1}, "rollout": {"replicas": 1}}
+            )
+            manifest["spec"]["learner"]["resources"] = manifest["spec"]["rollout"]["resources"] = {}
+            manifest["metadata"]["annotations"] = {names.ANNOTATION_METRICS_URL: metrics_url}
+            self.custom.create_namespaced_custom_object(
+                names.GROUP, names.VERSION, self.namespace, names.PLURAL, manifest
+            )
+            return time.perf_counter()
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            returned = dict(zip(runs, pool.map(create, runs), strict=True))
+        every_pod = [pod for run in runs for pod in pods[run]]
+        tl.wait(lambda: tl.all_marked(every_pod, "exists"), f"the {len(every_pod)} pods of the burst", 600)
+        tl.wait(
+            lambda: all(tl.phase_after(run, "Running", start) for run in runs), "every burst run Running", 600
+        )
+        with tl.cond:
+            exists = {run: tl.all_marked(pods[run], "exists") for run in runs}
+            running = {run: tl.phase_after(run, "Running", start) for run in runs}
+        created = {
+            "from_create_call": summary([exists[run] - returned[run] for run in runs]),
+            "from_burst_start": summary([exists[run] - start for run in runs]),
+            "phase_running_from_burst_start": summary([running[run] - start for run in runs]),
+            "create_calls_seconds": round(max(returned.values()) - start, 3),
+        }
+        print(
+            f"burst: {count} runs created in {created['create_calls_seconds']:.1f} s; all pods exist p50 "
+            f"{created['from_burst_start']['p50']:.2f} s, p99 {created['from_burst_start']['p99']:.2f} s "
+            "after the burst's start",
+            flush=True,
+        )
+        time.sleep(self.args.settle)
+        victims = runs[:preempt]
+
+        def delete(run: str) -> float:
+            self.core.delete_namespaced_pod(names.learner_pod_name(run, 1, 0), self.namespace)
+            return time.perf_counter()
+
+        preempted_at = time.perf_counter()
+        with ThreadPoolExecutor(16) as pool:
+            deleted = dict(zip(victims, pool.map(delete, victims), strict=True))
+        replacements = {run: names.learner_pod_name(run, 2, 0) for run in victims}
+        tl.wait(
+            lambda: tl.all_marked(list(replacements.values()), "exists"), "every replacement learner", 600
+        )
+        with tl.cond:
+            replaced = {run: tl.mark(pod, "exists") for run, pod in replacements.items()}
+        preemption = {
+            "from_delete_call": summary([replaced[run] - deleted[run] for run in victims]),
+            "from_preemption_start": summary([replaced[run] - preempted_at for run in victims]),
+        }
+        replacement = preemption["from_delete_call"]
+        print(
+            f"burst: {preempt} learners deleted at once; replacement exists p50 "
+            f"{replacement['p50']:.2f} s, p99 {replacement['p99']:.2f} s",
+            flush=True,
+        )
+        samples = {
+            "pods_exist_from_burst_start": [round(exists[run] - start, 4) for run in runs],
+            "replacement_from_delete_call": [round(replaced[run] - deleted[run], 4) for run in victims],
+        }
+        return {
+            "runs": count,
+            "preempted": preempt,
+            "created": created,
+            "preemption": preemption,
+            "samples": samples,
+        }
+
     def delete(self, name: str) -> None:
         """Deletes the run and waits until the garbage collector removed all its pods."""
         self.custom.delete_namespaced_custom_object(
@@ -546,6 +613,29 @@ def print_table(report: dict[str, Any]) -> None:
         for key, stats in metrics.items():
             target = "<= 3000" if key == "stopped_to_created" else ""
             row(f"{combo} -> {key}", stats, target)
+    burst = report["burst"]
+    if burst:
+        print(f"\nburst of {burst['runs']} runs, then {burst['preempted']} learners deleted at once")
+        row(
+            "burst -> all pods of a run exist (from the start)",
+            burst["created"]["from_burst_start"],
+            "p99 <= 10000",
+        )
+        row("burst -> all pods of a run exist (from its create)", burst["created"]["from_create_call"])
+        row("burst -> run Running (from the start)", burst["created"]["phase_running_from_burst_start"])
+        row(
+            "preempted -> replacement exists (from its delete)",
+            burst["preemption"]["from_delete_call"],
+            "p99 <= 5000",
+        )
+        row("preempted -> replacement exists (from the start)", burst["preemption"]["from_preemption_start"])
+        cpu = ", ".join(f"{name} {seconds}" for name, seconds in burst["cpu_seconds"].items())
+        print(f"CPU seconds during the burst: {cpu}")
+    operator = report["operator"]
+    print(
+        f"\noperator peak RSS {operator['peak_rss_mib']:.0f} MiB (target <= 300), "
+        f"{len(operator['error_lines'])} error lines (target 0) of {operator['log_lines']}"
+    )
     trip = report["api_round_trip"]
     print(
         f"\noperator: {report['operator']['reconciles_per_run']:.1f} reconciles per run, "
@@ -566,7 +656,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
         ax.step([ordered[0], *ordered], [0.0, *fractions], where="post", label=label, **style)
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    burst = report["burst"]
+    fig, axes = plt.subplots(1, 3 if burst else 2, figsize=(19 if burst else 13, 4.8))
+    left, right = axes[0], axes[1]
     samples = report["samples"]
     for key in ("all_pods_created", "all_pods_running", "phase_running"):
         cdf(left, [s["create"][key] for s in samples], key.replace("_", " "))
@@ -585,7 +677,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
         xlabel="seconds (solid: after the old learners stopped; dashed: after the preempting call)",
         ylabel="CDF",
     )
-    for ax in (left, right):
+    if burst:
+        samples = burst["samples"]
+        cdf(axes[2], samples["pods_exist_from_burst_start"], f"{burst['runs']} runs: all pods exist")
+        replaced = f"{burst['preempted']} preemptions: replacement"
+        cdf(axes[2], samples["replacement_from_delete_call"], replaced)
+        axes[2].axvline(10, color="C0", linestyle=":", label="targets (p99): 10 s, 5 s")
+        axes[2].axvline(5, color="C1", linestyle=":")
+        axes[2].set(
+            title=f"burst: {burst['runs']} runs at once, then {burst['preempted']} learners deleted at once",
+            xlabel="seconds (pods: after the burst's start; replacement: after its delete call)",
+            ylabel="CDF",
+        )
+    for ax in axes:
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -602,8 +706,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     work.mkdir(parents=True, exist_ok=True)
     print(f"load average {started}; control plane and operator logs in {work}", flush=True)
-    plane = ControlPlane(build_assets(), work, gpu_nodes=args.gpu_nodes)
-    operator: Operator | None = None
+    # kwok nodes hold 110 pods each: enough of them for the burst's pods.
+    gpu_nodes = max(args.gpu_nodes, math.ceil(2 * args.burst / 100) + 1)
+    plane = ControlPlane(build_assets(), work, gpu_nodes=gpu_nodes)
+    operator: OperatorProcess | None = None
     watchers: list[Watcher] = []
     try:
         plane.start()
@@ -623,16 +729,16 @@ def main(argv: list[str] | None = None) -> int:
             ]
             for watcher in watchers:
                 watcher.start()
-            operator = Operator(plane.kubeconfig, work / "logs/rlsd-operator.log")
+            operator = OperatorProcess(plane.kubeconfig, work / "logs/rlsd-operator.log")
             bench = Bench(api, namespace, timeline, args)
             version = client.VersionApi(api).get_code().git_version
-            print(f"kube-apiserver {version}, {args.gpu_nodes} kwok GPU nodes, rlsd-operator up", flush=True)
+            print(f"kube-apiserver {version}, {gpu_nodes} kwok GPU nodes, rlsd-operator up", flush=True)
             for i, combo in zip(range(args.warmup), itertools.cycle(combos), strict=False):
                 bench.create(f"warmup-{i}", metrics_url)
                 bench.preempt(f"warmup-{i}", *combo.split("/"))
                 bench.delete(f"warmup-{i}")
             round_trip = bench.api_round_trip()
-            reconciles_before = operator.reconciles()
+            reconciles_before = reconciles(operator)
             samples = []
             for i, combo in zip(range(args.runs), itertools.cycle(combos), strict=False):
                 name = f"lat-{i:03d}"
@@ -648,7 +754,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{preempted['created'] * 1e3:5.0f} ms",
                     flush=True,
                 )
-            reconciles_after = operator.reconciles()
+            reconciles_after = reconciles(operator)
+            pids = {**plane.pids(), "rlsd-operator": operator.proc.pid, "benchmark": os.getpid()}
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            burst = bench.burst(args.burst, args.burst_preempt, metrics_url) if args.burst else None
+            if burst:
+                # Where the burst's CPU went: what bounds it on 2 cores.
+                burst["cpu_seconds"] = {
+                    name: round(cpu_seconds(pid) - cpu_before[name], 1) for name, pid in pids.items()
+                }
+            peak_rss = operator.peak_rss_bytes()
+            errors = [line for line in operator.lines() if " ERROR " in line or "Traceback" in line]
+            log_lines = len(operator.lines())
             for watcher in watchers:
                 if watcher.error is not None:
                     raise RuntimeError(f"{watcher.name} failed") from watcher.error
@@ -681,7 +798,9 @@ def main(argv: list[str] | None = None) -> int:
             "learners": args.learners,
             "learner_gpus": 4,
             "rollouts": args.rollouts,
-            "gpu_nodes": args.gpu_nodes,
+            "gpu_nodes": gpu_nodes,
+            "burst": args.burst,
+            "burst_preempt": args.burst_preempt,
             "combos": combos,
             "settle_seconds": args.settle,
             "operator": "rlsd-operator console script in a subprocess (admin kubeconfig)",
@@ -692,7 +811,11 @@ def main(argv: list[str] | None = None) -> int:
             "reconciles": count,
             "reconciles_per_run": count / max(len(samples), 1),
             "mean_reconcile_seconds": (reconciles_after[1] - reconciles_before[1]) / max(count, 1),
+            "peak_rss_mib": round(peak_rss / 2**20, 1),
+            "log_lines": log_lines,
+            "error_lines": errors,
         },
+        "burst": burst,
         "create": {key: summary([s["create"][key] for s in samples]) for key in samples[0]["create"]},
         "preemption": {
             combo: {

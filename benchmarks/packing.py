@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from harness import RESULTS, ROOT, TASK_SHAPES, WORK, environment, finish, save_figure, task_model_dir
 from transformers import AttentionInterface, PreTrainedModel
 
+from rlsd_contracts.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection
 from rlsd_trainer import attention
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection
 from rlsd_trainer.logprobs import (
     PackedBatch,
     _ChunkedTokenLogprobs,

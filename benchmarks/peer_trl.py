@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, list[Any]]:
     """The train JSONL, and its rows in the order our sampler draws them."""
-    from rlsd_trainer.config import EmbeddedTaskSection
+    from rlsd_contracts.config import EmbeddedTaskSection
     from rlsd_trainer.data import ResumableSampler
     from rlsd_trainer.task import generate_examples
 
@@ -242,7 +242,7 @@ class OursSide:
     """Our trainer, one `train_step` per `step()`."""
 
     def __init__(self, args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path) -> None:
-        from rlsd_trainer.config import parse_config
+        from rlsd_contracts.config import parse_config
         from rlsd_trainer.loop import Trainer
         from rlsd_trainer.verifiers import RewardPool
 

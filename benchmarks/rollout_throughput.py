@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from harness import RESULTS, SHAPES, WORK, environment, finish, median, random_model_dir, servers_running
 
+from rlsd_contracts.config import EmbeddedTaskSection, ModelSection
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.config import EmbeddedTaskSection, ModelSection
 from rlsd_trainer.models import encode_prompt, load_model
 from rlsd_trainer.rollout import Completion, LocalEngine, SamplingParams
 from rlsd_trainer.rollout_client import RemoteRolloutEngine

@@ -5,12 +5,14 @@ What is measured
     optimizer step), pushing a random-initialised Qwen3 model (float32; about 5M, 25M, 100M and 400M
     parameters, see `harness.SHAPES`) to real `rlsd-trainer serve rollout` processes on loopback:
 
-    * gloo        vLLM's broadcast protocol on CPU: `/start_weight_update`, `/update_weights` (names,
-                  dtypes, shapes) while this process broadcasts every tensor over a gloo group with
-                  the servers, `/finish_weight_update`, after which the server serves the new version;
-    * filesystem  vLLM's disk protocol: the client writes `model.safetensors` into a shared
+    * gloo        vLLM's broadcast protocol on CPU: `/pause`, `/start_weight_update`,
+                  `/update_weights` (names, dtypes, shapes) while this process broadcasts every
+                  tensor over a gloo group with the servers, `/finish_weight_update`, `/resume`, after
+                  which the server serves the new version;
+    * filesystem  vLLM's in-place reload: the client writes `model.safetensors` into a shared
                   directory (no fsync, so on one machine the servers read it from the page cache),
-                  and every server reloads it through the same four routes.
+                  and every server reloads it (`/pause`, `/collective_rpc` reload_weights,
+                  `/update_weight_version`, `/resume`).
 
     to 1 and to 2 servers. The first push of a client builds its gloo group (rendezvous, one
     `/init_weight_transfer_engine` per server) and is reported apart ("first"); the following pushes
@@ -56,7 +58,8 @@ from rlsd_trainer.cli import quiet_libraries
 from rlsd_trainer.rollout_client import RemoteRolloutEngine
 
 NAME = "policy"
-SERVER_BACKEND = {"gloo": "gloo", "filesystem": "disk"}
+# The --weight-transfer-config of the servers: filesystem reloads with whatever backend is configured.
+SERVER_BACKEND = {"gloo": "gloo", "filesystem": "gloo"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,9 +2,10 @@
 tests/k8s and tests/operator (`controlplane` is importable through pytest's `pythonpath`).
 
 `control_plane` (session): etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
-with fake GPU nodes, all on 127.0.0.1; `kubeconfig` (session): the admin's kubeconfig path;
-`api_client` (session): a kubernetes ApiClient for the admin; `namespace`: a fresh namespace whose
-default service account exists, deleted after the test.
+with fake GPU nodes, all on 127.0.0.1; `kueue` (session): a Kueue manager on it
+(k8s/kueue_manager.py); `kubeconfig` (session): the admin's kubeconfig path; `api_client`
+(session): a kubernetes ApiClient for the admin; `namespace`: a fresh namespace whose default
+service account exists, deleted after the test.
 """
 
 from __future__ import annotations
@@ -16,15 +17,25 @@ from pathlib import Path
 import pytest
 from controlplane import ControlPlane, build_assets, wait_until
 from kubernetes import client
+from kueue_manager import Kueue, build_kueue
+
+# tests/conformance runs in the vLLM environment (`make test-vllm`, part of `make test`), which does
+# not load this file (--confcutdir); the main environment never holds vLLM.
+collect_ignore = ["conformance"]
 
 _running: ControlPlane | None = None
 _build_error: Exception | None = None
+_kueue_build_error: Exception | None = None
+
+
+def pytest_report_header() -> str:
+    return "tests/conformance (vLLM's own code) runs in the vLLM environment: make test-vllm"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Builds the binaries (when not cached) before the first test, where neither the per-test
     timeout nor output capture applies: a cold build takes many minutes."""
-    global _build_error
+    global _build_error, _kueue_build_error
     if session.config.option.collectonly or not any(i.get_closest_marker("k8s") for i in session.items):
         return
     capture = session.config.pluginmanager.getplugin("capturemanager")
@@ -33,6 +44,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             build_assets()
         except Exception as exc:  # reported by the fixture, so every k8s test fails with it
             _build_error = exc
+        if any(i.get_closest_marker("kueue") for i in session.items):
+            try:
+                build_kueue()
+            except Exception as exc:  # reported by the kueue fixture
+                _kueue_build_error = exc
 
 
 @pytest.hookimpl(wrapper=True)
@@ -56,6 +72,16 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     finally:
         _running = None
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def kueue(control_plane: ControlPlane, api_client: client.ApiClient) -> Kueue:
+    """A Kueue manager on the control plane (tests/k8s/kueue.py), until the session ends."""
+    if _kueue_build_error is not None:
+        raise _kueue_build_error
+    manager = Kueue(build_kueue(), control_plane)
+    manager.start(api_client)
+    return manager
 
 
 @pytest.fixture(scope="session")

@@ -33,9 +33,17 @@ def run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def template(helm: str, *values: str, namespace: str = "rlsd-system", release: str = "rlsd") -> list[dict]:
-    """`helm template` of the chart with `--set` values: the rendered objects."""
+def template(
+    helm: str,
+    *values: str,
+    namespace: str = "rlsd-system",
+    release: str = "rlsd",
+    files: tuple[Path, ...] = (),
+) -> list[dict]:
+    """`helm template` of the chart with values `files` and `--set` values: the rendered objects."""
     command = [helm, "template", release, str(CHART), "--namespace", namespace]
+    for path in files:
+        command += ["--values", str(path)]
     for value in values:
         command += ["--set", value]
     return [doc for doc in yaml.safe_load_all(run(command).stdout) if doc]

@@ -21,17 +21,20 @@ CONTAINER_SECURITY = {
 
 
 def readme_rules() -> set[tuple[str, str, str]]:
-    """(API group, resource, verb) from operator/README.md's sentence "It needs ... on ...".
+    """(API group, resource, verb) from operator/README.md's sentence "It needs ... on ...": a
+    resource of another API group than rlsd.io and the core one is written `<plural>.<group>`.
 
     The operator's README is where its permissions are stated; the chart must grant exactly those.
     """
     text = " ".join((ROOT / "operator/README.md").read_text().split())
-    sentence = re.search(r"It needs (.+?)\.", text)
+    sentence = re.search(r"It needs (.+?)\.(?:\s|$)", text)
     assert sentence, "operator/README.md no longer states what the operator needs"
     rules = set()
     for part in re.split(r", and |, | and ", sentence.group(1)):
         verbs, resource = part.replace("`", "").split(" on ")
         group = "rlsd.io" if resource.startswith("rlsdruns") else ""
+        if "." in resource:
+            resource, group = resource.split(".", 1)
         rules |= {(group, resource, verb) for verb in verbs.split("/")}
     return rules
 
@@ -136,21 +139,34 @@ def test_namespace_scope_has_roles_in_the_watched_namespaces_only(
     assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == namespaces
 
 
+def test_the_kueue_values_example_gives_the_operator_a_default_queue(helm: str) -> None:
+    def env(objects: list[dict]) -> dict[str, str]:
+        (deployment,) = by_kind(objects, "Deployment")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    example = CHART / "examples/kueue.yaml"
+    queue = yaml.safe_load(example.read_text())["operator"]["defaultQueueName"]
+    assert env(template(helm, files=(example,)))["RLSD_OPERATOR_DEFAULT_QUEUE_NAME"] == queue
+    assert "RLSD_OPERATOR_DEFAULT_QUEUE_NAME" not in env(template(helm))
+
+
 def test_monitoring_objects_follow_the_pod_labels_and_ports_of_the_operator(helm: str) -> None:
+    from rlsd_contracts import wire
     from rlsd_operator import names
 
     objects = template(helm, "monitoring.podMonitors.enabled=true", "monitoring.serviceMonitor.enabled=true")
     monitors = {m["metadata"]["name"].rsplit("-", 1)[1]: m["spec"] for m in by_kind(objects, "PodMonitor")}
-    assert set(monitors) == {names.LEARNER, names.ROLLOUT, names.TEACHER}
+    assert set(monitors) == {wire.LEARNER, wire.ROLLOUT, wire.TEACHER}
     for role, spec in monitors.items():
         assert spec["selector"]["matchLabels"][names.LABEL_ROLE] == role
         assert spec["selector"]["matchLabels"][names.LABEL_APP] == "rlsd"
         (endpoint,) = spec["podMetricsEndpoints"]
         assert {"targetLabel": "job", "replacement": f"rlsd-{role}"} in endpoint["relabelings"]
-    assert monitors[names.LEARNER]["selector"]["matchLabels"][names.LABEL_RANK] == "0"
+    assert monitors[wire.LEARNER]["selector"]["matchLabels"][names.LABEL_RANK] == "0"
     # The ports by name, as builders.py names them on the pods.
-    assert monitors[names.LEARNER]["podMetricsEndpoints"][0]["port"] == "metrics"
-    assert monitors[names.ROLLOUT]["podMetricsEndpoints"][0]["port"] == "http"
+    assert monitors[wire.LEARNER]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert monitors[wire.ROLLOUT]["podMetricsEndpoints"][0]["port"] == "http"
     (service_monitor,) = by_kind(objects, "ServiceMonitor")
     (service,) = by_kind(objects, "Service")
     assert service_monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()

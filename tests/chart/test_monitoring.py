@@ -18,7 +18,7 @@ import yaml
 from charttools import CHART, by_kind, run, template
 from prometheus_client.parser import text_string_to_metric_families
 
-from rlsd_operator import names
+from rlsd_contracts import wire
 
 # vLLM's own series that the dashboard reads (it scrapes them as they are); the names are those of
 # vLLM's "Production Metrics" documentation (docs.vllm.ai/en/stable/usage/metrics/):
@@ -56,7 +56,7 @@ def dashboard() -> dict:
 def dashboard_expressions() -> list[str]:
     board = dashboard()
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
-    exprs += [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+    exprs += [v["query"] for v in board["templating"]["list"] if v["type"] == "query"]
     return exprs
 
 
@@ -193,7 +193,7 @@ def scrape(url: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlsd_trainer.config import parse_config
+    from rlsd_contracts.config import parse_config
     from rlsd_trainer.loop import run_training
 
     output = tmp_path_factory.mktemp("local-run")
@@ -251,7 +251,6 @@ def operator_exported() -> set[str]:
         "from prometheus_client import generate_latest\n"
         "from rlsd_operator import metrics\n"
         "metrics.publish_phases({})\n"
-        "[metrics.ERRORS.labels(kind) for kind in ('reconcile', 'scrape')]\n"
         "print(generate_latest().decode())\n"
     )
     text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -261,7 +260,7 @@ def operator_exported() -> set[str]:
 @pytest.mark.slow
 def test_every_metric_in_alerts_and_dashboard_is_exported(helm: str, local_run: Path, tmp_path: Path) -> None:
     exported = trainer_exported(local_run) | operator_exported()
-    for role in (names.ROLLOUT, names.TEACHER):
+    for role in (wire.ROLLOUT, wire.TEACHER):
         exported |= server_exported(role, local_run / "initial-policy", tmp_path)
     exported |= VLLM_METRICS | PROMETHEUS_SERIES
     # What the chart's text names: the alert expressions and the dashboard's queries.

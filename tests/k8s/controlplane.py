@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,18 +54,21 @@ T = TypeVar("T")
 GPU_NODE_CAPACITY = {GPU: "8", "cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1Ti"}
 
 
-@functools.cache
-def build_assets() -> Path:
-    """Runs build-control-plane.sh (a no-op once built) and returns the directory of the binaries.
+def run_build(script: Path) -> Path:
+    """Runs a build script of tests/k8s (a no-op once built) and returns the directory it prints.
 
     The script's progress goes to stderr; a failed build raises, so the tests fail rather than skip.
     """
-    result = subprocess.run(
-        ["nice", "-n", "19", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, text=True, check=False
-    )
+    result = subprocess.run(["nice", "-n", "19", str(script)], stdout=subprocess.PIPE, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"{BUILD_SCRIPT} failed with exit code {result.returncode}; see its stderr")
+        raise RuntimeError(f"{script} failed with exit code {result.returncode}; see its stderr")
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+@functools.cache
+def build_assets() -> Path:
+    """The directory of the control plane's binaries (build-control-plane.sh)."""
+    return run_build(BUILD_SCRIPT)
 
 
 class Pki:
@@ -237,7 +241,7 @@ class ControlPlane:
     def _start_etcd(self, deadline: float) -> None:
         client_url = self.etcd_url
         peer_url = f"http://127.0.0.1:{free_port()}"
-        self._spawn(
+        self.spawn(
             "etcd",
             f"--data-dir={self.workdir / 'etcd'}",
             "--name=etcd",
@@ -249,7 +253,7 @@ class ControlPlane:
             "--unsafe-no-fsync",
             "--log-level=warn",
         )
-        self._wait("etcd /health", lambda: _get(f"{client_url}/health"), deadline)
+        self.wait("etcd /health", lambda: http_ok(f"{client_url}/health"), deadline)
 
     def _start_apiserver(self, deadline: float) -> None:
         cert, key = self.pki.issue(
@@ -260,7 +264,7 @@ class ControlPlane:
         # The aggregation layer's front proxy has a CA of its own, as in kubeadm clusters.
         front_proxy = Pki(self.workdir / "front-proxy")
         proxy_cert, proxy_key = front_proxy.issue("front-proxy-client", "front-proxy-client")
-        self._spawn(
+        self.spawn(
             "kube-apiserver",
             f"--etcd-servers={self.etcd_url}",
             "--bind-address=127.0.0.1",
@@ -289,7 +293,7 @@ class ControlPlane:
         context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
         admin_cert, admin_key = self.pki.dir / "admin.crt", self.pki.dir / "admin.key"
         context.load_cert_chain(str(admin_cert), str(admin_key))
-        self._wait("kube-apiserver /readyz", lambda: _get(f"{self.server}/readyz", context), deadline)
+        self.wait("kube-apiserver /readyz", lambda: http_ok(f"{self.server}/readyz", context), deadline)
 
     def _start_controllers(self, core: client.CoreV1Api, deadline: float) -> None:
         insecure = ssl.create_default_context()  # their serving certificates are self-signed
@@ -312,7 +316,7 @@ class ControlPlane:
         ]:
             kubeconfig = self.kubeconfig_for(user)
             port = free_port()
-            self._spawn(
+            self.spawn(
                 name,
                 f"--kubeconfig={kubeconfig}",
                 f"--authentication-kubeconfig={kubeconfig}",
@@ -324,13 +328,13 @@ class ControlPlane:
                 *extra,
             )
             url = f"https://127.0.0.1:{port}/healthz"
-            self._wait(f"{name} /healthz", lambda url=url: _get(url, insecure), deadline)
+            self.wait(f"{name} /healthz", lambda url=url: http_ok(url, insecure), deadline)
         # The service-account controller at work: pods can't be created in a namespace before.
         default_sa = functools.partial(core.read_namespaced_service_account, "default", "default")
-        self._wait("the default service account", default_sa, deadline)
+        self.wait("the default service account", default_sa, deadline)
 
     def _start_kwok(self, core: client.CoreV1Api, deadline: float) -> None:
-        self._spawn(
+        self.spawn(
             "kwok",
             f"--kubeconfig={self.kubeconfig_for('kwok', ['system:masters'])}",
             f"--config={self.assets / 'kwok-stages.yaml'}",
@@ -348,7 +352,7 @@ class ControlPlane:
             ready = [n for n in nodes if _condition(n.status.conditions, "Ready")]
             return len(ready) == len(self.gpu_nodes)
 
-        self._wait("the kwok GPU nodes to be Ready", nodes_ready, deadline)
+        self.wait("the kwok GPU nodes to be Ready", nodes_ready, deadline)
 
     # -- clients ----------------------------------------------------------------------------------
 
@@ -364,10 +368,14 @@ class ControlPlane:
 
     # -- processes and logs -----------------------------------------------------------------------
 
-    def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def spawn(
+        self, name: str, *args: str, env: dict[str, str] | None = None, binary: Path | None = None
+    ) -> None:
+        """Starts `binary` (the asset `name` by default) as one more component: its log beside the
+        others', stopped with them."""
         log = (self.logdir / f"{name}.log").open("wb")
         proc = subprocess.Popen(
-            [str(self.assets / name), *args],
+            [str(binary or self.assets / name), *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -376,7 +384,13 @@ class ControlPlane:
         )
         self._procs[name] = (proc, log)
 
-    def _wait(self, what: str, ready: Callable[[], object], deadline: float) -> None:
+    def pids(self) -> dict[str, int]:
+        """Component name -> process id (for benchmarks that account CPU time per component)."""
+        return {name: proc.pid for name, (proc, _) in self._procs.items()}
+
+    def wait(self, what: str, ready: Callable[[], object], deadline: float) -> None:
+        """Polls `ready` until it returns something truthy; raises, with the logs, when a component
+        exited or `deadline` (a time.monotonic() value) passed."""
         error: Exception | None = None
         while time.monotonic() < deadline:
             for name, (proc, _) in self._procs.items():
@@ -424,7 +438,8 @@ def wait_until(
         time.sleep(0.3)
 
 
-def _get(url: str, context: ssl.SSLContext | None = None) -> bool:
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    """Whether GET `url` answers 200 (raises while it cannot connect)."""
     with urllib.request.urlopen(url, context=context, timeout=5) as response:
         return response.status == 200
 
@@ -487,6 +502,33 @@ def exit_pod(core: client.CoreV1Api, namespace: str, pod: str, code: int, messag
     container = core.read_namespaced_pod(pod, namespace).spec.containers[0]
     status = terminated_status(container.name, container.image, code, message)
     core.patch_namespaced_pod_status(pod, namespace, {"status": status})
+
+
+@contextlib.contextmanager
+def kubelet_stops_deleted_pods(
+    core: client.CoreV1Api, namespace: str, exit_code: Callable[[client.V1Pod], int]
+) -> Iterator[None]:
+    """What a kubelet does to a pod deleted on its node, for the pods of `namespace`: its container
+    stops (exits `exit_code(pod)`, as the process would on SIGTERM) and the pod's phase becomes
+    terminal. kwok deletes pods at once, which a finalizer (Kueue's) defeats: such a pod would stay
+    Running. A thread, polling, for as long as the context lasts."""
+    stop = threading.Event()
+
+    def stop_deleted() -> None:
+        while not stop.wait(0.3):
+            for pod in core.list_namespaced_pod(namespace).items:
+                terminal = pod.status.phase in ("Succeeded", "Failed")
+                if pod.metadata.deletion_timestamp and pod.spec.node_name and not terminal:
+                    with contextlib.suppress(client.ApiException):  # gone meanwhile
+                        exit_pod(core, namespace, pod.metadata.name, exit_code(pod))
+
+    thread = threading.Thread(target=stop_deleted, name=f"kubelet {namespace}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client
 from operator_runner import start_operator
 
-from rlsd_operator import handlers, names
+from rlsd_operator import decide, names
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +76,9 @@ def checkpoint_claim(core: client.CoreV1Api, namespace: str) -> Iterator[str]:
 def operator_env(kubeconfig: Path, rlsd_crd: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Environment of an in-process operator: the admin's kubeconfig, fast scrapes and retries."""
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    monkeypatch.setattr(handlers, "SCRAPE_SECONDS", 0.5)
-    monkeypatch.setattr(handlers, "REFERENCE_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(decide, "SCRAPE_SECONDS", 0.5)
+    monkeypatch.setattr(decide, "REFERENCE_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(decide, "REFUSAL_RETRY_SECONDS", 1.0)
 
 
 @pytest.fixture

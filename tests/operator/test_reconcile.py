@@ -348,10 +348,104 @@ def test_missing_references_are_reported_then_resolved(cluster: Cluster, operato
     assert cluster.condition("ReferencesResolved")["status"] == "True"
 
 
-def test_an_invalid_learning_rate_fails_the_run(cluster: Cluster, operator: Any) -> None:
-    start_run(cluster, {"optim": {"lr": "fast"}})
-    status = cluster.wait_phase("Failed")
-    assert "optim.lr" in status["message"] and cluster.condition("Failed")["reason"] == "InvalidSpec"
+def test_a_config_the_trainer_would_refuse_fails_in_seconds_before_any_pod(
+    cluster: Cluster, operator: Any
+) -> None:
+    start_run(cluster, {"trainerConfig": {"algorithm": {"gruop_size": 4}}})
+    status = cluster.wait_phase("Failed", timeout=10)
+    assert "spec.trainerConfig.algorithm.gruop_size: unknown field" in status["message"]
+    assert cluster.condition("Failed")["reason"] == "InvalidSpec" and cluster.events("InvalidSpec")
+    assert not cluster.pods()
+
+
+@pytest.mark.parametrize("name", ["team.a.run-1", "1st-run." + "x" * 245])
+def test_any_run_name_works(cluster: Cluster, operator: Any, name: str) -> None:
+    start_run(cluster, {"learner": {"nodes": 1}, "rollout": {"replicas": 1}}, name=name)
+    stem = names.stem(name)
+    pods = cluster.wait_pods_running([f"{stem}-learner-a1-0", f"{stem}-rollout-0"])
+    cluster.wait_phase("Running", name=name)
+    assert pods[f"{stem}-learner-a1-0"].spec.subdomain == f"{stem}-learners"
+    services = {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.namespace).items}
+    assert services == {f"{stem}-learners", f"{stem}-rollout"}
+    config_map = cluster.core.read_namespaced_config_map(f"{stem}-config", cluster.namespace)
+    assert yaml.safe_load(config_map.data["config.yaml"])["run"]["name"] == name
+
+
+def test_owned_objects_are_recreated_when_they_go_missing(cluster: Cluster, operator: Any) -> None:
+    start_run(cluster)
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    cluster.wait_phase("Running")
+    ns = cluster.namespace
+    before = cluster.core.read_namespaced_service("demo-learners", ns).metadata.uid
+    cluster.core.delete_namespaced_service("demo-learners", ns)
+    cluster.core.delete_namespaced_config_map("demo-config", ns)
+
+    def recreated() -> bool:
+        service = cluster.core.read_namespaced_service("demo-learners", ns)
+        return service.metadata.uid != before and bool(
+            cluster.core.read_namespaced_config_map("demo-config", ns)
+        )
+
+    wait_until(recreated, "the Service and the ConfigMap to be recreated")
+    assert cluster.status()["attempt"] == 1 and cluster.status()["phase"] == "Running"
+
+
+def test_a_name_held_by_another_object_is_reported_then_taken_once_free(
+    cluster: Cluster, operator: Any
+) -> None:
+    foreign = {"metadata": {"name": "demo-learners"}, "spec": {"clusterIP": "None", "ports": [{"port": 1}]}}
+    cluster.core.create_namespaced_service(cluster.namespace, foreign)
+    start_run(cluster)
+    wait_until(lambda: cluster.condition("Ready").get("reason") == "NameConflict", "NameConflict")
+    assert (
+        "Service demo-learners exists and is not owned by this run" in cluster.condition("Ready")["message"]
+    )
+    assert cluster.events("NameConflict")
+    assert cluster.status()["phase"] == "Pending" and not cluster.status().get("attemptLaunched")
+    cluster.core.delete_namespaced_service("demo-learners", cluster.namespace)
+    cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
+    cluster.wait_phase("Running")
+
+
+RWO_TEMPLATE = {
+    "accessModes": ["ReadWriteOnce"],
+    "storageClassName": "",
+    "resources": {"requests": {"storage": "1Gi"}},
+}
+
+
+def test_a_read_write_once_claim_puts_every_pod_of_the_run_on_one_node(
+    cluster: Cluster, operator: Any
+) -> None:
+    one_gpu = {"nprocPerNode": 1, "resources": {"limits": {"nvidia.com/gpu": 1}}}
+    with pv_for(cluster.core, cluster.namespace, "demo-checkpoints"):
+        start_run(
+            cluster,
+            {
+                "learner": {"nodes": 1, **one_gpu},
+                "rollout": {"replicas": 3},
+                "checkpoint": {"volume": {"claimName": None, "claimTemplate": RWO_TEMPLATE}},
+            },
+        )
+        pods = cluster.wait_pods_running(
+            ["demo-learner-a1-0", "demo-rollout-0", "demo-rollout-1", "demo-rollout-2"]
+        )
+        assert len({pod.spec.node_name for pod in pods.values()}) == 1, {
+            name: pod.spec.node_name for name, pod in pods.items()
+        }
+        cluster.wait_phase("Running")
+
+
+def test_a_read_write_once_claim_for_a_gang_across_nodes_is_refused(cluster: Cluster, operator: Any) -> None:
+    claim = {"metadata": {"name": "rwo"}, "spec": RWO_TEMPLATE}
+    with pv_for(cluster.core, cluster.namespace, "rwo"):
+        cluster.core.create_namespaced_persistent_volume_claim(cluster.namespace, claim)
+        start_run(cluster, {"checkpoint": {"volume": {"claimName": "rwo"}}})
+        status = cluster.wait_phase("Failed", timeout=10)
+        assert (
+            "claim 'rwo' is ReadWriteOnce" in status["message"] and "learner.nodes is 2" in status["message"]
+        )
+        assert cluster.condition("Failed")["reason"] == "InvalidSpec" and not cluster.pods()
 
 
 def test_deleting_a_run_leaves_nothing_behind(cluster: Cluster, operator: Any) -> None:

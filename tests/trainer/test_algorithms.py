@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from rlsd_contracts.config import AlgorithmSection, LambdaSchedule
 from rlsd_trainer.algorithms import (
     clipped_policy_loss,
     group_advantages,
@@ -23,7 +24,6 @@ from rlsd_trainer.algorithms import (
     token_advantages_for,
     token_mean,
 )
-from rlsd_trainer.config import AlgorithmSection, LambdaSchedule
 
 ATOL = 2e-6
 

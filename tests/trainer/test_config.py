@@ -8,8 +8,7 @@ import pytest
 import transformers
 import yaml
 
-from rlsd_trainer.cli import EXIT_BAD_CONFIG, main
-from rlsd_trainer.config import (
+from rlsd_contracts.config import (
     DEFAULT_TEACHER_TEMPLATE,
     ConfigError,
     RunConfig,
@@ -17,6 +16,8 @@ from rlsd_trainer.config import (
     load_config,
     parse_config,
 )
+from rlsd_contracts.exit_codes import EXIT_BAD_CONFIG
+from rlsd_trainer.cli import main
 
 PACKAGED = (
     Path(__file__).resolve().parents[2] / "trainer" / "src" / "rlsd_trainer" / "configs" / "embedded.yaml"
@@ -92,6 +93,7 @@ def test_invalid_enum_lists_allowed_values() -> None:
         ({"algorithm": {"lam": {"initial": 2}}}, "algorithm.lam.initial"),
         ({"algorithm": {"dual_clip": 0.5}}, "algorithm.dual_clip"),
         ({"rollout": {"sampling": {"top_p": 0}}}, "rollout.sampling.top_p"),
+        ({"rollout": {"sampling": {"temperature": 2.5}}}, "rollout.sampling.temperature"),  # vLLM's max
     ],
 )
 def test_out_of_range_names_the_field(raw: dict, field: str) -> None:
@@ -113,6 +115,15 @@ def test_teacher_template_needs_reference_placeholder() -> None:
     assert "teacher" in message and "{reference}" in message
     good = parse_config({"teacher": {"template": "Ref: {reference}\nQ: {question}"}})
     assert good.teacher.template.startswith("Ref:")
+
+
+def test_remote_teacher_servers_cannot_receive_nccl() -> None:
+    """The teacher servers are ours (gloo or filesystem); nccl is vLLM's."""
+    servers = {"urls": ["http://t:8000"]}
+    message = _error({"teacher": {"placement": "remote", "servers": servers}})  # nccl is the default
+    assert "teacher" in message and "nccl is vLLM's" in message
+    gloo = {**servers, "weight_transfer": {"backend": "gloo"}}
+    assert parse_config({"teacher": {"placement": "remote", "servers": gloo}}).teacher.placement == "remote"
 
 
 def test_callable_verifier_needs_callable() -> None:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rlsd_trainer.config import DataSourceSection, EmbeddedTaskSection
+from rlsd_contracts.config import DataSourceSection, EmbeddedTaskSection
 from rlsd_trainer.data import DataError, Example, ResumableSampler, load_examples
 
 CUSTOM_FIELDS = {"question_field": "prompt", "answer_field": "solution", "reference_field": "worked"}

@@ -22,8 +22,8 @@ import yaml
 from processes import Server, kill_session, start_learners, start_server, wait_healthy
 from safetensors.torch import load_file
 
-from rlsd_trainer.config import EmbeddedTaskSection
-from rlsd_trainer.lifecycle import EXIT_BAD_CONFIG, EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED
+from rlsd_contracts.config import EmbeddedTaskSection
+from rlsd_contracts.exit_codes import EXIT_BAD_CONFIG, EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED
 from rlsd_trainer.task import build_model_dir
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlsd_trainer.config import parse_config
+from rlsd_contracts.config import parse_config
 from rlsd_trainer.loop import run_training as run_local
 
 pytestmark = pytest.mark.slow

@@ -17,9 +17,8 @@ import httpx
 import pytest
 import torch
 from processes import Server, start_server, wait_healthy
-from tiny_models import VOCAB, tiny_model
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from tiny_models import EOS, save_tiny_model, tiny_model
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rlsd_trainer.cli import main as cli_main
 from rlsd_trainer.logprobs import shared_prompt_logprobs
@@ -34,7 +33,6 @@ from rlsd_trainer.rollout_client import (
 )
 from rlsd_trainer.teacher_client import RemoteTeacherClient
 
-EOS = 1
 NAME = "policy"
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [20], [30, 31, 32, 33]]
 PARAMS = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=11)
@@ -61,25 +59,16 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with a word-level tokenizer (`t<id>`; pad t0, EOS t1) in Hugging Face format."""
-    directory = tmp_path_factory.mktemp("model")
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="t1", pad_token="t0", unk_token="t2"
-    ).save_pretrained(directory)
-    tiny_model(seed=0).save_pretrained(directory)
-    return directory
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
 def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    """Two gloo rollout replicas, one disk rollout replica and one gloo teacher, started together."""
+    """Two rollout replicas, a third for filesystem reloads and malformed requests, and a teacher."""
     specs = {
         "r1": ("rollout", "gloo"),
         "r2": ("rollout", "gloo"),
-        "disk": ("rollout", "disk"),
+        "fs": ("rollout", "gloo"),
         "teacher": ("teacher", "gloo"),
     }
     with _servers(list(specs.values()), model_dir, tmp_path_factory.mktemp("logs")) as started:
@@ -121,7 +110,7 @@ def test_completion_equals_local_engine_and_is_identical_across_replicas(
     answers = [httpx.post(servers[r].url + "/v1/completions", json=body).json() for r in ("r1", "r2")]
     assert answers[0]["choices"] == answers[1]["choices"]
     expected = LocalEngine(_load(model_dir), [EOS]).generate(PROMPTS, PARAMS)
-    assert parse_completions(answers[0], len(PROMPTS), PARAMS.n, 0) == expected
+    assert parse_completions(answers[0], len(PROMPTS), PARAMS.n, {"default": 0}.__getitem__) == expected
     choice = answers[0]["choices"][PARAMS.n]  # prompt 1, sample 0
     assert choice["prompt_token_ids"] == PROMPTS[1] and choice["index"] == PARAMS.n
     assert answers[0]["usage"]["completion_tokens"] == sum(len(c.token_ids) for g in expected for c in g)
@@ -157,7 +146,7 @@ def test_filesystem_update_reloads_from_the_shared_directory(
     servers: dict[str, Server], tmp_path: Path
 ) -> None:
     shared = tmp_path / "shared"
-    engine = RemoteRolloutEngine([servers["disk"].url], NAME, "filesystem", shared_dir=shared)
+    engine = RemoteRolloutEngine([servers["fs"].url], NAME, "filesystem", shared_dir=shared)
     try:
         for version, seed in ((3, 2), (4, 3)):
             new = tiny_model(seed=seed)
@@ -260,10 +249,18 @@ MALFORMED = [
     ("/v1/completions", {"prompt": [[1, 2]], "model": "other"}, 404, "model"),
     ("/v1/completions", b"{bad json", 400, "body"),
     ("/v1/complete", {"prompt": [[1, 2]]}, 404, None),
-    ("/init_weight_transfer_engine", {"init_info": {"bogus": 1}}, 400, "init_info.bogus"),
+    ("/init_weight_transfer_engine", {"init_info": {"bogus": 1}}, 400, "init_info.master_address"),
     ("/update_weights", {"updates": {}}, 400, "update_info"),
-    ("/finish_weight_update", {"weight_version": "v2"}, 400, "weight_version"),
-    ("/finish_weight_update", {"weight_version": "2"}, 409, None),  # no update was started
+    ("/finish_weight_update", {"weight_version": 2}, 400, "weight_version"),
+    ("/finish_weight_update", {"weight_version": "2"}, 500, None),  # no update was started, as vLLM
+    ("/pause?mode=keep", None, 400, "mode"),
+    ("/collective_rpc", {"method": "sleep"}, 400, "method"),
+    (
+        "/collective_rpc",
+        {"method": "reload_weights", "kwargs": {"weights_path": "w"}},
+        400,
+        "kwargs.weights_path",
+    ),
     ("/v1/score", {"groups": [UNEQUAL_GROUPS[0], {"prompt_ids": [1]}]}, 400, "groups[1].response_ids"),
     ("/v1/score", {"groups": UNEQUAL_GROUPS}, 400, "groups[1].response_ids"),
     ("/v1/score", {"groups": [{"prompt_ids": [1.5], "response_ids": [[2]]}]}, 400, "groups[0].prompt_ids[0]"),
@@ -274,7 +271,7 @@ MALFORMED = [
 def test_malformed_requests_get_4xx_naming_the_field_and_the_server_stays_up(
     servers: dict[str, Server], route: str, body: dict | bytes, status: int, param: str | None
 ) -> None:
-    url = servers["teacher" if route == "/v1/score" else "disk"].url
+    url = servers["teacher" if route == "/v1/score" else "fs"].url
     if isinstance(body, bytes):
         answer = httpx.post(url + route, content=body, headers={"content-type": "application/json"})
     else:
@@ -286,19 +283,24 @@ def test_malformed_requests_get_4xx_naming_the_field_and_the_server_stays_up(
     assert httpx.get(url + "/health").status_code == 200
 
 
-def test_disk_update_with_a_bad_path_names_it(servers: dict[str, Server]) -> None:
-    url = servers["disk"].url
+def test_one_update_session_at_a_time_as_vllm(servers: dict[str, Server]) -> None:
+    url = servers["fs"].url
+    label = httpx.get(url + "/weight_info").json()
     httpx.post(url + "/start_weight_update").raise_for_status()
-    answer = httpx.post(url + "/update_weights", json={"update_info": {"path": "relative/dir"}})
-    assert answer.status_code == 400 and answer.json()["error"]["param"] == "update_info.path"
-    assert "absolute" in answer.json()["error"]["message"]
+    try:
+        second = httpx.post(url + "/start_weight_update")
+        assert second.status_code == 500 and "already active" in second.json()["error"]["message"]
+        release = httpx.post(url + "/shutdown_weight_transfer_engine")
+        assert release.status_code == 500 and "during a weight update" in release.json()["error"]["message"]
+    finally:
+        httpx.post(url + "/finish_weight_update").raise_for_status()  # no version: the label stays
+    assert httpx.get(url + "/weight_info").json() == label
 
 
-def test_serve_rejects_a_backend_it_cannot_receive() -> None:
-    code = cli_main(
-        ["serve", "rollout", "--model", "unused", "--weight-transfer-config", '{"backend": "nccl"}']
-    )
-    assert code == 3
+@pytest.mark.parametrize("backend", ["nccl", "disk"])
+def test_serve_rejects_a_backend_it_cannot_receive(backend: str) -> None:
+    config = f'{{"backend": "{backend}"}}'
+    assert cli_main(["serve", "rollout", "--model", "unused", "--weight-transfer-config", config]) == 3
 
 
 def test_chunks_are_contiguous_and_depend_only_on_the_configured_replica_count() -> None:

@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd_trainer.config import LearnerSection
-from rlsd_trainer.distributed import DistContext, prepare_policy, share_of
-from rlsd_trainer.lifecycle import (
+from rlsd_contracts.config import LearnerSection
+from rlsd_contracts.exit_codes import (
     EXIT_BAD_CONFIG,
     EXIT_FAILED,
     EXIT_FINISHED,
     EXIT_PREEMPTED,
     EXIT_PREEMPTED_UNSAVED,
-    launcher_exit_code,
 )
+from rlsd_trainer.distributed import DistContext, prepare_policy, share_of
+from rlsd_trainer.lifecycle import launcher_exit_code
 
 # Builds a fixed batch of 3 groups (a prompt and 2 responses each; the prompt packed once per group),
 # takes this rank's groups, and writes the full gradient of
@@ -31,7 +31,7 @@ import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
 from tiny_models import tiny_model
 from rlsd_trainer.algorithms import token_mean
-from rlsd_trainer.config import LearnerSection
+from rlsd_contracts.config import LearnerSection
 from rlsd_trainer.distributed import all_reduce, full_parameters, init_distributed, prepare_policy, share_of
 from rlsd_trainer.logprobs import pack
 
@@ -97,7 +97,8 @@ def test_activation_checkpointing_keeps_gradients() -> None:
         policy = prepare_policy(
             tiny_model(seed=2).train(), DistContext(), LearnerSection(activation_checkpointing=checkpointing)
         )
-        assert policy.lm.is_activation_checkpointing == checkpointing
+        # The name every supported transformers has (5.2x adds is_activation_checkpointing).
+        assert policy.lm.is_gradient_checkpointing == checkpointing
         logprobs, _ = policy.response_logprobs(batch, chunk_tokens=4)
         logprobs.sum().backward()
         grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsd_trainer.config import ConfigError, RewardSection
+from rlsd_contracts.config import ConfigError, RewardSection
 from rlsd_trainer.verifiers import (
     RewardPool,
     exact_match,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
 VOCAB = 97
+PAD, EOS = 0, 1
 
 
 def tiny_model(seed: int = 0, tie: bool = True) -> torch.nn.Module:
@@ -46,3 +50,15 @@ def padded_logprobs(
             logprobs[b, t] = log_probs[b, position, token]
             entropy[b, t] = -(log_probs[b, position].exp() * log_probs[b, position]).sum()
     return logprobs, entropy
+
+
+def save_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """`tiny_model(seed)` in Hugging Face format with a word-level tokenizer (`t<id>`; pad t0, EOS t1)."""
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=f"t{EOS}", pad_token=f"t{PAD}", unk_token="t2"
+    ).save_pretrained(directory)
+    tiny_model(seed=seed).save_pretrained(directory)
+    return directory

@@ -1,337 +1,258 @@
-"""The Grafana dashboard of the chart (`dashboards/rlsd.json`), written by render.py.
+"""The Grafana dashboard of the chart (`dashboards/rlsd.json`), written by render.py with Grafana's own
+typed builders (grafana-foundation-sdk, the release generated for Grafana 11.6).
 
 Panels query the series that the chart's PodMonitors (jobs rlsd-learner, rlsd-rollout, rlsd-teacher,
-with a `run` label) and ServiceMonitor (job rlsd-operator) collect; variables pick the data source,
-the namespace and the run(s).
+with `namespace` and `run` labels) and ServiceMonitor (job rlsd-operator) collect; variables pick the
+data source, the namespace and the run(s). To add a panel, add a `Graph` to a row of `ROWS`; the
+real-Prometheus test (tests/chart/test_prometheus.py) then runs its queries against a real run.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from dataclasses import dataclass
+from string import ascii_uppercase
+from typing import Any, Literal
 
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+from grafana_foundation_sdk.builders import common, dashboard, stat, timeseries
+from grafana_foundation_sdk.builders.prometheus import Dataquery as PrometheusQuery
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as models_common
+from grafana_foundation_sdk.models import dashboard as models
+
+DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RUN = 'namespace=~"$namespace", run=~"$run"'
 LEARNER = f'{{job="rlsd-learner", {RUN}}}'
 ROLLOUT = f'{{job="rlsd-rollout", {RUN}}}'
 TEACHER = f'{{job="rlsd-teacher", {RUN}}}'
 OPERATOR = '{job="rlsd-operator"}'
+# Template variables: name -> (label, query); the runs are those whose learner reports a step.
+VARIABLES = {
+    "namespace": ("Namespace", 'label_values(rlsd_policy_version{job="rlsd-learner"}, namespace)'),
+    "run": ("Run", 'label_values(rlsd_policy_version{job="rlsd-learner", namespace=~"$namespace"}, run)'),
+}
 BY_RUN = "{{namespace}}/{{run}}"
-
-# (title, [(expr, legend)], unit, kind) per row; kind "stat" or "timeseries" (stacked when "stacked").
-Panel = tuple[str, list[tuple[str, str]], str, str]
-ROWS: list[tuple[str, list[Panel]]] = [
-    (
-        "Progress",
-        [
-            ("Step (policy version)", [(f"rlsd_policy_version{LEARNER}", BY_RUN)], "none", "stat"),
-            ("Mean reward", [(f"rlsd_reward_mean{LEARNER}", BY_RUN)], "percentunit", "stat"),
-            ("Held-out accuracy", [(f"rlsd_eval_accuracy{LEARNER}", BY_RUN)], "percentunit", "stat"),
-            ("Newest checkpoint (step)", [(f"rlsd_checkpoint_step{LEARNER}", BY_RUN)], "none", "stat"),
-            (
-                "Reward",
-                [
-                    (f"rlsd_reward_mean{LEARNER}", "mean {{run}}"),
-                    (f"rlsd_reward_std{LEARNER}", "std {{run}}"),
-                ],
-                "none",
-                "timeseries",
-            ),
-            ("Held-out accuracy", [(f"rlsd_eval_accuracy{LEARNER}", BY_RUN)], "percentunit", "timeseries"),
-        ],
-    ),
-    (
-        "RLSD evidence weights",
-        [
-            (
-                "Privileged-information gain (delta mean)",
-                [(f"rlsd_delta_mean{LEARNER}", BY_RUN)],
-                "none",
-                "timeseries",
-            ),
-            (
-                "Weights clipped to [1-eps_w, 1+eps_w]",
-                [(f"rlsd_weight_clipped_fraction{LEARNER}", BY_RUN)],
-                "percentunit",
-                "timeseries",
-            ),
-            (
-                "Lambda and mean weight",
-                [
-                    (f"rlsd_lambda{LEARNER}", "lambda {{run}}"),
-                    (f"rlsd_weight_mean{LEARNER}", "weight {{run}}"),
-                ],
-                "none",
-                "timeseries",
-            ),
-        ],
-    ),
-    (
-        "Learner",
-        [
-            ("Policy loss", [(f"rlsd_policy_loss{LEARNER}", BY_RUN)], "none", "timeseries"),
-            ("Clip ratio", [(f"rlsd_clip_ratio{LEARNER}", BY_RUN)], "percentunit", "timeseries"),
-            ("Entropy", [(f"rlsd_entropy{LEARNER}", BY_RUN)], "none", "timeseries"),
-            (
-                "Response length (tokens)",
-                [(f"rlsd_response_length_mean{LEARNER}", BY_RUN)],
-                "none",
-                "timeseries",
-            ),
-            ("Gradient norm", [(f"rlsd_grad_norm{LEARNER}", BY_RUN)], "none", "timeseries"),
-            (
-                "Rollout vs learner log-prob mismatch",
-                [(f"rlsd_logprob_mismatch{LEARNER}", BY_RUN)],
-                "none",
-                "timeseries",
-            ),
-        ],
-    ),
-    (
-        "Throughput and step time",
-        [
-            ("Tokens per second", [(f"rlsd_tokens_per_second{LEARNER}", BY_RUN)], "none", "timeseries"),
-            (
-                "Step time by phase",
-                [
-                    (f"rlsd_time_{phase}_seconds{LEARNER}", f"{phase} {{{{run}}}}")
-                    for phase in ("rollout", "reward", "teacher", "learn", "sync", "checkpoint")
-                ],
-                "s",
-                "stacked",
-            ),
-            ("Step time", [(f"rlsd_step_seconds{LEARNER}", BY_RUN)], "s", "timeseries"),
-        ],
-    ),
-    (
-        "Checkpoints, restarts and preemptions",
-        [
-            (
-                "Steps since the newest checkpoint",
-                [(f"rlsd_policy_version{LEARNER} - rlsd_checkpoint_step{LEARNER}", BY_RUN)],
-                "none",
-                "timeseries",
-            ),
-            (
-                "Gang restarts (all runs, 1h)",
-                [
-                    (f"sum(increase(rlsd_operator_restarts_total{OPERATOR}[1h]))", "failures"),
-                    (f"sum(increase(rlsd_operator_preemptions_total{OPERATOR}[1h]))", "preemptions"),
-                ],
-                "none",
-                "timeseries",
-            ),
-            (
-                "Stale rollouts and verifier errors",
-                [
-                    (f"rlsd_stale_rollouts{LEARNER}", "stale {{run}}"),
-                    (f"rate(rlsd_verifier_errors_total{LEARNER}[5m])", "verifier errors/s {{run}}"),
-                    (f"rate(rlsd_verifier_timeouts_total{LEARNER}[5m])", "verifier timeouts/s {{run}}"),
-                ],
-                "none",
-                "timeseries",
-            ),
-        ],
-    ),
-    (
-        "Rollout servers (vLLM) and teachers",
-        [
-            (
-                "Generated tokens per second",
-                [
-                    (f"sum by (pod) (rate(vllm:generation_tokens_total{ROLLOUT}[5m]))", "vLLM {{pod}}"),
-                    (
-                        f"sum by (pod) (rate(rlsd_rollout_generated_tokens_total{ROLLOUT}[5m]))",
-                        "CPU server {{pod}}",
-                    ),
-                ],
-                "none",
-                "timeseries",
-            ),
-            (
-                "KV-cache use",
-                [
-                    # vLLM >= 0.10 exports kv_cache_usage_perc; older releases gpu_cache_usage_perc.
-                    (f"vllm:kv_cache_usage_perc{ROLLOUT}", "{{pod}}"),
-                    (f"vllm:gpu_cache_usage_perc{ROLLOUT}", "{{pod}} (vLLM < 0.10)"),
-                ],
-                "percentunit",
-                "timeseries",
-            ),
-            (
-                "Requests running / waiting",
-                [
-                    (f"vllm:num_requests_running{ROLLOUT}", "running {{pod}}"),
-                    (f"vllm:num_requests_waiting{ROLLOUT}", "waiting {{pod}}"),
-                    (f"rlsd_rollout_requests_in_flight{ROLLOUT}", "in flight {{pod}}"),
-                ],
-                "none",
-                "timeseries",
-            ),
-            (
-                "Teacher scoring latency (p95)",
-                [
-                    (
-                        "histogram_quantile(0.95, sum by (le, pod) "
-                        f"(rate(rlsd_teacher_request_latency_seconds_bucket{TEACHER}[5m])))",
-                        "{{pod}}",
-                    )
-                ],
-                "s",
-                "timeseries",
-            ),
-            ("Servers up", [(f'up{{job=~"rlsd-rollout|rlsd-teacher", {RUN}}}', "{{pod}}")], "none", "stat"),
-        ],
-    ),
-    (
-        "Operator",
-        [
-            (
-                "Runs by phase",
-                [(f"sum by (phase) (rlsd_operator_runs{OPERATOR})", "{{phase}}")],
-                "none",
-                "stacked",
-            ),
-            (
-                "Reconcile duration",
-                [
-                    (
-                        "histogram_quantile(0.5, sum by (le) "
-                        f"(rate(rlsd_operator_reconcile_duration_seconds_bucket{OPERATOR}[5m])))",
-                        "p50",
-                    ),
-                    (
-                        "histogram_quantile(0.95, sum by (le) "
-                        f"(rate(rlsd_operator_reconcile_duration_seconds_bucket{OPERATOR}[5m])))",
-                        "p95",
-                    ),
-                ],
-                "s",
-                "timeseries",
-            ),
-            (
-                "Errors per second",
-                [(f"sum by (kind) (rate(rlsd_operator_errors_total{OPERATOR}[5m]))", "{{kind}}")],
-                "none",
-                "timeseries",
-            ),
-        ],
-    ),
-]
+PHASES = ("rollout", "reward", "teacher", "learn", "sync", "checkpoint")
 
 
-def _panel(panel_id: int, panel: Panel, x: int, y: int, width: int) -> dict[str, Any]:
-    title, queries, unit, kind = panel
-    height = 4 if kind == "stat" else 8
-    custom: dict[str, Any] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "showPoints": "never"}
-    if kind == "stacked":
-        custom |= {"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 60}
-    result: dict[str, Any] = {
-        "id": panel_id,
-        "type": "stat" if kind == "stat" else "timeseries",
-        "title": title,
-        "datasource": DATASOURCE,
-        "gridPos": {"h": height, "w": width, "x": x, "y": y},
-        "targets": [
-            {"refId": chr(ord("A") + i), "datasource": DATASOURCE, "expr": expr, "legendFormat": legend}
-            for i, (expr, legend) in enumerate(queries)
-        ],
-        "fieldConfig": {
-            "defaults": {"unit": unit, **({} if kind == "stat" else {"custom": custom})},
-            "overrides": [],
-        },
-        "options": (
-            {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}, "colorMode": "value"}
-            if kind == "stat"
-            else {"legend": {"displayMode": "list", "placement": "bottom"}, "tooltip": {"mode": "multi"}}
+@dataclass(frozen=True)
+class Graph:
+    """One panel: (PromQL, legend) per query, a Grafana unit, and how it is drawn."""
+
+    title: str
+    queries: tuple[tuple[str, str], ...]
+    unit: str = "none"
+    kind: Literal["timeseries", "stacked", "stat"] = "timeseries"
+
+
+def quantile(q: float, histogram: str, selector: str, by: str = "le") -> str:
+    return f"histogram_quantile({q}, sum by ({by}) (rate({histogram}_bucket{selector}[5m])))"
+
+
+ROWS: dict[str, list[Graph]] = {
+    "Progress": [
+        Graph("Step (policy version)", ((f"rlsd_policy_version{LEARNER}", BY_RUN),), kind="stat"),
+        Graph("Mean reward", ((f"rlsd_reward_mean{LEARNER}", BY_RUN),), "percentunit", "stat"),
+        Graph("Held-out accuracy", ((f"rlsd_eval_accuracy{LEARNER}", BY_RUN),), "percentunit", "stat"),
+        Graph("Newest checkpoint (step)", ((f"rlsd_checkpoint_step{LEARNER}", BY_RUN),), kind="stat"),
+        Graph(
+            "Reward",
+            ((f"rlsd_reward_mean{LEARNER}", "mean {{run}}"), (f"rlsd_reward_std{LEARNER}", "std {{run}}")),
         ),
-    }
-    return result
+        Graph("Held-out accuracy", ((f"rlsd_eval_accuracy{LEARNER}", BY_RUN),), "percentunit"),
+    ],
+    "RLSD evidence weights": [
+        Graph("Privileged-information gain (delta mean)", ((f"rlsd_delta_mean{LEARNER}", BY_RUN),)),
+        Graph(
+            "Weights clipped to [1-eps_w, 1+eps_w]",
+            ((f"rlsd_weight_clipped_fraction{LEARNER}", BY_RUN),),
+            "percentunit",
+        ),
+        Graph(
+            "Lambda and mean weight",
+            ((f"rlsd_lambda{LEARNER}", "lambda {{run}}"), (f"rlsd_weight_mean{LEARNER}", "weight {{run}}")),
+        ),
+    ],
+    "Learner": [
+        Graph("Policy loss", ((f"rlsd_policy_loss{LEARNER}", BY_RUN),)),
+        Graph("Clip ratio", ((f"rlsd_clip_ratio{LEARNER}", BY_RUN),), "percentunit"),
+        Graph("Entropy", ((f"rlsd_entropy{LEARNER}", BY_RUN),)),
+        Graph("Response length (tokens)", ((f"rlsd_response_length_mean{LEARNER}", BY_RUN),)),
+        Graph("Gradient norm", ((f"rlsd_grad_norm{LEARNER}", BY_RUN),)),
+        Graph("Rollout vs learner log-prob mismatch", ((f"rlsd_logprob_mismatch{LEARNER}", BY_RUN),)),
+    ],
+    "Throughput and step time": [
+        Graph("Tokens per second", ((f"rlsd_tokens_per_second{LEARNER}", BY_RUN),)),
+        Graph(
+            "Step time by phase",
+            tuple((f"rlsd_time_{phase}_seconds{LEARNER}", f"{phase} {{{{run}}}}") for phase in PHASES),
+            "s",
+            "stacked",
+        ),
+        Graph("Step time", ((f"rlsd_step_seconds{LEARNER}", BY_RUN),), "s"),
+    ],
+    "Checkpoints, restarts and preemptions": [
+        Graph(
+            "Steps since the newest checkpoint",
+            ((f"rlsd_policy_version{LEARNER} - rlsd_checkpoint_step{LEARNER}", BY_RUN),),
+        ),
+        Graph(
+            "Gang restarts (all runs, 1h)",
+            (
+                (f"sum(increase(rlsd_operator_restarts_total{OPERATOR}[1h]))", "failures"),
+                (f"sum(increase(rlsd_operator_preemptions_total{OPERATOR}[1h]))", "preemptions"),
+            ),
+        ),
+        Graph(
+            "Stale rollouts and verifier errors",
+            (
+                (f"rlsd_stale_rollouts{LEARNER}", "stale {{run}}"),
+                (f"rate(rlsd_verifier_errors_total{LEARNER}[5m])", "verifier errors/s {{run}}"),
+                (f"rate(rlsd_verifier_timeouts_total{LEARNER}[5m])", "verifier timeouts/s {{run}}"),
+            ),
+        ),
+    ],
+    "Rollout servers (vLLM) and teachers": [
+        Graph("Servers up", ((f'up{{job=~"rlsd-rollout|rlsd-teacher", {RUN}}}', "{{pod}}"),), kind="stat"),
+        Graph(
+            "Generated tokens per second",
+            (
+                (f"sum by (pod) (rate(vllm:generation_tokens_total{ROLLOUT}[5m]))", "vLLM {{pod}}"),
+                (f"sum by (pod) (rate(rlsd_rollout_generated_tokens_total{ROLLOUT}[5m]))", "CPU {{pod}}"),
+            ),
+        ),
+        Graph(
+            "KV-cache use",
+            # vLLM >= 0.10 exports kv_cache_usage_perc; older releases gpu_cache_usage_perc.
+            (
+                (f"vllm:kv_cache_usage_perc{ROLLOUT}", "{{pod}}"),
+                (f"vllm:gpu_cache_usage_perc{ROLLOUT}", "{{pod}} (vLLM < 0.10)"),
+            ),
+            "percentunit",
+        ),
+        Graph(
+            "Requests running / waiting",
+            (
+                (f"vllm:num_requests_running{ROLLOUT}", "running {{pod}}"),
+                (f"vllm:num_requests_waiting{ROLLOUT}", "waiting {{pod}}"),
+                (f"rlsd_rollout_requests_in_flight{ROLLOUT}", "in flight {{pod}}"),
+            ),
+        ),
+        Graph(
+            "Teacher scoring latency (p95)",
+            ((quantile(0.95, "rlsd_teacher_request_latency_seconds", TEACHER, "le, pod"), "{{pod}}"),),
+            "s",
+        ),
+    ],
+    "Operator": [
+        Graph(
+            "Runs by phase",
+            ((f"sum by (phase) (rlsd_operator_runs{OPERATOR})", "{{phase}}"),),
+            kind="stacked",
+        ),
+        Graph(
+            "Reconcile duration",
+            tuple(
+                (quantile(q, "rlsd_operator_reconcile_duration_seconds", OPERATOR), f"p{round(q * 100)}")
+                for q in (0.5, 0.95)
+            ),
+            "s",
+        ),
+        Graph(
+            "Errors per second",
+            ((f"sum by (kind) (rate(rlsd_operator_errors_total{OPERATOR}[5m]))", "{{kind}}"),),
+        ),
+    ],
+}
+# Grid: 24 columns; stats 4 to a line (height 4), graphs 3 to a line (height 8), stats first in a row.
+PER_LINE = {"stat": 4, "graph": 3}
+HEIGHT = {"stat": 4, "graph": 8}
 
 
-def _variable(name: str, label: str, query: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "label": label,
-        "type": "query",
-        "datasource": DATASOURCE,
-        "query": {"query": query, "refId": f"{name}-values"},
-        "definition": query,
-        "refresh": 2,
-        "includeAll": True,
-        "multi": True,
-        "allValue": ".*",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        "sort": 1,
-    }
-
-
-def dashboard() -> dict[str, Any]:
-    panels: list[dict[str, Any]] = []
-    panel_id, y = 1, 0
-    for row_title, row_panels in ROWS:
-        panels.append(
-            {
-                "id": panel_id,
-                "type": "row",
-                "title": row_title,
-                "collapsed": False,
-                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
-                "panels": [],
-            }
+def _panel(graph: Graph) -> stat.Panel | timeseries.Panel:
+    panel: stat.Panel | timeseries.Panel
+    if graph.kind == "stat":
+        panel = (
+            stat.Panel()
+            .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False).fields(""))
+            .color_mode(models_common.BigValueColorMode.VALUE)
         )
+    else:
+        panel = (
+            timeseries.Panel()
+            .draw_style(models_common.GraphDrawStyle.LINE)
+            .line_width(1)
+            .show_points(models_common.VisibilityMode.NEVER)
+            .fill_opacity(60 if graph.kind == "stacked" else 10)
+            .legend(
+                common.VizLegendOptions()
+                .display_mode(models_common.LegendDisplayMode.LIST)
+                .placement(models_common.LegendPlacement.BOTTOM)
+                .show_legend(True)
+            )
+            .tooltip(common.VizTooltipOptions().mode(models_common.TooltipDisplayMode.MULTI))
+        )
+        if graph.kind == "stacked":
+            panel = panel.stacking(common.StackingConfig().mode(models_common.StackingMode.NORMAL).group("A"))
+    panel = panel.title(graph.title).unit(graph.unit).datasource(DATASOURCE)
+    for ref, (expr, legend) in zip(ascii_uppercase, graph.queries, strict=False):
+        panel = panel.with_target(
+            PrometheusQuery().ref_id(ref).expr(expr).legend_format(legend).datasource(DATASOURCE)
+        )
+    return panel
+
+
+def _variable(name: str, label: str, query: str) -> dashboard.QueryVariable:
+    return (
+        dashboard.QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query(query)
+        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .include_all(True)
+        .multi(True)
+        .all_value(".*")
+        .sort(models.VariableSort.ALPHABETICAL_ASC)
+        .current(models.VariableOption(selected=True, text=["All"], value=["$__all"]))
+    )
+
+
+def build() -> dashboard.Dashboard:
+    board = (
+        dashboard.Dashboard("RLSD training runs")
+        .uid("rlsd-runs")
+        .description("RLSDRuns: reward, RLSD weights, learner, throughput, checkpoints, vLLM, operator")
+        .tags(["rlsd", "llm", "training"])
+        .timezone("browser")
+        .editable()
+        .tooltip(models.DashboardCursorSync.CROSSHAIR)
+        .refresh("30s")
+        .time("now-6h", "now")
+        .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+    )
+    for name, (label, query) in VARIABLES.items():
+        board = board.with_variable(_variable(name, label, query))
+    panel_id, y = 1, 0
+    for title, graphs in ROWS.items():
+        row = dashboard.Row(title).id(panel_id).grid_pos(models.GridPos(h=1, w=24, x=0, y=y))
+        board = board.with_row(row)
         panel_id, y = panel_id + 1, y + 1
-        stats = [p for p in row_panels if p[3] == "stat"]
-        graphs = [p for p in row_panels if p[3] != "stat"]
-        for group, per_line in ((stats, 4), (graphs, 3)):
-            for i, panel in enumerate(group):
-                width = 24 // per_line
-                built = _panel(panel_id, panel, (i % per_line) * width, y + (i // per_line) * 8, width)
-                panels.append(built)
+        for kind in ("stat", "graph"):
+            group = [g for g in graphs if (g.kind == "stat") == (kind == "stat")]
+            width = 24 // PER_LINE[kind]
+            for i, graph in enumerate(group):
+                x, line = (i % PER_LINE[kind]) * width, i // PER_LINE[kind]
+                grid = models.GridPos(h=HEIGHT[kind], w=width, x=x, y=y + line * HEIGHT[kind])
+                board = board.with_panel(_panel(graph).id(panel_id).grid_pos(grid))
                 panel_id += 1
-            if group:
-                lines = (len(group) + per_line - 1) // per_line
-                y += lines * (4 if group is stats else 8)
-    return {
-        "title": "RLSD training runs",
-        "uid": "rlsd-runs",
-        "description": "RLSDRuns: reward, RLSD weights, learner, throughput, checkpoints, vLLM, operator",
-        "tags": ["rlsd", "llm", "training"],
-        "timezone": "browser",
-        "editable": True,
-        "graphTooltip": 1,
-        "schemaVersion": 39,
-        "version": 1,
-        "refresh": "30s",
-        "time": {"from": "now-6h", "to": "now"},
-        "timepicker": {},
-        "annotations": {"list": []},
-        "links": [],
-        "templating": {
-            "list": [
-                {
-                    "name": "datasource",
-                    "label": "Data source",
-                    "type": "datasource",
-                    "query": "prometheus",
-                    "current": {"selected": True, "text": "Prometheus", "value": "prometheus"},
-                    "hide": 0,
-                },
-                _variable(
-                    "namespace",
-                    "Namespace",
-                    'label_values(rlsd_policy_version{job="rlsd-learner"}, namespace)',
-                ),
-                _variable(
-                    "run",
-                    "Run",
-                    'label_values(rlsd_policy_version{job="rlsd-learner", namespace=~"$namespace"}, run)',
-                ),
-            ]
-        },
-        "panels": panels,
-    }
+            y += -(-len(group) // PER_LINE[kind]) * HEIGHT[kind]
+    return board
 
 
 def dashboard_json() -> str:
-    return json.dumps(dashboard(), indent=2) + "\n"
+    return JSONEncoder(sort_keys=True, indent=2).encode(build().build()) + "\n"
+
+
+def model() -> dict[str, Any]:
+    """The dashboard as Grafana reads it (a JSON object)."""
+    return json.loads(dashboard_json())

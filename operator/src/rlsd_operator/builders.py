@@ -7,6 +7,7 @@ garbage collector deletes them with it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
@@ -14,9 +15,19 @@ from typing import Any
 import kopf
 import yaml
 
+from rlsd_contracts.wire import (
+    LEARNER,
+    METRICS_PORT,
+    RENDEZVOUS_PORT,
+    ROLLOUT,
+    SERVED_MODEL_NAME,
+    SERVER_PORT,
+    SERVER_TRANSFER_BACKEND,
+    TEACHER,
+)
 from rlsd_operator import names
 from rlsd_operator.trainer_config import (
-    SERVER_TRANSFER_BACKEND,
+    InvalidSpec,
     build_trainer_config,
     remote_rollout,
     remote_teacher,
@@ -26,6 +37,12 @@ from rlsd_operator.trainer_config import (
 Object = dict[str, Any]
 # Seconds a learner pod gets after SIGTERM beyond `checkpoint.preemptionGraceSeconds` (process exit).
 TERMINATION_SLACK_SECONDS = 30
+# What the API server stores of a ConfigMap's data at most (1 MiB).
+CONFIG_MAP_MAX_BYTES = 1024 * 1024
+# A claim these access modes allow is mounted by pods on any nodes; any other (ReadWriteOnce) only by
+# pods on one node.
+SHARED_ACCESS_MODES = {"ReadWriteMany", "ReadOnlyMany"}
+HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"
 
 
 def _run_name(run: Object) -> str:
@@ -42,21 +59,65 @@ def spec_hash(value: Any) -> str:
 
 
 def build_config_map(run: Object, cluster_domain: str = "cluster.local") -> Object:
-    """The trainer's config file, and the spec it was rendered from (to name deferred changes)."""
+    """The trainer's config file (validated with the trainer's schema), and the spec it was rendered
+    from (to name deferred changes). Raises InvalidSpec when the schema refuses it or it is too large."""
     name, namespace = _run_name(run), run["metadata"]["namespace"]
     config = build_trainer_config(run["spec"], name, namespace, cluster_domain)
-    return _owned(
-        run,
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": names.config_map_name(name), "labels": names.labels(name)},
-            "data": {
-                names.CONFIG_FILE: yaml.safe_dump(config, sort_keys=False),
-                names.APPLIED_SPEC_FILE: json.dumps(run["spec"], sort_keys=True),
-            },
-        },
-    )
+    data = {
+        names.CONFIG_FILE: yaml.safe_dump(config, sort_keys=False),
+        names.APPLIED_SPEC_FILE: json.dumps(run["spec"], sort_keys=True),
+    }
+    size = sum(len(key) + len(value.encode()) for key, value in data.items())
+    if size > CONFIG_MAP_MAX_BYTES:
+        raise InvalidSpec(
+            f"spec: the rendered trainer config and the spec take {size} bytes, more than the "
+            f"{CONFIG_MAP_MAX_BYTES} a ConfigMap holds; shorten spec.trainerConfig"
+        )
+    metadata = {"name": names.config_map_name(name), "labels": names.labels(name)}
+    return _owned(run, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+
+
+def pod_count(spec: Object) -> int:
+    """Learner and server pods the run has at once."""
+    count = spec["learner"]["nodes"]
+    count += spec["rollout"]["replicas"] if remote_rollout(spec) else 0
+    return count + (spec["teacher"]["replicas"] if remote_teacher(spec) else 0)
+
+
+def template_access_modes(spec: Object) -> list[str]:
+    """The access modes of the claim made from `claimTemplate`: as the template says, else one pod
+    alone may have it ReadWriteOnce and several share it ReadWriteMany."""
+    template = spec["checkpoint"]["volume"]["claimTemplate"]
+    return template.get("accessModes") or ["ReadWriteOnce" if pod_count(spec) == 1 else "ReadWriteMany"]
+
+
+def volume_problem(spec: Object, access_modes: list[str]) -> str | None:
+    """Why the run's pods cannot share a checkpoint claim with `access_modes`, or None.
+
+    A ReadWriteOnce claim is mounted by the pods of one node only: the operator places every pod of
+    such a run on one node (see `colocated`), which a gang of several learner pods defeats. A
+    ReadWriteOncePod claim is mounted by one pod only."""
+    if SHARED_ACCESS_MODES & set(access_modes):
+        return None
+    volume = spec["checkpoint"]["volume"]
+    which = f"claim {volume['claimName']!r}" if volume.get("claimName") else "the claim of claimTemplate"
+    if access_modes == ["ReadWriteOncePod"] and pod_count(spec) > 1:
+        return (
+            f"checkpoint.volume: {which} is ReadWriteOncePod, which one pod alone can mount, and the run "
+            f"has {pod_count(spec)} pods; use a ReadWriteMany claim"
+        )
+    if spec["learner"]["nodes"] > 1:
+        return (
+            f"checkpoint.volume: {which} is {'/'.join(access_modes) or 'ReadWriteOnce'}, which only pods "
+            f"on one node can mount, and learner.nodes is {spec['learner']['nodes']} (a gang across "
+            "nodes); use a ReadWriteMany claim, or learner.nodes: 1 (every pod of the run on one node)"
+        )
+    return None
+
+
+def colocated(access_modes: list[str]) -> bool:
+    """Whether every pod of the run must land on one node to mount its claim."""
+    return not SHARED_ACCESS_MODES & set(access_modes)
 
 
 def build_claim(run: Object) -> Object | None:
@@ -65,9 +126,7 @@ def build_claim(run: Object) -> Object | None:
     if template is None:
         return None
     name = _run_name(run)
-    # Every learner and server pod mounts it; one pod alone may have it read-write-once.
-    pods = run["spec"]["learner"]["nodes"] + len(build_server_pods(run))
-    spec = {"accessModes": ["ReadWriteOnce" if pods == 1 else "ReadWriteMany"], **template}
+    spec = {**template, "accessModes": template_access_modes(run["spec"])}
     return _owned(
         run,
         {
@@ -84,11 +143,11 @@ def build_service(run: Object, role: str) -> Object:
     name = _run_name(run)
     ports = (
         [
-            {"name": "rendezvous", "port": names.RENDEZVOUS_PORT},
-            {"name": "metrics", "port": names.METRICS_PORT},
+            {"name": "rendezvous", "port": RENDEZVOUS_PORT},
+            {"name": "metrics", "port": METRICS_PORT},
         ]
-        if role == names.LEARNER
-        else [{"name": "http", "port": names.SERVER_PORT}]
+        if role == LEARNER
+        else [{"name": "http", "port": SERVER_PORT}]
     )
     return _owned(
         run,
@@ -101,7 +160,7 @@ def build_service(run: Object, role: str) -> Object:
                 "selector": names.labels(name, role),
                 "ports": ports,
                 # Ranks resolve each other while they start, before any of them is ready.
-                "publishNotReadyAddresses": role == names.LEARNER,
+                "publishNotReadyAddresses": role == LEARNER,
             },
         },
     )
@@ -109,9 +168,9 @@ def build_service(run: Object, role: str) -> Object:
 
 def build_services(run: Object) -> list[Object]:
     spec = run["spec"]
-    roles = [names.LEARNER]
-    roles += [names.ROLLOUT] if remote_rollout(spec) else []
-    roles += [names.TEACHER] if remote_teacher(spec) else []
+    roles = [LEARNER]
+    roles += [ROLLOUT] if remote_rollout(spec) else []
+    roles += [TEACHER] if remote_teacher(spec) else []
     return [build_service(run, role) for role in roles]
 
 
@@ -123,12 +182,26 @@ def _resources(section: Object) -> Object:
     }
 
 
+def _secret_env(variable: str, reference: Object) -> Object:
+    secret = {"name": reference["name"], "key": reference["key"]}
+    return {"name": variable, "valueFrom": {"secretKeyRef": secret}}
+
+
+def tracker_env(spec: Object) -> list[Object]:
+    """The experiment trackers' credentials, from the Secrets the spec names (never in the ConfigMap)."""
+    trackers = spec.get("trackers") or {}
+    return [
+        _secret_env(variable, trackers[tracker][field])
+        for (tracker, field), variable in names.TRACKER_SECRETS.items()
+        if (trackers.get(tracker) or {}).get(field)
+    ]
+
+
 def _env(spec: Object, section: Object, extra: list[Object]) -> list[Object]:
     env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *extra]
     token = spec.get("huggingFaceTokenSecret")
     if token:
-        secret = {"name": token["name"], "key": token["key"]}
-        env.append({"name": names.HF_TOKEN_ENV, "valueFrom": {"secretKeyRef": secret}})
+        env.append(_secret_env(names.HF_TOKEN_ENV, token))
     return env + list(section.get("env") or [])
 
 
@@ -157,10 +230,13 @@ def _pod(
     container: Object,
     hostname: str,
     subdomain: str,
+    colocate: bool,
     with_config: bool = False,
 ) -> Object:
     spec = run["spec"]
-    scheduling = spec.get("scheduling") or {}
+    scheduling = dict(spec.get("scheduling") or {})
+    if colocate:
+        scheduling["affinity"] = _on_one_node(_run_name(run), scheduling.get("affinity") or {})
     volumes, mounts = _volumes(run, with_config)
     container = {"terminationMessagePolicy": "FallbackToLogsOnError", "volumeMounts": mounts, **container}
     pod_spec: Object = {
@@ -189,6 +265,17 @@ def _pod(
     )
 
 
+def _on_one_node(run: str, affinity: Object) -> Object:
+    """`affinity` plus a required affinity to the run's other pods on the same node (the first pod
+    of the run goes anywhere, the others follow it)."""
+    term = {"labelSelector": {"matchLabels": names.labels(run)}, "topologyKey": HOSTNAME_TOPOLOGY}
+    affinity = copy.deepcopy(affinity)
+    pod_affinity = affinity.setdefault("podAffinity", {})
+    required = pod_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", [])
+    required.append(term)
+    return affinity
+
+
 def learner_command(run: Object, node_rank: int, cluster_domain: str = "cluster.local") -> list[str]:
     learner = run["spec"]["learner"]
     master = names.learner_dns(_run_name(run), run["metadata"]["namespace"], cluster_domain)
@@ -206,32 +293,32 @@ def learner_command(run: Object, node_rank: int, cluster_domain: str = "cluster.
         "--master-addr",
         master,
         "--master-port",
-        str(names.RENDEZVOUS_PORT),
+        str(RENDEZVOUS_PORT),
     ]
 
 
 def build_learner_pod(
-    run: Object, node_rank: int, attempt: int, cluster_domain: str = "cluster.local"
+    run: Object, node_rank: int, attempt: int, cluster_domain: str = "cluster.local", colocate: bool = False
 ) -> Object:
     name = _run_name(run)
     spec = run["spec"]
     learner = spec["learner"]
-    extra_env = [{"name": "RLSD_ATTEMPT", "value": str(attempt)}]
+    extra_env = [{"name": "RLSD_ATTEMPT", "value": str(attempt)}, *tracker_env(spec)]
     container = {
-        "name": names.LEARNER,
+        "name": LEARNER,
         "image": learner["image"],
         "command": learner_command(run, node_rank, cluster_domain),
         "env": _env(spec, learner, extra_env),
         "ports": [
-            {"name": "rendezvous", "containerPort": names.RENDEZVOUS_PORT},
-            {"name": "metrics", "containerPort": names.METRICS_PORT},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+            {"name": "metrics", "containerPort": METRICS_PORT},
         ],
         "resources": _resources(learner),
     }
     if learner.get("imagePullPolicy"):
         container["imagePullPolicy"] = learner["imagePullPolicy"]
     pod_labels = names.labels(
-        name, names.LEARNER, **{names.LABEL_ATTEMPT: str(attempt), names.LABEL_RANK: str(node_rank)}
+        name, LEARNER, **{names.LABEL_ATTEMPT: str(attempt), names.LABEL_RANK: str(node_rank)}
     )
     return _pod(
         run,
@@ -239,7 +326,8 @@ def build_learner_pod(
         pod_labels,
         container,
         hostname=names.learner_hostname(name, node_rank),
-        subdomain=names.service_name(name, names.LEARNER),
+        subdomain=names.service_name(name, LEARNER),
+        colocate=colocate,
         with_config=True,
     )
 
@@ -247,28 +335,30 @@ def build_learner_pod(
 def server_command(spec: Object, role: str) -> list[str]:
     """vLLM's server, or the trainer's CPU server, with the weight-transfer backend the learners use."""
     section = spec[role]
-    backend = rollout_transfer(spec) if role == names.ROLLOUT else section["weightTransfer"]
-    transfer = json.dumps({"backend": SERVER_TRANSFER_BACKEND[backend]})
+    backend = SERVER_TRANSFER_BACKEND[
+        rollout_transfer(spec) if role == ROLLOUT else section["weightTransfer"]
+    ]
     model = spec["model"]["path"]
     common = [
         "--served-model-name",
-        names.SERVED_MODEL_NAME,
+        SERVED_MODEL_NAME,
         "--host",
         "0.0.0.0",
         "--port",
-        str(names.SERVER_PORT),
+        str(SERVER_PORT),
     ]
-    common += ["--weight-transfer-config", transfer]
+    if backend is not None:
+        common += ["--weight-transfer-config", json.dumps({"backend": backend})]
     if spec["model"].get("dtype"):
         common += ["--dtype", spec["model"]["dtype"]]
-    if role == names.ROLLOUT and section["backend"] == "vllm":
+    if role == ROLLOUT and section["backend"] == "vllm":
         command = ["vllm", "serve", model, *common]
     else:
         command = ["rlsd-trainer", "serve", role, "--model", model, *common]
     return command + list(section.get("extraArgs") or [])
 
 
-def build_server_pod(run: Object, role: str, index: int) -> Object:
+def build_server_pod(run: Object, role: str, index: int, colocate: bool = False) -> Object:
     """Rollout or teacher replica `index`; its name (and so its DNS name) is the same forever."""
     name = _run_name(run)
     spec = run["spec"]
@@ -280,20 +370,21 @@ def build_server_pod(run: Object, role: str, index: int) -> Object:
         "image": section["image"],
         "command": server_command(spec, role),
         "env": _env(spec, section, extra_env),
-        "ports": [{"name": "http", "containerPort": names.SERVER_PORT}],
+        "ports": [{"name": "http", "containerPort": SERVER_PORT}],
         "resources": _resources(section),
-        "readinessProbe": {"httpGet": {"path": "/health", "port": names.SERVER_PORT}, "periodSeconds": 5},
+        "readinessProbe": {"httpGet": {"path": "/health", "port": SERVER_PORT}, "periodSeconds": 5},
     }
-    pod = _pod(run, pod_name, names.labels(name, role), container, pod_name, names.service_name(name, role))
+    subdomain = names.service_name(name, role)
+    pod = _pod(run, pod_name, names.labels(name, role), container, pod_name, subdomain, colocate)
     pod["metadata"]["annotations"] = {names.ANNOTATION_SPEC_HASH: spec_hash(pod["spec"])}
     return pod
 
 
-def build_server_pods(run: Object) -> list[Object]:
+def build_server_pods(run: Object, colocate: bool = False) -> list[Object]:
     spec = run["spec"]
     pods = []
     if remote_rollout(spec):
-        pods += [build_server_pod(run, names.ROLLOUT, i) for i in range(spec["rollout"]["replicas"])]
+        pods += [build_server_pod(run, ROLLOUT, i, colocate) for i in range(spec["rollout"]["replicas"])]
     if remote_teacher(spec):
-        pods += [build_server_pod(run, names.TEACHER, i) for i in range(spec["teacher"]["replicas"])]
+        pods += [build_server_pod(run, TEACHER, i, colocate) for i in range(spec["teacher"]["replicas"])]
     return pods

@@ -1,10 +1,10 @@
-"""kopf handlers: one level-triggered reconcile loop per RLSDRun.
+"""kopf handlers: watch runs and the objects they own, and reconcile each run in its own task.
 
-Events on a run and on its pods only wake the run's loop; the loop reads the run and its pods from
-the API server and makes the world match the spec. Every decision is recorded in the run's status
-before it is acted on, so a reconcile interrupted at any point (operator killed, API error) is
-redone from the start by the next one with the same result: names are deterministic and creation
-tolerates objects that already exist.
+Events only file the object (`cache.OwnedObjects`, the run's body) and wake the run's task; the task
+reads what it needs from memory, asks `decide` what to do, records the decision in the run's status
+*before* acting, then acts: its creates and deletes run concurrently in the API thread pool (at most
+RUN_CALLS of one run at a time, so one huge run never starves the others). Many runs reconcile at
+once, one asyncio task each; events that arrive during a reconcile fold into the next one.
 
 No finalizer is involved (kopf's daemons and timers would add one): deleting a run never waits for
 the operator, and the garbage collector removes what the run owns.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import datetime
 import json
 import logging
@@ -24,406 +23,346 @@ from typing import Any
 
 import aiohttp
 import kopf
+from kubernetes import client
 
-from rlsd_operator import builders, lifecycle, metrics, names
-from rlsd_operator.kube import Kube, connection_info, load_api_client
-from rlsd_operator.lifecycle import FINISHED, Verdict
-from rlsd_operator.trainer_config import spec_problems
+from rlsd_operator import decide, kueue, metrics, names
+from rlsd_operator.cache import OwnedObjects, RunKey, controller_owner
+from rlsd_operator.decide import (
+    Create,
+    Decision,
+    Delete,
+    DeleteRun,
+    Desired,
+    Event,
+    Observed,
+    Progress,
+    Replace,
+)
+from rlsd_operator.kube import OWNED_KINDS, Kube, absent, connection_info, load_configuration
 
 Object = dict[str, Any]
 log = logging.getLogger("rlsd_operator")
 
 CLUSTER_DOMAIN = os.environ.get("RLSD_CLUSTER_DOMAIN", "cluster.local")
-# How often learner rank 0's metrics are read into the status of a Running run.
-SCRAPE_SECONDS = float(os.environ.get("RLSD_OPERATOR_SCRAPE_SECONDS", "15"))
-# How often a run waiting for a missing Secret or claim looks again (nothing wakes it otherwise).
-REFERENCE_RETRY_SECONDS = float(os.environ.get("RLSD_OPERATOR_REFERENCE_RETRY_SECONDS", "10"))
+# API calls of one run in flight at once.
+RUN_CALLS = 8
 ERROR_RETRY_SECONDS = 5.0
 SCRAPE_TIMEOUT_SECONDS = 3.0
+# Namespaces the operator watches (main sets them; empty: all).
+WATCHED_NAMESPACES: list[str] = []
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
-
-
-def _timestamp(moment: datetime.datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _parse_timestamp(text: str) -> datetime.datetime:
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
-
-
-def _role(pod: Object) -> str:
-    return pod["metadata"]["labels"].get(names.LABEL_ROLE, "")
-
-
-def _attempt(pod: Object) -> int:
-    return int(pod["metadata"]["labels"].get(names.LABEL_ATTEMPT, "0"))
+    return datetime.datetime.now(datetime.UTC)
 
 
 class RunReconciler:
     """Reconciles one run; `reconcile()` returns when it wants to run again (seconds) or None."""
 
-    def __init__(self, kube: Kube, namespace: str, name: str) -> None:
-        self.kube = kube
-        self.namespace = namespace
-        self.name = name
-        self.last_scrape = 0.0
-        self.phase: str | None = None
+    def __init__(self, runs: Runs, key: RunKey) -> None:
+        self.runs = runs
+        self.kube = runs.kube
+        self.key = key
+        self.namespace, self.name = key
+        self.calls = asyncio.Semaphore(RUN_CALLS)
         self.gone = False
-        # The Services, claim and ConfigMap are created once per operator process (and per attempt).
-        self.ensured = False
+        self.phase: str | None = None
+        # The status as this operator last wrote it: newer than a watch event that may still be on
+        # its way (only this operator writes it).
+        self.status: Object | None = None
+        self.uid: str | None = None
+        self.references: decide.References | None = None
+        self.references_at = 0.0
+        self.references_generation: int | None = None
+        self.desired: tuple[tuple[Any, ...], Desired] | None = None
+        # "Kind/name" -> (reason, message, until): creates the API server refused, retried after that.
+        self.refusals: dict[str, tuple[str, str, float]] = {}
+        self.last_scrape = 0.0
 
-    async def _call(self, method: Any, *args: Any) -> Any:
-        return await asyncio.to_thread(method, *args)
+    # -- observing --------------------------------------------------------------------------------
 
-    # -- status -----------------------------------------------------------------------------------
-
-    async def _flush(self) -> None:
-        """Patch what changed in the status, before acting on it."""
-        patch = {k: v for k, v in self.status.items() if self.saved.get(k) != v}
-        if patch:
-            await self._call(self.kube.patch_run_status, self.namespace, self.name, patch)
-            self.saved = copy.deepcopy(self.status)
-
-    def _condition(self, kind: str, status: bool, reason: str, message: str = "") -> None:
-        conditions = self.status.get("conditions") or []
-        self.status["conditions"] = lifecycle.set_condition(
-            conditions, kind, status, reason, message, self.now
-        )
-
-    def _condition_of(self, kind: str) -> Object:
-        return next((c for c in self.status.get("conditions") or [] if c["type"] == kind), {})
-
-    def _phase(self, phase: str, message: str) -> None:
-        self.status["phase"] = phase
-        self.status["message"] = message
-
-    def _event(self, reason: str, message: str, warning: bool = False) -> None:
-        (kopf.warn if warning else kopf.info)(self.run, reason=reason, message=message)
-
-    # -- the loop body ----------------------------------------------------------------------------
-
-    async def reconcile(self) -> float | None:
-        run = await self._call(self.kube.get_run, self.namespace, self.name)
-        if run is None or run["metadata"].get("deletionTimestamp"):
-            self.gone = True
-            return None
-        self.run = run
-        self.saved = run.get("status") or {}
-        self.status = copy.deepcopy(self.saved)
-        self.now = _timestamp(_now())
-        with metrics.RECONCILE_SECONDS.time():
-            delay = await self._reconcile(run["spec"])
-            await self._flush()
-        self.phase = self.status.get("phase")
-        return delay
-
-    async def _reconcile(self, spec: Object) -> float | None:
-        if self.status.get("phase") in FINISHED:
-            return await self._finished(spec)
-        problems = spec_problems(spec)
-        if problems:
-            await self._fail("InvalidSpec", "; ".join(problems))
-            return None
-        missing = await self._missing_references(spec)
-        if missing:
-            reason, message = missing
-            if self.status.get("phase") is None or self.status.get("phase") == "Pending":
-                self._phase("Pending", message)
-            if self._condition_of("ReferencesResolved").get("reason") != reason:
-                self._event(reason, message, warning=True)
-            self._condition("ReferencesResolved", False, reason, message)
-            return REFERENCE_RETRY_SECONDS
-        self._condition("ReferencesResolved", True, "Found", "every Secret and claim the spec names exists")
-        if not self.ensured:
-            await self._ensure_shared_objects(replace_config=False)
-
-        pods = await self._call(self.kube.list_pods, self.namespace, self.name)
-        if spec["suspend"]:
-            return await self._suspend(pods)
-        if self.status.get("phase") == "Suspended" or not self.status.get("attempt"):
-            await self._next_attempt("Resumed" if self.status.get("attempt") else "Started", 0.0)
-        attempt = self.status["attempt"]
-        learners = [p for p in pods if _role(p) == names.LEARNER]
-        current = [p for p in learners if _attempt(p) == attempt]
-        stale = [p for p in learners if _attempt(p) != attempt]
-        await self._delete_live(stale)
-        if not self.status.get("attemptLaunched"):
-            # Stopped learners of the last attempt stay for their logs; older ones go.
-            for pod in stale:
-                if _attempt(pod) < attempt - 1 and not pod["metadata"].get("deletionTimestamp"):
-                    await self._call(self.kube.delete_pod, self.namespace, pod["metadata"]["name"])
-            return await self._launch(spec, pods, stale)
-        await self._heal_servers(pods)
-        return await self._follow(spec, current, pods)
-
-    # -- steps of the life cycle ------------------------------------------------------------------
-
-    async def _missing_references(self, spec: Object) -> tuple[str, str] | None:
-        """(reason, message) for the first Secret or claim that the spec names and that is missing."""
+    async def _references(self, run: Object) -> decide.References:
+        """The Secrets and claim the spec names: looked up once per spec, and again every
+        REFERENCE_RETRY_SECONDS while one is missing (nothing the operator watches says it appeared)."""
+        generation = run["metadata"].get("generation")
+        if self.references is not None and self.references_generation == generation:
+            due = time.monotonic() - self.references_at >= decide.REFERENCE_RETRY_SECONDS
+            if not (self.references.missing and due):
+                return self.references
+        spec = run["spec"]
+        missing = None
         token = spec.get("huggingFaceTokenSecret")
-        if token:
-            keys = await self._call(self.kube.secret_keys, self.namespace, token["name"])
-            if keys is None:
-                return "MissingSecret", f"huggingFaceTokenSecret: Secret {token['name']!r} not found"
-            if token["key"] not in keys:
-                return (
-                    "MissingSecretKey",
-                    f"huggingFaceTokenSecret: Secret {token['name']!r} has no key {token['key']!r}",
-                )
-        for secret in spec.get("imagePullSecrets") or []:
-            if await self._call(self.kube.secret_keys, self.namespace, secret["name"]) is None:
-                return "MissingImagePullSecret", f"imagePullSecrets: Secret {secret['name']!r} not found"
+        secrets = [s["name"] for s in spec.get("imagePullSecrets") or []]
+        keys = await self._api(self.kube.secret_keys, self.namespace, token["name"]) if token else set()
         claim = spec["checkpoint"]["volume"].get("claimName")
-        if claim and not await self._call(self.kube.claim_exists, self.namespace, claim):
-            return "MissingClaim", f"checkpoint.volume.claimName: PersistentVolumeClaim {claim!r} not found"
-        return None
-
-    async def _ensure_shared_objects(self, replace_config: bool) -> None:
-        """Claim, Services and ConfigMap; the ConfigMap is re-rendered when an attempt starts."""
-        claim = builders.build_claim(self.run)
-        for obj in [*([claim] if claim else []), *builders.build_services(self.run)]:
-            await self._call(self.kube.create, self.namespace, obj)
-        config_map = builders.build_config_map(self.run, CLUSTER_DOMAIN)
-        if replace_config:
-            await self._call(self.kube.replace_config_map, self.namespace, config_map)
-        else:
-            await self._call(self.kube.create, self.namespace, config_map)
-        self.ensured = True
-
-    async def _delete_live(self, pods: list[Object]) -> None:
-        """Delete the pods that still run (their learners get SIGTERM and save a checkpoint)."""
-        for pod in pods:
-            if not pod["metadata"].get("deletionTimestamp") and not lifecycle.is_terminated(pod):
-                await self._call(self.kube.delete_pod, self.namespace, pod["metadata"]["name"])
-
-    async def _next_attempt(self, reason: str, delay: float) -> None:
-        """Record the next learner attempt (launched once the old pods stopped and `delay` passed)."""
-        attempt = self.status.get("attempt", 0) + 1
-        self.status["attempt"] = attempt
-        self.status["attemptLaunched"] = False
-        self.status["restartAfter"] = _timestamp(_now() + datetime.timedelta(seconds=delay))
-        phase = "Pending" if attempt == 1 else "Restarting"
-        self._phase(
-            phase, f"{reason}: starting learner attempt {attempt}" + (f" in {delay:.0f}s" if delay else "")
-        )
-        self._condition("Ready", False, reason, self.status["message"])
-        await self._flush()
-
-    async def _launch(self, spec: Object, pods: list[Object], stale: list[Object]) -> float | None:
-        attempt = self.status["attempt"]
-        stopping = [p["metadata"]["name"] for p in stale if not lifecycle.is_terminated(p)]
-        if stopping:
-            self._phase("Restarting", f"waiting for {', '.join(stopping)} to stop (they save a checkpoint)")
-            return None
-        wait = (_parse_timestamp(self.status["restartAfter"]) - _now()).total_seconds()
-        if wait > 0:
-            return wait
-        await self._ensure_shared_objects(replace_config=True)
-        if not await self._replace_changed_servers(pods):
-            self._phase("Restarting", "waiting for changed rollout/teacher pods to be replaced")
-            return None
-        await self._heal_servers(pods)
-        for rank in range(spec["learner"]["nodes"]):
-            pod = builders.build_learner_pod(self.run, rank, attempt, CLUSTER_DOMAIN)
-            await self._call(self.kube.create, self.namespace, pod)
-        self.status["attemptLaunched"] = True
-        self.status.setdefault("startTime", self.now)
-        self.status["conditions"] = lifecycle.drop_condition(
-            self.status.get("conditions") or [], "SpecChangeDeferred"
-        )
-        self._phase("Initializing", f"learner attempt {attempt}: {spec['learner']['nodes']} pods created")
-        self._event("AttemptStarted", f"created the learner pods of attempt {attempt}")
-        return None
-
-    def _desired_servers(self) -> dict[str, Object]:
-        return {pod["metadata"]["name"]: pod for pod in builders.build_server_pods(self.run)}
-
-    async def _replace_changed_servers(self, pods: list[Object]) -> bool:
-        """At an attempt's start: delete servers whose spec changed or that are gone from the spec.
-        True when none is left to wait for."""
-        desired = self._desired_servers()
-        waiting = False
-        for pod in pods:
-            if _role(pod) not in names.SERVER_ROLES:
-                continue
-            name = pod["metadata"]["name"]
-            annotations = pod["metadata"].get("annotations") or {}
-            wanted = desired.get(name)
-            if (
-                wanted is None
-                or annotations.get(names.ANNOTATION_SPEC_HASH)
-                != wanted["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH]
-            ):
-                if not pod["metadata"].get("deletionTimestamp"):
-                    await self._call(self.kube.delete_pod, self.namespace, name)
-                waiting = waiting or wanted is not None
-        return not waiting
-
-    async def _heal_servers(self, pods: list[Object]) -> None:
-        """Create missing rollout/teacher pods; delete stopped ones (recreated once they are gone)."""
-        existing = {p["metadata"]["name"]: p for p in pods if _role(p) in names.SERVER_ROLES}
-        for name, wanted in self._desired_servers().items():
-            pod = existing.get(name)
-            if pod is None:
-                if await self._call(self.kube.create, self.namespace, wanted) and self.status.get(
-                    "attemptLaunched"
-                ):
-                    self._event("ServerRecreated", f"recreated {name}", warning=True)
-            elif lifecycle.is_terminated(pod) and not pod["metadata"].get("deletionTimestamp"):
-                self._event(
-                    "ServerLost", f"{name} stopped ({pod['status'].get('phase')}); replacing it", warning=True
-                )
-                await self._call(self.kube.delete_pod, self.namespace, name)
-
-    async def _follow(self, spec: Object, current: list[Object], pods: list[Object]) -> float | None:
-        gang = lifecycle.assess_gang(current, spec["learner"]["nodes"])
-        if gang.verdict is Verdict.BAD_CONFIG:
-            await self._fail("BadConfig", gang.message)
-            return None
-        if gang.verdict is Verdict.PREEMPTED:
-            self.status["preemptions"] = self.status.get("preemptions", 0) + 1
-            metrics.PREEMPTIONS.inc()
-            self._event(
-                "Preempted", f"{gang.message}; restarting all learners from the latest checkpoint", True
+        modes = await self._api(self.kube.claim_access_modes, self.namespace, claim) if claim else []
+        pulls = await asyncio.gather(*(self._api(self.kube.secret_keys, self.namespace, s) for s in secrets))
+        if token and keys is None:
+            missing = "MissingSecret", f"huggingFaceTokenSecret: Secret {token['name']!r} not found"
+        elif token and token["key"] not in keys:
+            missing = (
+                "MissingSecretKey",
+                f"huggingFaceTokenSecret: Secret {token['name']!r} has no key {token['key']!r}",
             )
-            await self._next_attempt("Preempted", 0.0)
-            await self._delete_live(current)
-            return 0.0
-        if gang.verdict is Verdict.FAILED:
-            restarts = self.status.get("restarts", 0) + 1
-            self.status["restarts"] = restarts
-            limit = spec["restartPolicy"]["backoffLimit"]
-            if restarts > limit:
-                await self._fail(
-                    "BackoffLimitExceeded", f"{gang.message}; {restarts} failures, backoffLimit {limit}"
-                )
-                await self._delete_live(current)
-                return None
-            delay = lifecycle.backoff_seconds(spec["restartPolicy"], restarts)
-            metrics.RESTARTS.inc()
-            self._event("LearnerFailed", f"{gang.message}; restart {restarts}/{limit} in {delay:.0f}s", True)
-            await self._next_attempt("LearnerFailed", delay)
-            await self._delete_live(current)
-            return delay
-        if gang.verdict is Verdict.SUCCEEDED:
-            self._phase("Succeeded", gang.message)
-            self.status["completionTime"] = self.now
-            self._condition("Ready", False, "Succeeded", gang.message)
-            self._condition("Completed", True, "Succeeded", gang.message)
-            self._event("Succeeded", gang.message)
-            await self._flush()
-            return await self._finished(spec)
-        await self._note_deferred_changes(spec)
-        servers = [p for p in pods if _role(p) in names.SERVER_ROLES]
-        servers_up = all((p.get("status") or {}).get("phase") == "Running" for p in servers)
-        if gang.verdict is Verdict.RUNNING and servers_up and len(servers) == len(self._desired_servers()):
-            if self.status.get("phase") != "Running":
-                self._event("Running", f"all pods of learner attempt {self.status['attempt']} are running")
-            self._phase("Running", f"learner attempt {self.status['attempt']} running")
-            self._condition("Ready", True, "Running", "every learner and server pod is running")
-            return await self._scrape()
-        self._phase("Initializing", gang.message or "waiting for rollout/teacher pods")
-        return None
-
-    async def _note_deferred_changes(self, spec: Object) -> None:
-        data = await self._call(self.kube.read_config_map, self.namespace, names.config_map_name(self.name))
-        applied = json.loads((data or {}).get(names.APPLIED_SPEC_FILE) or "{}")
-        changed = lifecycle.deferred_fields(applied, spec) if applied else []
-        conditions = self.status.get("conditions") or []
-        if changed:
-            message = (
-                f"{', '.join(changed)} changed; applied at the next learner attempt "
-                "(suspend and resume to apply now)"
+        elif any(found is None for found in pulls):
+            name = next(s for s, found in zip(secrets, pulls, strict=True) if found is None)
+            missing = "MissingImagePullSecret", f"imagePullSecrets: Secret {name!r} not found"
+        elif modes is None:
+            missing = (
+                "MissingClaim",
+                f"checkpoint.volume.claimName: PersistentVolumeClaim {claim!r} not found",
             )
-            if self._condition_of("SpecChangeDeferred").get("message") != message:
-                self._event("SpecChangeDeferred", message)
-            self._condition("SpecChangeDeferred", True, "RunningAttempt", message)
-        else:
-            self.status["conditions"] = lifecycle.drop_condition(conditions, "SpecChangeDeferred")
+        self.references = decide.References(missing, tuple(modes or ()))
+        self.references_at, self.references_generation = time.monotonic(), generation
+        return self.references
 
-    async def _suspend(self, pods: list[Object]) -> float | None:
-        await self._delete_live(pods)
-        running = [p["metadata"]["name"] for p in pods if not lifecycle.is_terminated(p)]
-        if self.status.get("phase") != "Suspended":
-            self._event("Suspended", "spec.suspend is true: stopping all pods (learners save a checkpoint)")
-        self._phase("Suspended", f"stopping {', '.join(running)}" if running else "all pods stopped")
-        self._condition("Ready", False, "Suspended", "spec.suspend is true")
-        return None
+    async def _desired(self, run: Object, references: decide.References) -> Desired:
+        """What the spec asks for, built once per spec generation and claim (in a thread: a run with
+        hundreds of server pods takes a while to build, and the event loop must not wait)."""
+        key = (run["metadata"].get("generation"), references.claim_access_modes, CLUSTER_DOMAIN)
+        if self.desired is None or self.desired[0] != key:
+            self.desired = key, await asyncio.to_thread(decide.desire, run, CLUSTER_DOMAIN, references)
+        return self.desired[1]
 
-    async def _fail(self, reason: str, message: str) -> None:
-        self._phase("Failed", message)
-        self.status["completionTime"] = self.now
-        self._condition("Ready", False, reason, message)
-        self._condition("Failed", True, reason, message)
-        self._event(reason, message, warning=True)
-        await self._flush()
+    def _observed(self, run: Object, references: decide.References, progress: Progress | None) -> Observed:
+        uid = run["metadata"]["uid"]
+        mine: dict[str, dict[str, Object]] = {kind: {} for kind in OWNED_KINDS.values()}
+        refusals = {what: (reason, message) for what, (reason, message, _) in self.refusals.items()}
+        for kind, objects in self.runs.cache.of_run(self.key).items():
+            for name, obj in objects.items():
+                owner = controller_owner(obj)
+                if owner is not None and owner.get("uid") == uid:
+                    mine[kind][name] = obj
+                else:
+                    refusals[f"{kind}/{name}"] = (
+                        "NameConflict",
+                        f"{kind} {name} belongs to an earlier run {self.name!r} (waiting until it is gone)",
+                    )
+        return Observed(
+            now=_now(),
+            pods=mine["Pod"],
+            services=mine["Service"],
+            config_maps=mine["ConfigMap"],
+            claims=mine["PersistentVolumeClaim"],
+            refusals=refusals,
+            references=references,
+            progress=progress,
+            workloads=self.runs.cache.workloads_of(self.key),
+        )
 
-    async def _finished(self, spec: Object) -> float | None:
-        """A finished run keeps its learner pods (for their logs) but frees the servers' GPUs."""
-        pods = await self._call(self.kube.list_pods, self.namespace, self.name)
-        servers = [p for p in pods if _role(p) in names.SERVER_ROLES]
-        for pod in servers:
-            if not pod["metadata"].get("deletionTimestamp"):
-                await self._call(self.kube.delete_pod, self.namespace, pod["metadata"]["name"])
-        ttl = spec.get("ttlSecondsAfterFinished")
-        if ttl is None or not self.status.get("completionTime"):
+    async def _scrape(self, run: Object) -> Progress | None:
+        """Learner rank 0's progress, every SCRAPE_SECONDS while the run is Running."""
+        if (run.get("status") or {}).get("phase") != "Running":
             return None
-        left = (_parse_timestamp(self.status["completionTime"]) - _now()).total_seconds() + ttl
-        if left > 0:
-            return left
-        self._event("Deleted", f"ttlSecondsAfterFinished ({ttl}s) passed")
-        await self._call(self.kube.delete_run, self.namespace, self.name)
-        return None
-
-    async def _scrape(self) -> float:
-        """Progress from learner rank 0's metrics; a failure is a condition, never an error."""
-        wait = self.last_scrape + SCRAPE_SECONDS - time.monotonic()
-        if wait > 0:
-            return wait
+        if time.monotonic() - self.last_scrape < decide.SCRAPE_SECONDS:
+            return None
         self.last_scrape = time.monotonic()
-        annotations = self.run["metadata"].get("annotations") or {}
+        annotations = run["metadata"].get("annotations") or {}
         default = names.learner_metrics_url(self.name, self.namespace, CLUSTER_DOMAIN)
         url = annotations.get(names.ANNOTATION_METRICS_URL, default)
         try:
             timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as response:
+            async with self.runs.http().get(url, timeout=timeout) as response:
                 response.raise_for_status()
-                progress = metrics.parse_progress(await response.text())
+                return Progress(url, metrics.parse_progress(await response.text()))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             metrics.ERRORS.labels("scrape").inc()
-            self._condition("MetricsAvailable", False, "ScrapeFailed", f"{url}: {exc!r}"[:500])
-            return SCRAPE_SECONDS
-        for field in ("step", "latestCheckpointStep"):
-            if field in progress:
-                self.status[field] = int(progress[field])
-        for field in ("reward", "accuracy"):
-            if field in progress:
-                self.status[field] = round(progress[field], 6)
-        self._condition("MetricsAvailable", True, "Scraped", url)
-        return SCRAPE_SECONDS
+            return Progress(url, error=repr(exc))
+
+    # -- the loop body ----------------------------------------------------------------------------
+
+    async def reconcile(self) -> float | None:
+        body = self.runs.bodies.get(self.key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            self.gone = body is None
+            return None
+        if body["metadata"]["uid"] != self.uid:  # a new run of the same name
+            self.uid, self.status, self.desired, self.refusals = body["metadata"]["uid"], None, None, {}
+            self.references = None
+        run = {**body, "status": self.status if self.status is not None else body.get("status") or {}}
+        with metrics.RECONCILE_SECONDS.time():
+            references = await self._references(run)
+            desired = await self._desired(run, references)
+            progress = await self._scrape(run)
+            self._expire_refusals()
+            decision = decide.decide(run, desired, self._observed(run, references, progress))
+            if not decision.record_after and not await self._record(run, decision):
+                return None
+            refused = set(self.refusals)
+            acted = await self._act(decision)
+            if decision.record_after:
+                if set(self.refusals) - refused:
+                    return 0.0  # a create was refused: what was decided did not happen
+                if not await self._record(run, decision):
+                    return None
+            for event in decision.actions:
+                if isinstance(event, Event):
+                    self._post(run, event)
+        self.phase = decision.status.get("phase")
+        # What was just done is in the cache already: look again at once, until nothing is left to do.
+        return 0.0 if acted else decision.requeue
+
+    async def _api(self, method: Any, *args: Any) -> Any:
+        async with self.calls:
+            return await method(*args)
+
+    async def _record(self, run: Object, decision: Decision) -> bool:
+        """Patch what changed in the status (before acting on it, unless the decision says it may
+        follow); False when the run is gone."""
+        saved = run.get("status") or {}
+        patch = {k: v for k, v in decision.status.items() if saved.get(k) != v}
+        if patch:
+            try:
+                response = await self._api(self.kube.patch_run_status, self.namespace, self.name, patch)
+            except client.ApiException as exc:
+                if absent(exc):  # deleted meanwhile: nothing left to do
+                    self.gone = True
+                    return False
+                raise
+            self.status = response.get("status") or {}
+        elif self.status is None:
+            self.status = saved
+        return True
+
+    async def _act(self, decision: Decision) -> bool:
+        """Carry out the decision's actions but its events; True when an owned object was created,
+        replaced or deleted (the next reconcile sees the result in the cache at once)."""
+        # A re-rendered ConfigMap first (the attempt's learners read it); creates and deletes at once
+        # (a pod created before its ConfigMap or claim waits for it in the kubelet or the scheduler).
+        replaces = [a for a in decision.actions if isinstance(a, Replace)]
+        rest = [a for a in decision.actions if not isinstance(a, Event | Replace)]
+        for stage in (replaces, rest):
+            await asyncio.gather(*(self._do(action) for action in stage))
+        return any(not isinstance(action, DeleteRun) for action in replaces + rest)
+
+    async def _do(self, action: Create | Replace | Delete | DeleteRun) -> None:
+        if isinstance(action, Create):
+            await self._create(action.obj)
+        elif isinstance(action, Replace):
+            replaced = await self._api(self.kube.replace_config_map, self.namespace, action.obj)
+            self.runs.cache.observe(replaced["kind"], "MODIFIED", replaced)
+        elif isinstance(action, Delete):
+            gone = not await self._api(self.kube.delete, action.kind, self.namespace, action.name)
+            self.runs.cache.deleting(self.key, action.kind, action.name, gone)
+        else:
+            await self._api(self.kube.delete_run, self.namespace, self.name)
+
+    async def _create(self, obj: Object) -> None:
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        try:
+            created = await self._api(self.kube.create, self.namespace, obj)
+        except client.ApiException as exc:
+            if exc.status == 409:
+                # Made by an earlier operator before its watch events reached this one, or a name
+                # someone else holds: look once.
+                existing = await self._api(self.kube.read, kind, self.namespace, name)
+                owner = controller_owner(existing) if existing else None
+                if owner is not None and owner.get("uid") == self.uid:
+                    self.runs.cache.created(kind, existing)
+                    return
+                who = f"is owned by {owner['kind']} {owner['name']}" if owner else "is not owned by this run"
+                self._refuse(kind, name, "NameConflict", f"{kind} {name} exists and {who}")
+            elif _namespace_terminating(exc):
+                self.gone = True  # the run goes with its namespace: nothing to do or report
+            elif exc.status in (400, 403, 422):
+                # Refused by validation or admission (quota, policy): say so, retry later.
+                self._refuse(kind, name, "CreateRefused", f"creating {kind} {name}: {_api_message(exc)}")
+            else:
+                raise
+            return
+        self.runs.cache.created(kind, created)
+
+    def _refuse(self, kind: str, name: str, reason: str, message: str) -> None:
+        self.refusals[f"{kind}/{name}"] = (reason, message, time.monotonic() + decide.REFUSAL_RETRY_SECONDS)
+
+    def _expire_refusals(self) -> None:
+        now = time.monotonic()
+        self.refusals = {what: refusal for what, refusal in self.refusals.items() if refusal[2] > now}
+
+    def _post(self, run: Object, event: Event) -> None:
+        """One decision: an Event on the run, one log line, and the counters it moves."""
+        (log.warning if event.warning else log.info)(
+            "%s/%s: %s: %s", self.namespace, self.name, event.reason, event.message
+        )
+        (kopf.warn if event.warning else kopf.info)(run, reason=event.reason, message=event.message[:1000])
+        if event.reason == "Preempted":
+            metrics.PREEMPTIONS.inc()
+        elif event.reason == "LearnerFailed":
+            metrics.RESTARTS.inc()
+
+
+def _namespace_terminating(exc: client.ApiException) -> bool:
+    return exc.status == 403 and "NamespaceTerminating" in (exc.body or "")
+
+
+def _api_message(exc: client.ApiException) -> str:
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{exc.status} {exc.reason}"
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: the operator has event handlers only (no on.create/update/resume), so kopf never
+    compares an object with its last-handled state, and building that state (a deep copy of every
+    event's object) would be wasted work on every pod event."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        pass
 
 
 class Runs:
     """The reconcile loops of all runs this operator sees, one asyncio task per run."""
 
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: Kube, cache: OwnedObjects) -> None:
         self.kube = kube
-        self.wakeups: dict[tuple[str, str], asyncio.Event] = {}
-        self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self.phases: dict[tuple[str, str], str] = {}
+        self.cache = cache
+        self._http: aiohttp.ClientSession | None = None
+        self.bodies: dict[RunKey, Object] = {}
+        self.wakeups: dict[RunKey, asyncio.Event] = {}
+        self.tasks: dict[RunKey, asyncio.Task[None]] = {}
+        self.phases: dict[RunKey, str] = {}
 
-    def wake(self, namespace: str, name: str) -> None:
-        key = (namespace, name)
+    def http(self) -> aiohttp.ClientSession:
+        """One HTTP client for every run's scrapes (its connections are kept between scrapes)."""
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
+        return self._http
+
+    def on_run(self, event_type: str | None, body: Object) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if event_type == "DELETED":
+            self.bodies.pop(key, None)
+            self.forget(key)
+            self.cache.forget(key)
+        else:
+            self.bodies[key] = body
+            self.wake(key)
+
+    def on_owned(self, kind: str, event_type: str | None, obj: Object) -> None:
+        key = self.cache.observe(kind, event_type, obj)
+        if key is not None and key in self.bodies:
+            self.wake(key)
+
+    def on_workload(self, event_type: str | None, obj: Object) -> None:
+        key = self.cache.observe_workload(event_type, obj)
+        if key is not None and key in self.bodies:
+            self.wake(key)
+
+    def wake(self, key: RunKey) -> None:
         if key not in self.tasks or self.tasks[key].done():
             self.wakeups[key] = asyncio.Event()
-            self.tasks[key] = asyncio.create_task(self._loop(key), name=f"rlsdrun {namespace}/{name}")
+            self.tasks[key] = asyncio.create_task(self._loop(key), name=f"rlsdrun {key[0]}/{key[1]}")
         self.wakeups[key].set()
 
-    async def _loop(self, key: tuple[str, str]) -> None:
-        reconciler = RunReconciler(self.kube, *key)
+    async def _loop(self, key: RunKey) -> None:
+        reconciler = RunReconciler(self, key)
         wakeup = self.wakeups[key]
         try:
             while True:
@@ -432,28 +371,38 @@ class Runs:
                     delay = await reconciler.reconcile()
                 except asyncio.CancelledError:
                     raise
+                except client.ApiException as exc:
+                    if _namespace_terminating(exc):
+                        return
+                    metrics.ERRORS.labels("reconcile").inc()
+                    log.warning(
+                        "%s/%s: API error %s (%s); retrying in %.0fs",
+                        *key, exc.status, _api_message(exc), ERROR_RETRY_SECONDS,
+                    )  # fmt: skip
+                    delay = ERROR_RETRY_SECONDS
                 except Exception:
                     metrics.ERRORS.labels("reconcile").inc()
-                    log.exception(
-                        "reconciling rlsdrun %s/%s failed; retrying in %.0fs", *key, ERROR_RETRY_SECONDS
-                    )
+                    log.exception("%s/%s: reconcile failed; retrying in %.0fs", *key, ERROR_RETRY_SECONDS)
                     delay = ERROR_RETRY_SECONDS
                 if reconciler.gone:
                     return
                 if reconciler.phase:
                     self.phases[key] = reconciler.phase
                     metrics.publish_phases(self.phases)
+                if delay == 0.0:
+                    await asyncio.sleep(0)  # let other runs go first
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), timeout=delay)
         finally:
             self.phases.pop(key, None)
             metrics.publish_phases(self.phases)
 
-    def forget(self, namespace: str, name: str) -> None:
-        task = self.tasks.pop((namespace, name), None)
+    def forget(self, key: RunKey) -> None:
+        task = self.tasks.pop(key, None)
         if task is not None:
             task.cancel()
-        self.wakeups.pop((namespace, name), None)
+        self.wakeups.pop(key, None)
 
     async def stop(self) -> None:
         tasks = list(self.tasks.values())
@@ -461,9 +410,16 @@ class Runs:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.tasks.clear()
+        self.kube.close()
+        if self._http is not None:
+            await self._http.close()
 
 
 # -- kopf handlers, grouped by resource -------------------------------------------------------------
+
+
+def _owned_resource(resource: kopf.Resource) -> bool:
+    return resource.group == "" and resource.plural in OWNED_KINDS
 
 
 @kopf.on.startup()
@@ -472,19 +428,44 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = int(os.environ.get("RLSD_OPERATOR_WATCH_SERVER_TIMEOUT", "300"))
     settings.watching.client_timeout = settings.watching.server_timeout + 30
     settings.watching.connect_timeout = 30
+    # Only the objects the operator made, filtered by the API server (not every pod of the cluster).
+    settings.watching.label_selectors[_owned_resource] = f"{names.LABEL_APP}={names.APP}"
     # One replica (Deployment strategy Recreate): no peering objects needed in the cluster.
     settings.peering.standalone = True
     # The runs' namespaces and the CRD are known: no cluster-wide scanning (and no RBAC for it).
     settings.scanning.disabled = True
     settings.posting.level = logging.INFO
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.GROUP)
-    memo.runs = Runs(Kube(load_api_client()))
+    settings.persistence.diffbase_storage = NoDiffBase()
+    # kopf logs a line per handled event ("Handler ... succeeded"); the operator logs its decisions.
+    # ... and aiohttp one per /healthz probe.
+    if os.environ.get("RLSD_OPERATOR_VERBOSE", "") not in ("1", "true"):
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    decide.SCRAPE_SECONDS = float(os.environ.get("RLSD_OPERATOR_SCRAPE_SECONDS", decide.SCRAPE_SECONDS))
+    decide.REFERENCE_RETRY_SECONDS = float(
+        os.environ.get("RLSD_OPERATOR_REFERENCE_RETRY_SECONDS", decide.REFERENCE_RETRY_SECONDS)
+    )
+    decide.DEFAULT_QUEUE_NAME = os.environ.get("RLSD_OPERATOR_DEFAULT_QUEUE_NAME", decide.DEFAULT_QUEUE_NAME)
+    kube = Kube(load_configuration())
+    # Kueue's Workloads say why a queued run waits; watched when the cluster serves them (looked up
+    # once: an operator started before Kueue was installed still queues runs, without Kueue's words).
+    if await kube.serves(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS):
+        _watch_workloads()
+        log.info("Kueue's Workloads found: queued runs report why Kueue holds them back")
+    cache = OwnedObjects()
+    # What the runs own, before any run reconciles: a run reconciled before its pods were seen would
+    # take them for lost.
+    for plural, kind in OWNED_KINDS.items():
+        for obj in await kube.list_owned(kind, WATCHED_NAMESPACES):
+            cache.observe(kind, None, obj)
+        log.debug("seeded %s", plural)
+    memo.runs = Runs(kube, cache)
 
 
 @kopf.on.login()
 def login(**_: Any) -> kopf.ConnectionInfo:
-    return connection_info(load_api_client())
+    return connection_info(load_configuration())
 
 
 @kopf.on.cleanup()
@@ -493,13 +474,33 @@ async def stop_runs(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(names.GROUP, names.VERSION, names.PLURAL)
-async def on_run_event(event: Object, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    if event["type"] == "DELETED":
-        memo.runs.forget(namespace, name)
-    else:
-        memo.runs.wake(namespace, name)
+async def on_run_event(event: Object, memo: kopf.Memo, **_: Any) -> None:
+    memo.runs.on_run(event["type"], event["object"])
 
 
-@kopf.on.event("", "v1", "pods", labels={names.LABEL_RUN: kopf.PRESENT, names.LABEL_APP: "rlsd"})
-async def on_pod_event(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.runs.wake(namespace, labels[names.LABEL_RUN])
+def _on_owned(kind: str) -> Any:
+    async def on_owned_event(event: Object, memo: kopf.Memo, **_: Any) -> None:
+        memo.runs.on_owned(kind, event["type"], event["object"])
+
+    return on_owned_event
+
+
+async def on_workload_event(event: Object, memo: kopf.Memo, **_: Any) -> None:
+    memo.runs.on_workload(event["type"], event["object"])
+
+
+_WORKLOAD_WATCH: list[Any] = []
+
+
+def _watch_workloads() -> None:
+    """Registers the Workload watch (at start-up, before kopf resolves what to watch), once per
+    process (tests start the operator many times)."""
+    if not _WORKLOAD_WATCH:
+        handler = kopf.on.event(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS, id="on-workloads")
+        _WORKLOAD_WATCH.append(handler(on_workload_event))
+
+
+for _plural, _kind in OWNED_KINDS.items():
+    kopf.on.event("", "v1", _plural, labels={names.LABEL_APP: names.APP}, id=f"on-{_plural}")(
+        _on_owned(_kind)
+    )

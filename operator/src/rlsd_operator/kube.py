@@ -1,12 +1,24 @@
-"""The few Kubernetes API calls the operator makes, as plain dicts in the API's own (camelCase) form.
+"""The Kubernetes API calls the operator makes, as plain dicts in the API's own (camelCase) form.
 
-The client is synchronous; the handlers call these methods in worker threads.
+The official client is synchronous; every call runs in a thread pool of its own, sized for the
+concurrency the operator wants (and the client's connection pool with it), so the event loop never
+blocks on the API and many runs' calls are in flight at once. Responses are read as raw JSON (the
+client's model objects cost more CPU than the calls themselves).
+
+When more calls wait than the pool runs, the most urgent go first: recording a decision (a run's
+status), then pods (what holds GPUs, or frees them), then everything else.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import heapq
+import itertools
 import json
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -15,22 +27,31 @@ from kubernetes import client, config
 from rlsd_operator import names
 
 Object = dict[str, Any]
+# Calls in flight at once, over all runs (each run has a share of its own, see handlers.RUN_CALLS).
+API_WORKERS = int(os.environ.get("RLSD_OPERATOR_API_WORKERS", "32"))
+# The kinds a run owns, by the plural their watch and list use.
+OWNED_KINDS = {
+    "pods": "Pod",
+    "services": "Service",
+    "configmaps": "ConfigMap",
+    "persistentvolumeclaims": "PersistentVolumeClaim",
+}
 
 
-def load_api_client() -> client.ApiClient:
+def load_configuration() -> client.Configuration:
     """In a pod: its service account; elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    configuration = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=configuration)
     except config.ConfigException:
         # Read KUBECONFIG now: the client library reads it once, at import time.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.ApiClient()
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    return configuration
 
 
-def connection_info(api: client.ApiClient) -> kopf.ConnectionInfo:
-    """kopf's credentials from the same configuration as `load_api_client` (kopf's own client login
-    would read a KUBECONFIG set after start-up nowhere)."""
-    configuration = api.configuration
+def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's credentials from the same configuration as `Kube` (kopf's own client login would read
+    a KUBECONFIG set after start-up nowhere)."""
     header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
         "authorization"
     )
@@ -46,98 +67,167 @@ def connection_info(api: client.ApiClient) -> kopf.ConnectionInfo:
     )
 
 
-def _absent(exc: client.ApiException) -> bool:
-    return exc.status == 404
+# Call priorities (lower first).
+STATUS, PODS, OTHER = 0, 1, 2
+
+
+def absent(exc: Exception) -> bool:
+    return isinstance(exc, client.ApiException) and exc.status == 404
+
+
+class PriorityGate:
+    """At most `size` holders at once; waiters get in by priority, then in arrival order."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self.waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self.order = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiting, (priority, next(self.order), turn))
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self.release()  # handed the slot just as the waiter was cancelled
+            raise
+
+    def release(self) -> None:
+        while self.waiting:
+            _, _, turn = heapq.heappop(self.waiting)
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.free += 1
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, configuration: client.Configuration, workers: int = API_WORKERS) -> None:
+        configuration.connection_pool_maxsize = workers
+        api = client.ApiClient(configuration)
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="rlsd-kube")
+        self.gate = PriorityGate(workers)
+        core = self.core
+        self._create = {
+            "Pod": core.create_namespaced_pod,
+            "Service": core.create_namespaced_service,
+            "ConfigMap": core.create_namespaced_config_map,
+            "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
+        }
+        self._read = {
+            "Pod": core.read_namespaced_pod,
+            "Service": core.read_namespaced_service,
+            "ConfigMap": core.read_namespaced_config_map,
+            "PersistentVolumeClaim": core.read_namespaced_persistent_volume_claim,
+            "Secret": core.read_namespaced_secret,
+        }
+        self._list = {
+            "Pod": (core.list_pod_for_all_namespaces, core.list_namespaced_pod),
+            "Service": (core.list_service_for_all_namespaces, core.list_namespaced_service),
+            "ConfigMap": (core.list_config_map_for_all_namespaces, core.list_namespaced_config_map),
+            "PersistentVolumeClaim": (
+                core.list_persistent_volume_claim_for_all_namespaces,
+                core.list_namespaced_persistent_volume_claim,
+            ),
+        }
+
+    async def _json(
+        self, method: Callable[..., Any], *args: Any, priority: int = OTHER, **kwargs: Any
+    ) -> Any:
+        """`method(*args, **kwargs)` in the pool, its response body parsed as JSON."""
+        call = functools.partial(method, *args, _preload_content=False, **kwargs)
+        await self.gate.acquire(priority)
+        try:
+            response = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+        finally:
+            self.gate.release()
+        return json.loads(response.data) if response.data else None
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- runs -------------------------------------------------------------------------------------
 
-    def get_run(self, namespace: str, name: str) -> Object | None:
-        try:
-            return self.custom.get_namespaced_custom_object(
-                names.GROUP, names.VERSION, namespace, names.PLURAL, name
-            )
-        except client.ApiException as exc:
-            if _absent(exc):
-                return None
-            raise
+    async def patch_run_status(self, namespace: str, name: str, status: Object) -> Object:
+        return await self._json(
+            self.custom.patch_namespaced_custom_object_status,
+            names.GROUP, names.VERSION, namespace, names.PLURAL, name, {"status": status},
+            priority=STATUS,
+        )  # fmt: skip
 
-    def patch_run_status(self, namespace: str, name: str, status: Object) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            names.GROUP, names.VERSION, namespace, names.PLURAL, name, {"status": status}
-        )
-
-    def delete_run(self, namespace: str, name: str) -> None:
+    async def delete_run(self, namespace: str, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(
-                names.GROUP, names.VERSION, namespace, names.PLURAL, name
-            )
+            await self._json(
+                self.custom.delete_namespaced_custom_object,
+                names.GROUP, names.VERSION, namespace, names.PLURAL, name,
+            )  # fmt: skip
         except client.ApiException as exc:
-            if not _absent(exc):
+            if not absent(exc):
                 raise
 
     # -- owned objects ----------------------------------------------------------------------------
 
-    def list_pods(self, namespace: str, run: str) -> list[Object]:
-        selector = f"{names.LABEL_RUN}={run},{names.LABEL_APP}=rlsd"
-        response = self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
-        return json.loads(response.data)["items"]
+    async def create(self, namespace: str, obj: Object) -> Object:
+        """The created object; raises ApiException (409 when the name is taken)."""
+        priority = PODS if obj["kind"] == "Pod" else OTHER
+        return await self._json(self._create[obj["kind"]], namespace, obj, priority=priority)
 
-    def create(self, namespace: str, obj: Object) -> bool:
-        """Create `obj` unless an object of that name exists; True when this call created it."""
-        create = {
-            "Pod": self.core.create_namespaced_pod,
-            "Service": self.core.create_namespaced_service,
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
-        }[obj["kind"]]
+    async def read(self, kind: str, namespace: str, name: str) -> Object | None:
         try:
-            create(namespace, obj)
+            return await self._json(self._read[kind], name, namespace)
         except client.ApiException as exc:
-            if exc.status == 409:
+            if absent(exc):
+                return None
+            raise
+
+    async def replace_config_map(self, namespace: str, obj: Object) -> Object:
+        name = obj["metadata"]["name"]
+        return await self._json(self.core.replace_namespaced_config_map, name, namespace, obj)
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """False when it was already gone."""
+        method = {"Pod": self.core.delete_namespaced_pod}[kind]
+        try:
+            await self._json(method, name, namespace, priority=PODS)
+        except client.ApiException as exc:
+            if absent(exc):
                 return False
             raise
         return True
 
-    def delete_pod(self, namespace: str, name: str) -> None:
-        try:
-            self.core.delete_namespaced_pod(name, namespace)
-        except client.ApiException as exc:
-            if not _absent(exc):
-                raise
+    async def list_owned(self, kind: str, namespaces: list[str]) -> list[Object]:
+        """Every object of `kind` labelled as the operator's, in `namespaces` (empty: all)."""
+        selector = f"{names.LABEL_APP}={names.APP}"
+        everywhere, namespaced = self._list[kind]
+        if not namespaces:
+            return (await self._json(everywhere, label_selector=selector))["items"]
+        items = []
+        for namespace in namespaces:
+            items += (await self._json(namespaced, namespace, label_selector=selector))["items"]
+        return items
 
-    def read_config_map(self, namespace: str, name: str) -> Object | None:
+    async def serves(self, group: str, version: str, plural: str) -> bool:
+        """Whether the API server serves `plural` in `group`/`version` (API discovery)."""
         try:
-            return self.core.read_namespaced_config_map(name, namespace).data or {}
+            found = await self._json(self.custom.get_api_resources, group, version)
         except client.ApiException as exc:
-            if _absent(exc):
-                return None
+            if absent(exc):
+                return False
             raise
-
-    def replace_config_map(self, namespace: str, obj: Object) -> None:
-        if not self.create(namespace, obj):
-            self.core.replace_namespaced_config_map(obj["metadata"]["name"], namespace, obj)
+        return any(resource.get("name") == plural for resource in (found or {}).get("resources") or [])
 
     # -- references the user names ----------------------------------------------------------------
 
-    def secret_keys(self, namespace: str, name: str) -> set[str] | None:
-        try:
-            return set((self.core.read_namespaced_secret(name, namespace).data or {}).keys())
-        except client.ApiException as exc:
-            if _absent(exc):
-                return None
-            raise
+    async def secret_keys(self, namespace: str, name: str) -> set[str] | None:
+        secret = await self.read("Secret", namespace, name)
+        return None if secret is None else set((secret.get("data") or {}).keys())
 
-    def claim_exists(self, namespace: str, name: str) -> bool:
-        try:
-            self.core.read_namespaced_persistent_volume_claim(name, namespace)
-        except client.ApiException as exc:
-            if _absent(exc):
-                return False
-            raise
-        return True
+    async def claim_access_modes(self, namespace: str, name: str) -> list[str] | None:
+        claim = await self.read("PersistentVolumeClaim", namespace, name)
+        return None if claim is None else list((claim.get("spec") or {}).get("accessModes") or [])

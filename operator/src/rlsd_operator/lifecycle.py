@@ -11,11 +11,11 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from rlsd_operator import names
+from rlsd_contracts import exit_codes
+from rlsd_contracts.wire import LEARNER
+from rlsd_operator import kueue, names
 
 Object = dict[str, Any]
-EXIT_BAD_CONFIG = 3
-EXIT_PREEMPTED = (75, 76)
 # Pod status reasons of the kubelet and node controllers for pods killed from outside.
 DISRUPTED_REASONS = {
     "Evicted",
@@ -48,7 +48,7 @@ class GangState:
 
 def _container_status(pod: Object) -> Object:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return next((s for s in statuses if s.get("name") == names.LEARNER), statuses[0] if statuses else {})
+    return next((s for s in statuses if s.get("name") == LEARNER), statuses[0] if statuses else {})
 
 
 def _terminated(pod: Object) -> Object | None:
@@ -60,12 +60,24 @@ def is_terminated(pod: Object) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def stopped(pod: Object) -> bool:
+    """Whether nothing runs in the pod any more: its containers stopped, or it was deleted before it
+    was scheduled (a pod Kueue still held back, say; its object may stay a while)."""
+    return is_terminated(pod) or bool(
+        pod["metadata"].get("deletionTimestamp") and not (pod.get("spec") or {}).get("nodeName")
+    )
+
+
 def disruption(pod: Object) -> str | None:
-    """Why the pod was taken away from outside (preemption, eviction, lost node), or None."""
+    """Why the pod was taken away from outside (preemption, eviction, lost node, Kueue), or None."""
     status = pod.get("status") or {}
     for condition in status.get("conditions") or []:
-        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "DisruptionTarget":
             return f"disruption target ({condition.get('reason') or 'unknown reason'})"
+        if condition.get("type") == kueue.TERMINATION_TARGET:  # Kueue evicted or preempted the group
+            return f"stopped by Kueue ({condition.get('reason')}): {condition.get('message') or 'no message'}"
     if status.get("reason") in DISRUPTED_REASONS:
         return f"{status['reason']}: {status.get('message') or 'no message'}"
     if pod["metadata"].get("deletionTimestamp") and not is_terminated(pod):
@@ -90,9 +102,9 @@ def assess_gang(pods: list[Object], nodes: int) -> GangState:
         code = terminated.get("exitCode")
         if reason is not None:
             preempted.append(f"{pod_name}: {reason}")
-        elif code in EXIT_PREEMPTED:
+        elif code in exit_codes.PREEMPTED:
             preempted.append(f"{pod_name}: exit code {code} (preempted)")
-        elif code == EXIT_BAD_CONFIG:
+        elif code == exit_codes.EXIT_BAD_CONFIG:
             detail = (terminated.get("message") or "").strip()
             bad_config.append(
                 f"{pod_name}: exit code 3 (bad configuration or dataset){': ' + detail if detail else ''}"

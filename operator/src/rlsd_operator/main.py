@@ -7,7 +7,7 @@ import argparse
 import kopf
 from prometheus_client import start_http_server
 
-from rlsd_operator import handlers  # noqa: F401  (importing it registers the handlers)
+from rlsd_operator import handlers  # importing it registers the handlers
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=9090, help="rlsd_operator_* metrics; 0 disables")
     parser.add_argument("--liveness-port", type=int, default=8080, help="serves /healthz")
     args = parser.parse_args(argv)
+    handlers.WATCHED_NAMESPACES = args.namespace
     if args.metrics_port:
         start_http_server(args.metrics_port)
     kopf.configure(verbose=False)

@@ -10,6 +10,8 @@ from collections import Counter as Tally
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
+from rlsd_contracts.wire import PROGRESS_GAUGES
+
 PHASES = ("Pending", "Initializing", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 RUNS = Gauge("rlsd_operator_runs", "RLSDRuns this operator reconciles, by phase", ["phase"])
 RECONCILE_SECONDS = Histogram(
@@ -20,14 +22,15 @@ PREEMPTIONS = Counter(
     "rlsd_operator_preemptions_total", "Gang restarts after preemptions or lost learner pods"
 )
 ERRORS = Counter("rlsd_operator_errors_total", "Reconciles that raised, and failed metric scrapes", ["kind"])
+# Exported at 0 from the start: a series born at its first error would hide that error from rate()
+# and increase() (and so from the dashboard and RLSDOperatorReconcileErrors).
+for _kind in ("reconcile", "scrape"):
+    ERRORS.labels(_kind)
 
 # Trainer gauge -> status field.
-PROGRESS_METRICS = {
-    "rlsd_policy_version": "step",
-    "rlsd_reward_mean": "reward",
-    "rlsd_eval_accuracy": "accuracy",
-    "rlsd_checkpoint_step": "latestCheckpointStep",
-}
+PROGRESS_METRICS = dict(
+    zip(PROGRESS_GAUGES, ("step", "reward", "accuracy", "latestCheckpointStep"), strict=True)
+)
 
 
 def publish_phases(phases: dict[object, str]) -> None:

@@ -1,194 +1,227 @@
-"""The trainer's configuration (rlsd_trainer/config.py's schema) rendered from an RLSDRun spec.
+"""The trainer's configuration rendered from an RLSDRun spec, and validated with the trainer's own
+schema (`rlsd_contracts.config`) before any pod exists.
 
-Only fields the user set are rendered, so the trainer's own defaults apply to the rest; the trainer
-validates the result at start-up (a bad one makes the learner exit 3 and the run Failed).
+No field list is kept here: a spec field renders to the trainer field of the same path in snake_case
+(`rollout.sampling.maxNewTokens` -> `rollout.sampling.max_new_tokens`), after the few renames in
+`RENAMED` and the `...Seconds` -> `..._s` unit suffix; the fields in `OPERATOR_FIELDS` are the
+operator's own (pods, images, volumes) and are never rendered. tests/operator/test_contract.py
+checks that every other CRD field lands on a trainer field with the same type and bounds.
+
+Only fields the user set are rendered, so the trainer's defaults apply to the rest.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable
+import re
 from typing import Any
 
+from rlsd_contracts.config import ConfigError, parse_config
+from rlsd_contracts.wire import (
+    METRICS_PORT,
+    ROLLOUT,
+    ROLLOUT_TRANSFER_PORT,
+    SERVED_MODEL_NAME,
+    TEACHER,
+    TEACHER_TRANSFER_PORT,
+)
 from rlsd_operator import names
 
-# (spec path, trainer config path, conversion) for every field that maps one to one.
-_FIELDS: list[tuple[str, str, Callable[[Any], Any] | None]] = [
-    ("seed", "run.seed", None),
-    ("steps", "run.total_steps", None),
-    ("model.path", "model.path", None),
-    ("model.dtype", "model.dtype", None),
-    ("model.trustRemoteCode", "model.trust_remote_code", None),
-    ("dataset.maxPromptTokens", "data.max_prompt_tokens", None),
-    ("algorithm.name", "algorithm.name", None),
-    ("algorithm.groupSize", "algorithm.group_size", None),
-    ("algorithm.lambda.kind", "algorithm.lam.kind", None),
-    ("algorithm.lambda.initial", "algorithm.lam.initial", None),
-    ("algorithm.lambda.final", "algorithm.lam.final", None),
-    ("algorithm.lambda.warmupSteps", "algorithm.lam.warmup_steps", None),
-    ("algorithm.lambda.decaySteps", "algorithm.lam.decay_steps", None),
-    ("algorithm.epsW", "algorithm.eps_w", None),
-    ("algorithm.clipLow", "algorithm.clip_low", None),
-    ("algorithm.clipHigh", "algorithm.clip_high", None),
-    ("algorithm.dualClip", "algorithm.dual_clip", None),
-    ("algorithm.klCoef", "algorithm.kl_coef", None),
-    ("algorithm.entropyCoef", "algorithm.entropy_coef", None),
-    ("algorithm.opsdCoef", "algorithm.opsd_coef", None),
-    ("optim.lr", "optim.lr", float),
-    ("optim.weightDecay", "optim.weight_decay", None),
-    ("optim.gradClip", "optim.grad_clip", None),
-    ("reward.verifier", "reward.verifier", None),
-    ("reward.callable", "reward.callable", None),
-    ("reward.timeoutSeconds", "reward.timeout_s", None),
-    ("reward.workers", "reward.workers", None),
-    ("learner.microBatchTokens", "learner.micro_batch_tokens", None),
-    ("learner.activationCheckpointing", "learner.activation_checkpointing", None),
-    ("learner.mixedPrecision", "learner.mixed_precision", None),
-    ("rollout.promptsPerStep", "rollout.prompts_per_step", None),
-    ("rollout.sampling.temperature", "rollout.sampling.temperature", None),
-    ("rollout.sampling.topP", "rollout.sampling.top_p", None),
-    ("rollout.sampling.maxNewTokens", "rollout.sampling.max_new_tokens", None),
-    ("teacher.placement", "teacher.placement", None),
-    ("teacher.mode", "teacher.mode", None),
-    ("teacher.syncInterval", "teacher.sync_interval", None),
-    ("checkpoint.every", "checkpoint.every", None),
-    ("checkpoint.keepLast", "checkpoint.keep_last", None),
-    ("checkpoint.asyncSave", "checkpoint.async_save", None),
-    ("checkpoint.preemptionGraceSeconds", "checkpoint.preemption_grace_s", None),
-]
-_DATA_SOURCE_FIELDS = {
-    "kind": "kind",
-    "path": "path",
-    "split": "split",
-    "questionField": "question_field",
-    "answerField": "answer_field",
-    "referenceField": "reference_field",
+Object = dict[str, Any]
+# Spec paths whose trainer name is not their snake_case form (`lambda` is a Python keyword).
+RENAMED = {
+    "steps": "run.total_steps",
+    "seed": "run.seed",
+    "dataset": "data",
+    "algorithm.lambda": "algorithm.lam",
+    "trackers": "metrics",
 }
-# The spec's transfer names against the ones of `--weight-transfer-config` (vLLM's disk reload).
-SERVER_TRANSFER_BACKEND = {"nccl": "nccl", "gloo": "gloo", "filesystem": "disk"}
+# The trainer's trackers, in the order it starts them (credentials go to the pods' env, see builders).
+TRACKERS = ("wandb", "mlflow", "tensorboard")
+# Spec fields the operator itself acts on (pods, servers, volumes, scheduling); never rendered.
+OPERATOR_FIELDS = frozenset(
+    {
+        "learner.nodes",
+        "learner.nprocPerNode",
+        "learner.image",
+        "learner.imagePullPolicy",
+        "learner.resources",
+        "learner.env",
+        "rollout.backend",
+        "rollout.replicas",
+        "rollout.image",
+        "rollout.resources",
+        "rollout.env",
+        "rollout.weightTransfer",
+        "rollout.extraArgs",
+        "teacher.replicas",
+        "teacher.image",
+        "teacher.resources",
+        "teacher.env",
+        "teacher.weightTransfer",
+        "checkpoint.volume",
+        "checkpoint.mountPath",
+        "restartPolicy",
+        "scheduling",
+        "queueName",
+        "imagePullSecrets",
+        "huggingFaceTokenSecret",
+        "trackers.wandb.apiKeySecret",
+        "trackers.mlflow.tokenSecret",
+        "suspend",
+        "ttlSecondsAfterFinished",
+        "trainerConfig",
+    }
+)
 
 
-def lookup(tree: dict[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+class InvalidSpec(ValueError):
+    """A spec the trainer would refuse (or that cannot be realised); the message names the fields."""
 
 
-def _put(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def trainer_path(spec_path: str) -> str:
+    """The trainer config path a spec field renders to."""
+    for prefix, renamed in RENAMED.items():
+        if spec_path == prefix or spec_path.startswith(prefix + "."):
+            spec_path = renamed + spec_path[len(prefix) :]
+            break
+    parts = [re.sub(r"(?<!^)([A-Z])", r"_\1", part).lower() for part in spec_path.split(".")]
+    return ".".join(re.sub(r"_seconds$", "_s", part) for part in parts)
+
+
+def _leaves(tree: Object, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, value) of every non-mapping value in `tree`."""
+    found = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            found += _leaves(value, path + ".")
+        else:
+            found.append((path, value))
+    return found
+
+
+def _put(tree: Object, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
         tree = tree.setdefault(part, {})
     tree[leaf] = value
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """`extra` merged into a copy of `base`; nested mappings merge, anything else replaces."""
-    merged = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def spec_problems(spec: dict[str, Any]) -> list[str]:
-    """What the API server cannot check (CEL cannot type a number-or-string field)."""
-    lr = lookup(spec, "optim.lr")
-    if lr is None:
-        return []
-    try:
-        valid = not isinstance(lr, bool) and math.isfinite(float(lr)) and float(lr) > 0
-    except (TypeError, ValueError):
-        valid = False
-    return [] if valid else [f"optim.lr must be a positive number such as 1e-6, got {lr!r}"]
-
-
-def rollout_transfer(spec: dict[str, Any]) -> str:
+def rollout_transfer(spec: Object) -> str:
     """The rollout weight-transfer backend: as set, else vLLM's nccl or the CPU server's gloo."""
     rollout = spec.get("rollout") or {}
     return rollout.get("weightTransfer") or ("nccl" if rollout.get("backend") == "vllm" else "gloo")
 
 
-def remote_rollout(spec: dict[str, Any]) -> bool:
+def remote_rollout(spec: Object) -> bool:
     return (spec.get("rollout") or {}).get("backend", "local") != "local"
 
 
-def remote_teacher(spec: dict[str, Any]) -> bool:
+def remote_teacher(spec: Object) -> bool:
     return (spec.get("teacher") or {}).get("placement") == "remote"
 
 
-def run_dir(spec: dict[str, Any], run: str) -> str:
+def run_dir(spec: Object, run: str) -> str:
     """The run's directory on the checkpoint volume (a claim may be shared by several runs)."""
     return f"{spec['checkpoint']['mountPath'].rstrip('/')}/{run}"
 
 
-def build_trainer_config(
-    spec: dict[str, Any], run: str, namespace: str, cluster_domain: str = "cluster.local"
-) -> dict[str, Any]:
-    """The trainer's config for the run `run` in `namespace` (spec as defaulted by the API server)."""
-    config: dict[str, Any] = {
+def render(spec: Object, run: str, namespace: str, cluster_domain: str) -> tuple[Object, dict[str, str]]:
+    """The raw trainer config of run `run` (spec as defaulted by the API server), and where each of
+    its fields came from (trainer path -> `spec.<path>`), to name the spec field in errors."""
+    config: Object = {
         "run": {"name": run, "output_dir": run_dir(spec, run)},
         # Fixed, so the operator knows where to scrape; no progress bar in a pod's log.
-        "metrics": {
-            "prometheus_port": names.METRICS_PORT,
-            "prometheus_host": "0.0.0.0",
-            "progress_bar": False,
-        },
+        "metrics": {"prometheus_port": METRICS_PORT, "prometheus_host": "0.0.0.0", "progress_bar": False},
     }
-    for source, target, convert in _FIELDS:
-        value = lookup(spec, source)
-        if value is not None:
-            _put(config, target, convert(value) if convert else value)
-    for split in ("train", "eval"):
-        data_source = lookup(spec, f"dataset.{split}") or {}
-        for source, target in _DATA_SOURCE_FIELDS.items():
-            if source in data_source:
-                _put(config, f"data.{split}.{target}", data_source[source])
+    origin: dict[str, str] = {}
+    for path, value in _leaves(spec):
+        parts = path.split(".")
+        if any(".".join(parts[:n]) in OPERATOR_FIELDS for n in range(1, len(parts) + 1)):
+            continue
+        target = trainer_path(path)
+        _put(config, target, value)
+        origin[target] = f"spec.{path}"
 
-    learner_host = names.learner_dns(run, namespace, cluster_domain)
-    shared_dir = f"{run_dir(spec, run)}/weights"
+    trackers = [name for name in TRACKERS if name in (spec.get("trackers") or {})]
+    if trackers:
+        config["metrics"]["trackers"] = trackers
     if remote_rollout(spec):
-        backend = rollout_transfer(spec)
-        replicas = spec["rollout"]["replicas"]
         _put(config, "rollout.backend", "remote")
-        _put(
-            config,
-            "rollout.servers",
-            {
-                "urls": [
-                    names.server_url(run, names.ROLLOUT, i, namespace, cluster_domain)
-                    for i in range(replicas)
-                ],
-                "model_name": names.SERVED_MODEL_NAME,
-                "weight_transfer": _transfer(backend, learner_host, names.ROLLOUT_TRANSFER_PORT, shared_dir),
-            },
-        )
+        servers = _servers(spec, run, namespace, cluster_domain, ROLLOUT, rollout_transfer(spec))
+        _put(config, "rollout.servers", servers)
     if remote_teacher(spec):
-        teacher = spec["teacher"]
-        _put(
-            config,
-            "teacher.servers",
-            {
-                "urls": [
-                    names.server_url(run, names.TEACHER, i, namespace, cluster_domain)
-                    for i in range(teacher["replicas"])
-                ],
-                "model_name": names.SERVED_MODEL_NAME,
-                "weight_transfer": _transfer(
-                    teacher["weightTransfer"], learner_host, names.TEACHER_TRANSFER_PORT, shared_dir
-                ),
-            },
-        )
-    return deep_merge(config, spec.get("trainerConfig") or {})
+        servers = _servers(spec, run, namespace, cluster_domain, TEACHER, spec["teacher"]["weightTransfer"])
+        _put(config, "teacher.servers", servers)
+    extra = spec.get("trainerConfig") or {}
+    for path, _ in _leaves(extra):
+        origin[path] = f"spec.trainerConfig.{path}"
+    return _merge(config, extra), origin
 
 
-def _transfer(backend: str, host: str, port: int, shared_dir: str) -> dict[str, Any]:
-    transfer: dict[str, Any] = {"backend": backend, "host": host, "port": port}
+def _servers(spec: Object, run: str, namespace: str, cluster_domain: str, role: str, backend: str) -> Object:
+    """The `servers` section of the rollout or teacher role: the replicas' stable URLs, and learner
+    rank 0 as the host of the weight-transfer group."""
+    transfer: Object = {
+        "backend": backend,
+        "host": names.learner_dns(run, namespace, cluster_domain),
+        "port": ROLLOUT_TRANSFER_PORT if role == ROLLOUT else TEACHER_TRANSFER_PORT,
+    }
     if backend == "filesystem":
-        transfer["shared_dir"] = shared_dir
-    return transfer
+        transfer["shared_dir"] = f"{run_dir(spec, run)}/weights"
+    return {
+        "urls": [
+            names.server_url(run, role, i, namespace, cluster_domain) for i in range(spec[role]["replicas"])
+        ],
+        "model_name": SERVED_MODEL_NAME,
+        "weight_transfer": transfer,
+    }
+
+
+def _merge(base: Object, extra: Object) -> Object:
+    """`extra` merged into a copy of `base`; nested mappings merge, anything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def build_trainer_config(
+    spec: Object, run: str, namespace: str, cluster_domain: str = "cluster.local"
+) -> Object:
+    """The trainer config of the run, validated with the trainer's schema: only the fields that were
+    set, in the schema's types (a `trainerConfig` lr of "1e-6" becomes 1e-06). Raises InvalidSpec naming the
+    spec fields the schema refuses."""
+    raw, origin = render(spec, run, namespace, cluster_domain)
+    try:
+        config = parse_config(raw, "the rendered trainer config")
+    except ConfigError as exc:
+        raise InvalidSpec(_name_spec_fields(str(exc), origin)) from None
+    return config.model_dump(mode="json", exclude_unset=True)
+
+
+def _name_spec_fields(message: str, origin: dict[str, str]) -> str:
+    """The schema's error lines, each naming the spec field its trainer path came from."""
+    problems = []
+    for line in message.splitlines()[1:]:
+        path, _, problem = line.strip().partition(": ")
+        parts = path.split(".")
+        where = f"trainer config {path}"
+        for n in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:n])
+            if prefix in origin:
+                where = ".".join([origin[prefix], *parts[n:]])
+                break
+        else:  # a whole section is refused: name where its fields came from
+            inside = set()
+            for key, source in origin.items():
+                if key.startswith(path + "."):
+                    below = key.count(".") - path.count(".")  # components of `key` under `path`
+                    inside.add(".".join(source.split(".")[: max(source.count(".") + 1 - below, 2)]))
+            where = " / ".join(sorted(inside)) or where
+        problems.append(f"{where}: {problem}")
+    return "; ".join(problems) or message

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlsd_trainer.config import AlgorithmSection, LambdaSchedule
+from rlsd_contracts.config import AlgorithmSection, LambdaSchedule
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

@@ -13,13 +13,11 @@ import warnings
 from importlib import resources
 from pathlib import Path
 
-from rlsd_trainer.config import ConfigError, RunConfig, load_config
+from rlsd_contracts.config import ConfigError, RunConfig, load_config
+from rlsd_contracts.exit_codes import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED
+from rlsd_contracts.wire import SERVER_PORT, SERVER_ROLES
 from rlsd_trainer.data import DataError
 from rlsd_trainer.lifecycle import (
-    EXIT_BAD_CONFIG,
-    EXIT_FAILED,
-    EXIT_FINISHED,
-    EXIT_PREEMPTED,
     STATUS_DIR_ENV,
     Preempted,
     PreemptionWatch,
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         record_exit(EXIT_BAD_CONFIG)
         return EXIT_BAD_CONFIG
     if args.command == "validate":
-        from rlsd_trainer.config import dump_config
+        from rlsd_contracts.config import dump_config
 
         print(dump_config(config), end="")
         return EXIT_FINISHED
@@ -182,10 +180,10 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser(
         "serve", help="serve the policy over HTTP as a rollout or teacher replica (vLLM's routes, on CPU)"
     )
-    serve.add_argument("role", choices=("rollout", "teacher"))
+    serve.add_argument("role", choices=SERVER_ROLES)
     serve.add_argument("--model", required=True, help="Hugging Face model directory: the initial policy")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=SERVER_PORT)
     serve.add_argument(
         "--served-model-name", default=None, help="the model name requests use (default: --model)"
     )
@@ -194,8 +192,8 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--weight-transfer-config",
         default='{"backend": "gloo"}',
-        help='as vLLM\'s flag: {"backend": "gloo"} (the learner broadcasts) or {"backend": "disk"} '
-        "(reload safetensors from a shared directory)",
+        help='as vLLM\'s flag; only {"backend": "gloo"} here (vLLM\'s nccl needs GPUs). Reloading from a '
+        "shared directory (weight transfer 'filesystem') works with any backend, as with vLLM",
     )
     serve.add_argument(
         "--transfer-timeout-s", type=float, default=600.0, help="weight-transfer group timeout"
@@ -203,10 +201,10 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rlsd_trainer.serving import parse_transfer_config, serve
+    from rlsd_trainer.serving import check_transfer_config, serve
 
     try:
-        backend = parse_transfer_config(args.weight_transfer_config)
+        check_transfer_config(args.weight_transfer_config)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -215,7 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         from rlsd_trainer.teacher_server import build_app
     app = build_app(
-        args.model, args.served_model_name, args.max_batch_size, args.dtype, backend, args.transfer_timeout_s
+        args.model, args.served_model_name, args.max_batch_size, args.dtype, args.transfer_timeout_s
     )
     serve(app, args.host, args.port)
     return EXIT_FINISHED

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlsd_trainer.config import DataSourceSection, EmbeddedTaskSection
+from rlsd_contracts.config import DataSourceSection, EmbeddedTaskSection
 
 # Rows per batch when streaming Parquet files and datasets, so a large source never turns into
 # one huge list of Python dicts.

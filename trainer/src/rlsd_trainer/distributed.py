@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from rlsd_trainer.config import LearnerSection
+from rlsd_contracts.config import LearnerSection
 from rlsd_trainer.logprobs import PolicyScorer
 
 T = TypeVar("T")

@@ -43,10 +43,18 @@ def call_json(
     """The decoded JSON answer (None for an empty body) of `method url+path`; raises HttpCallError."""
     target = url + path
     timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else timeout_s
-    try:
-        response = http.request(method, target, json=body, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise HttpCallError(target, f"{type(exc).__name__}: {exc or 'no answer'}") from exc
+    # A GET is tried twice on a broken connection: vLLM's server (uvicorn) closes a connection after
+    # answering an error from its exception handlers, so a pooled one may be dead when reused.
+    for attempt in range(2 if method == "GET" else 1):
+        try:
+            response = http.request(method, target, json=body, timeout=timeout)
+            break
+        except httpx.TransportError as exc:
+            if method == "GET" and attempt == 0:
+                continue
+            raise HttpCallError(target, f"{type(exc).__name__}: {exc or 'no answer'}") from exc
+        except httpx.HTTPError as exc:
+            raise HttpCallError(target, f"{type(exc).__name__}: {exc or 'no answer'}") from exc
     if response.status_code >= 400:
         raise HttpCallError(
             target, f"HTTP {response.status_code}: {response.text[:500]}", response.status_code

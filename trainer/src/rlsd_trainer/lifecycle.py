@@ -1,14 +1,7 @@
-"""Exit codes of the trainer's processes and the SIGTERM-to-checkpoint preemption path.
+"""The SIGTERM-to-checkpoint preemption path and the learner pod's exit code.
 
-The operator reads only the exit code of a learner (never its logs):
-
-- 0 finished: `run.total_steps` reached, final policy exported (operator: Succeeded).
-- 1 failed: an unexpected error (operator: counts against the back-off budget).
-- 3 bad configuration or dataset, message on stderr (operator: Failed at once; retrying cannot help).
-- 75 preempted: SIGTERM, stopped at a step boundary and saved a checkpoint there (operator: gang
-  restart, counted as a preemption, not a failure).
-- 76 preempted: SIGTERM, but the grace period ran out before a checkpoint could be saved; the run
-  resumes from the previous one (operator: as 75).
+What each exit code means, and what the operator does about it, is the contract in
+`rlsd_contracts.exit_codes`.
 """
 
 from __future__ import annotations
@@ -20,14 +13,15 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from rlsd_contracts.exit_codes import (
+    EXIT_BAD_CONFIG,
+    EXIT_FAILED,
+    EXIT_FINISHED,
+    EXIT_PREEMPTED,
+    EXIT_PREEMPTED_UNSAVED,
+)
+
 log = logging.getLogger(__name__)
-
-EXIT_FINISHED = 0
-EXIT_FAILED = 1
-EXIT_BAD_CONFIG = 3
-EXIT_PREEMPTED = 75
-EXIT_PREEMPTED_UNSAVED = 76
-
 
 STATUS_DIR_ENV = "RLSD_EXIT_STATUS_DIR"
 

@@ -26,9 +26,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from rlsd_contracts.config import ConfigError, RunConfig, dump_config
 from rlsd_trainer import algorithms
 from rlsd_trainer.checkpoint import CheckpointManager
-from rlsd_trainer.config import ConfigError, RunConfig, dump_config
 from rlsd_trainer.data import Example, ResumableSampler, load_examples
 from rlsd_trainer.distributed import (
     DistContext,
@@ -47,6 +47,7 @@ from rlsd_trainer.models import LoadedModel, encode_prompt, load_model
 from rlsd_trainer.remote import build_rollout_engine, build_teacher_client
 from rlsd_trainer.rollout import Completion, RolloutEngine, SamplingParams
 from rlsd_trainer.teacher import Teacher
+from rlsd_trainer.trackers import build_trackers
 from rlsd_trainer.verifiers import RewardPool
 from rlsd_trainer.warmup import supervised_warmup
 
@@ -166,6 +167,7 @@ class Trainer:
                 config.output_dir / "metrics.jsonl",
                 config.metrics.prometheus_port,
                 config.metrics.prometheus_host,
+                build_trackers(config),
             )
         self.step = 0
         self.last_checkpoint_step = 0
@@ -359,7 +361,7 @@ class Trainer:
             "reward_std": float(reward.std()),
             "groups_with_signal": float((advantages.view(-1, group).abs().sum(1) > 0).float().mean()),
             "response_length_mean": sum(lengths) / len(lengths),
-            "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions),
+            "truncated_fraction": sum(c.finish_reason != "stop" for c in completions) / len(completions),
             "verifier_errors": float(scored.errors),
             "verifier_timeouts": float(scored.timeouts),
             "stale_rollouts": float(sum(c.policy_version != self.step for c in completions)),
@@ -503,9 +505,9 @@ class Trainer:
                     )
                     totals["clip_ratio"] += float(algorithms.token_mean(terms.clipped, m, global_tokens))
                     totals["entropy"] += float(algorithms.token_mean(entropy.detach(), m, global_tokens))
-                    totals["logprob_mismatch"] += float(
-                        algorithms.token_mean((old - rollout_lp[rows, :width]).abs(), m, global_tokens)
-                    )
+                    # A log-prob the rollout server could not report (NaN) counts as no mismatch.
+                    mismatch = (old - rollout_lp[rows, :width]).abs().nan_to_num(nan=0.0)
+                    totals["logprob_mismatch"] += float(algorithms.token_mean(mismatch, m, global_tokens))
                     if teacher is not None:
                         self._weight_stats(totals, advantages[rows], teacher, old, m, global_tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip)

@@ -1,7 +1,8 @@
-"""Metrics: one JSONL line per step, a console summary, and Prometheus gauges on `/metrics`.
+"""Metrics: one JSONL line per step, a console summary, Prometheus gauges on `/metrics`, and the
+experiment trackers of `metrics.trackers` (trackers.py).
 
 Every JSONL key `k` is exported as the gauge `rlsd_k` (its latest value); cumulative counts are
-also exported as counters `rlsd_<name>_total`.
+also exported as counters `rlsd_<name>_total`. The trackers get the same values as the JSONL line.
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ import json
 import math
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+if TYPE_CHECKING:
+    from rlsd_trainer.trackers import Tracker
 
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -44,7 +49,11 @@ def prometheus_name(key: str) -> str:
 
 class MetricsLogger:
     def __init__(
-        self, jsonl_path: Path, prometheus_port: int | None, prometheus_host: str = "127.0.0.1"
+        self,
+        jsonl_path: Path,
+        prometheus_port: int | None,
+        prometheus_host: str = "127.0.0.1",
+        trackers: Sequence[Tracker] = (),
     ) -> None:
         jsonl_path.parent.mkdir(parents=True, exist_ok=True)
         self._file: TextIO = jsonl_path.open("a", encoding="utf-8")
@@ -53,6 +62,7 @@ class MetricsLogger:
         self._counters: dict[str, Counter] = {}
         self.port: int | None = None
         self._server = None
+        self._trackers = list(trackers)
         if prometheus_port is not None:
             self._server, _ = start_http_server(prometheus_port, addr=prometheus_host, registry=self.registry)
             self.port = self._server.server_port
@@ -68,6 +78,8 @@ class MetricsLogger:
             if not math.isfinite(value):
                 continue
             self._gauge(key).set(value)
+        for tracker in self._trackers:
+            tracker.log(step, values)
 
     def increment(self, name: str, amount: float) -> None:
         if name not in self._counters:
@@ -82,6 +94,8 @@ class MetricsLogger:
         return self._gauges[key]
 
     def close(self) -> None:
+        for tracker in self._trackers:
+            tracker.close()
         self._file.close()
         if self._server is not None:
             self._server.shutdown()

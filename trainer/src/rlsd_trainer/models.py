@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlsd_trainer.config import ModelSection
+from rlsd_contracts.config import ModelSection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

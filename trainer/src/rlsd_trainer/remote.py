@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlsd_trainer.config import RunConfig, ServersSection
+from rlsd_contracts.config import RunConfig, ServersSection
 from rlsd_trainer.models import load_model
 from rlsd_trainer.rollout import LocalEngine, RolloutEngine
 

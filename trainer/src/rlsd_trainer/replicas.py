@@ -1,12 +1,14 @@
 """The replicas of one remote role (rollout or teacher): which can serve, spreading work, retrying.
 
 Shared by `RemoteRolloutEngine` and `RemoteTeacherClient`. A replica can serve when `/health`
-answers and it holds the current policy version: `/weight_info` reports the version it serves
-(`null` for the weights it started with, version 0), which also catches a replica that restarted
-with its initial weights; where that route is missing (older vLLM), the version we last pushed to it
-counts. Work is cut into requests by the caller; request i goes to a ready replica chosen by i, and
-on a network or server failure (never on a 4xx, which is a bug to surface) to the next one, up to
-`max_retries` more times. A replica that missed a weight update sits out until the next one.
+answers and it holds the current policy: `/weight_info` reports the label of the weights it serves,
+`str(version)` after our updates and vLLM's `"default"` for the weights it started with. Until the
+first push, `"default"` is the current policy (version 0: servers start from the run's initial
+policy); after it, `"default"` means the replica restarted, and it sits out, as does one that missed
+a push or whose update failed (`"incomplete"`), until the next push, which rebuilds the transfer
+group for it. Work is cut into requests by the caller; request i goes to a ready replica chosen by i,
+and on a network or server failure (never on a 4xx, which is a bug to surface) to the next one, up
+to `max_retries` more times.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import httpx
 import torch
 
 from rlsd_trainer.httpjson import HttpCallError, call_json, fan_out
-from rlsd_trainer.weight_transfer import TransferKind, make_sender
+from rlsd_trainer.weight_transfer import STARTING_WEIGHTS, TransferKind, make_sender
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -35,7 +37,7 @@ class ReplicaError(RuntimeError):
 @dataclass(frozen=True)
 class Probe:
     url: str
-    version: int | None  # None: not reachable or not healthy
+    label: str | None  # the weight-version label it serves; None: not reachable or not healthy
     cause: str = ""
 
 
@@ -59,11 +61,19 @@ class ReplicaSet:
         self.role = role
         self.error = error
         self.http = httpx.Client(timeout=request_timeout_s)
+        # The weight routes get a connection per call: after an error answer (an update session
+        # already open, say) vLLM's server closes the connection, and the clean-up calls that follow
+        # must not be sent down it.
+        self.control_http = httpx.Client(
+            timeout=request_timeout_s, limits=httpx.Limits(max_keepalive_connections=0)
+        )
         self.sender = make_sender(
-            weight_transfer, self.http, transfer_host, transfer_port, shared_dir, request_timeout_s
+            weight_transfer, self.control_http, transfer_host, transfer_port, shared_dir, request_timeout_s
         )
         self.policy_version = 0
-        self.pushed = dict.fromkeys(self.urls, 0)
+        # The label every ready replica serves, and the label each replica got from our last push.
+        self.current = STARTING_WEIGHTS
+        self.pushed = dict.fromkeys(self.urls, STARTING_WEIGHTS)
 
     def probe(self) -> list[Probe]:
         return fan_out(self._probe, self.urls)
@@ -71,27 +81,31 @@ class ReplicaSet:
     def _probe(self, url: str) -> Probe:
         try:
             call_json(self.http, "GET", url, "/health", timeout_s=HEALTH_TIMEOUT_S)
-        except HttpCallError as exc:
-            return Probe(url, None, exc.cause)
-        try:
             reported = call_json(self.http, "GET", url, "/weight_info", timeout_s=HEALTH_TIMEOUT_S)
         except HttpCallError as exc:
-            if exc.status == 404:
-                return Probe(url, self.pushed[url])
             return Probe(url, None, exc.cause)
-        version = reported.get("weight_version") if isinstance(reported, dict) else None
-        try:
-            return Probe(url, 0 if version is None else int(version))
-        except ValueError:
-            return Probe(url, None, f"serves weight_version {version!r}, which is none of ours")
+        label = reported.get("weight_version") if isinstance(reported, dict) else None
+        if not isinstance(label, str):
+            return Probe(url, None, f"/weight_info answered {reported!r}, not a weight_version label")
+        return Probe(url, label)
+
+    def version_of(self, label: str) -> int:
+        """Our policy version for weights labelled `label`; ValueError when they are none of ours."""
+        if label == self.current:
+            return self.policy_version
+        if label.isdigit() and int(label) < self.policy_version:
+            return int(label)  # an older version (a completion that started before a push)
+        raise ValueError(
+            f"served by weights labelled {label!r}, which are not policy version <= {self.policy_version}"
+        )
 
     def _ready(self) -> list[str]:
         probes = self.probe()
-        ready = [p.url for p in probes if p.version == self.policy_version]
+        ready = [p.url for p in probes if p.label == self.current]
         if not ready:
             raise self.error(
                 f"no {self.role} server can serve policy version {self.policy_version}: "
-                + "; ".join(_describe(p, self.policy_version) for p in probes)
+                + "; ".join(_describe(p, self.current) for p in probes)
             )
         return ready
 
@@ -129,13 +143,13 @@ class ReplicaSet:
         tensors = [(name, tensor.detach().to("cpu")) for name, tensor in named_tensors]
         causes: list[str] = []
         for _ in range(self.max_retries + 1):
-            probes = [p for p in self.probe() if p.version is not None]
+            probes = [p for p in self.probe() if p.label is not None]
             live = [p.url for p in probes]
             if not live:
                 causes.append("no server is live")
                 break
-            if any(p.version != self.pushed[p.url] for p in probes):
-                self.sender.close()  # a replica restarted (or missed a push): build a new group
+            if any(p.label != self.pushed[p.url] for p in probes):
+                self.sender.close()  # a replica restarted, missed a push or failed one: a new group
             try:
                 self.sender.push(live, tensors, version)
             except RuntimeError as exc:  # HTTP, transfer-group and torch.distributed failures
@@ -143,7 +157,8 @@ class ReplicaSet:
                     raise self.error(f"{self.role} server rejected policy version {version}: {exc}") from exc
                 causes.append(f"push to {live} failed: {exc}")
                 continue
-            self.pushed.update(dict.fromkeys(live, version))
+            self.current = str(version)
+            self.pushed.update(dict.fromkeys(live, self.current))
             self.policy_version = version
             return
         raise self.error(
@@ -154,12 +169,13 @@ class ReplicaSet:
     def close(self) -> None:
         self.sender.close()
         self.http.close()
+        self.control_http.close()
 
 
-def _describe(probe: Probe, wanted: int) -> str:
-    if probe.version is None:
+def _describe(probe: Probe, wanted: str) -> str:
+    if probe.label is None:
         return f"{probe.url} is down ({probe.cause})"
-    return f"{probe.url} serves version {probe.version}, not {wanted}"
+    return f"{probe.url} serves weights labelled {probe.label!r}, not {wanted!r}"
 
 
 class RemoteRole:

@@ -32,8 +32,10 @@ class SamplingParams:
 @dataclass(frozen=True)
 class Completion:
     token_ids: list[int]
+    # Of the raw model distribution; NaN where a server could not report one.
     logprobs: list[float]
-    finish_reason: Literal["stop", "length"]
+    # "repetition": vLLM's repetition detection cut the response short (only if a request asks).
+    finish_reason: Literal["stop", "length", "repetition"]
     policy_version: int
 
 

@@ -1,11 +1,17 @@
-"""`rlsd-trainer serve rollout`: the part of vLLM's HTTP surface the trainer uses, on CPU.
+"""`rlsd-trainer serve rollout`: the part of vLLM 0.33.0's HTTP surface the trainer uses, on CPU.
 
 Same routes and JSON as vLLM (see `rollout_client.py` for the protocol): `POST /v1/completions` with
-token-id prompts, plus the weight-transfer routes, `/health`, `/v1/models` and `/metrics` from
-`serving.py`. Sampling is `LocalEngine`'s, seeded by the request's `seed`; one request runs at a
+token-id prompts, plus the RL routes, `/health`, `/v1/models` and `/metrics` from `serving.py`.
+
+Sampling fields a request omits are filled as vLLM fills them: from the model's generation_config
+(`GenerationConfig.to_diff_dict()`, the fields of ModelConfig.get_diff_sampling_param), else vLLM's
+neutral defaults (CompletionRequest._DEFAULT_SAMPLING_PARAMS); tests/conformance checks both copies
+against vLLM's code. This server samples the full distribution at temperature / top_p only: a request
+that resolves to top_k, min_p or a penalty (sent, or filled from generation_config) is refused with
+a 400 naming the field and where its value came from. Log-probs are clamped at -9999.0 as vLLM
+clamps them. Sampling is `LocalEngine`'s, seeded by the request's `seed`; one request runs at a
 time, so a request (prompts, sampling fields, seed) gives identical tokens on every replica holding
-the same weights, started with the same `--max-batch-size` and thread settings. Answers carry an
-extra `policy_version` field (vLLM has none).
+the same weights, started with the same `--max-batch-size` and thread settings.
 """
 
 from __future__ import annotations
@@ -13,15 +19,56 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
 
 from rlsd_trainer.rollout import Completion, LocalEngine, SamplingParams
-from rlsd_trainer.serving import ModelHost, create_app, load_host
-from rlsd_trainer.weight_transfer import ReceiverBackend
+from rlsd_trainer.serving import ModelHost, RequestError, create_app, load_host
+
+# vLLM's CompletionRequest._DEFAULT_SAMPLING_PARAMS: a field neither the request nor the model's
+# generation_config sets takes this value. Their neutral values are the only ones LocalEngine samples.
+VLLM_SAMPLING_DEFAULTS: dict[str, float | int] = {
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+}
+# The generation_config fields vLLM reads as sampling defaults (ModelConfig.get_diff_sampling_param).
+GENERATION_CONFIG_FIELDS = (
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "max_new_tokens",
+    "skip_special_tokens",
+)
+# What LocalEngine cannot do: any value but the neutral one is refused.
+UNSUPPORTED_UNLESS_NEUTRAL = ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+# vLLM clamps -inf log-probs to this (the OpenAI completions floor).
+LOGPROB_FLOOR = -9999.0
+
+
+def generation_defaults(model_path: str | Path) -> dict[str, Any]:
+    """The sampling defaults vLLM (`--generation-config auto`) takes from a model directory."""
+    try:
+        config = GenerationConfig.from_pretrained(str(model_path))
+    except OSError:  # no generation_config.json: vLLM derives one from config.json
+        config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(str(model_path)))
+    diff = config.to_diff_dict()
+    defaults = {name: diff[name] for name in GENERATION_CONFIG_FIELDS if diff.get(name) is not None}
+    if "max_new_tokens" in defaults:
+        defaults["max_tokens"] = defaults.pop("max_new_tokens")
+    return defaults
 
 
 def _is_token_id(value: object) -> bool:
@@ -37,11 +84,17 @@ class CompletionRequest(BaseModel):
     prompt: list[list[int]]
     max_tokens: int = Field(16, ge=1)
     n: int = Field(1, ge=1)
-    temperature: float | None = Field(None, ge=0.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     logprobs: int | None = Field(None, ge=0)
     return_token_ids: bool | None = None
+    return_weight_versions: bool = False
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -67,23 +120,60 @@ class CompletionRequest(BaseModel):
         return value
 
 
+def resolve_sampling(request: CompletionRequest, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Each sampling field as vLLM resolves it (CompletionRequest.to_sampling_params): the request's
+    value, else the model's generation_config, else vLLM's default; greedy (temperature 0) turns
+    top_p, top_k and min_p off, as vLLM's SamplingParams does."""
+    resolved = {
+        name: value if (value := getattr(request, name)) is not None else defaults.get(name, default)
+        for name, default in VLLM_SAMPLING_DEFAULTS.items()
+    }
+    if resolved["temperature"] < 1e-5:
+        resolved.update(top_p=1.0, top_k=0, min_p=0.0)
+    return resolved
+
+
+def _sampling_params(request: CompletionRequest, defaults: dict[str, Any]) -> SamplingParams:
+    resolved = resolve_sampling(request, defaults)
+    for name in UNSUPPORTED_UNLESS_NEUTRAL:
+        neutral = VLLM_SAMPLING_DEFAULTS[name]
+        if resolved[name] != neutral and not (name == "top_k" and resolved[name] == -1):
+            source = (
+                "the request" if getattr(request, name) is not None else "the model's generation_config.json"
+            )
+            raise RequestError(
+                name,
+                f"{name}={resolved[name]} (from {source}) is not supported: this CPU server samples the "
+                f"full distribution at temperature/top_p; send {name}={neutral}",
+            )
+    return SamplingParams(
+        n=request.n,
+        temperature=resolved["temperature"],
+        top_p=resolved["top_p"],
+        max_new_tokens=request.max_tokens,
+        seed=secrets.randbits(63) if request.seed is None else request.seed % 2**64,
+    )
+
+
 def _choice(
     index: int,
     prompt: list[int],
     completion: Completion,
     request: CompletionRequest,
     tokenizer: PreTrainedTokenizerBase,
+    label: str,
 ) -> dict[str, Any]:
     logprobs = None
     if request.logprobs is not None:
         tokens = tokenizer.convert_ids_to_tokens(completion.token_ids)
+        values = [max(value, LOGPROB_FLOOR) for value in completion.logprobs]
         logprobs = {
-            "token_logprobs": completion.logprobs,
+            "text_offset": [],
+            "token_logprobs": values,
             "tokens": tokens,
-            "top_logprobs": [
-                {token: value} for token, value in zip(tokens, completion.logprobs, strict=True)
-            ],
+            "top_logprobs": [{token: value} for token, value in zip(tokens, values, strict=True)],
         }
+    spans = [{"version": label, "start": 0, "end": len(completion.token_ids)}]
     return {
         "index": index,
         "text": tokenizer.decode(completion.token_ids, skip_special_tokens=True),
@@ -92,10 +182,13 @@ def _choice(
         "stop_reason": None,
         "token_ids": completion.token_ids if request.return_token_ids else None,
         "prompt_token_ids": prompt if request.return_token_ids else None,
+        "weight_versions": spans if request.return_weight_versions else None,
     }
 
 
-def _router(host: ModelHost, engine: LocalEngine, tokenizer: PreTrainedTokenizerBase) -> APIRouter:
+def _router(
+    host: ModelHost, engine: LocalEngine, tokenizer: PreTrainedTokenizerBase, defaults: dict[str, Any]
+) -> APIRouter:
     router = APIRouter()
 
     @router.post("/v1/completions")
@@ -103,18 +196,11 @@ def _router(host: ModelHost, engine: LocalEngine, tokenizer: PreTrainedTokenizer
         host.check_model(request.model)
         for index, prompt in enumerate(request.prompt):
             host.check_token_ids(f"prompt[{index}]", prompt)
-        params = SamplingParams(
-            n=request.n,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            max_new_tokens=request.max_tokens,
-            seed=secrets.randbits(63) if request.seed is None else request.seed % 2**64,
-        )
-        with host.metrics.track(), host.lock:
+        params = _sampling_params(request, defaults)
+        with host.metrics.track(), host.serving() as label:
             groups = engine.generate(request.prompt, params)
-            version = host.version
         choices = [
-            _choice(i * request.n + j, prompt, completion, request, tokenizer)
+            _choice(i * request.n + j, prompt, completion, request, tokenizer, label)
             for i, (prompt, group) in enumerate(zip(request.prompt, groups, strict=True))
             for j, completion in enumerate(group)
         ]
@@ -132,19 +218,13 @@ def _router(host: ModelHost, engine: LocalEngine, tokenizer: PreTrainedTokenizer
                 "completion_tokens": generated,
                 "total_tokens": prompt_tokens + generated,
             },
-            "policy_version": version,
         }
 
     return router
 
 
 def build_app(
-    model_path: str,
-    served_name: str | None,
-    max_batch_size: int,
-    dtype: str,
-    backend: ReceiverBackend,
-    transfer_timeout_s: float,
+    model_path: str, served_name: str | None, max_batch_size: int, dtype: str, transfer_timeout_s: float
 ) -> FastAPI:
     host, loaded = load_host(
         "rollout",
@@ -153,8 +233,8 @@ def build_app(
         model_path,
         served_name,
         dtype,
-        backend,
         transfer_timeout_s,
     )
     engine = LocalEngine(host.model, loaded.stop_token_ids, max_batch_size)
-    return create_app("rollout", host, _router(host, engine, loaded.tokenizer))
+    router = _router(host, engine, loaded.tokenizer, generation_defaults(model_path))
+    return create_app("rollout", host, router)

@@ -1,10 +1,17 @@
-"""What the rollout and teacher servers share: the served model behind one lock, the policy version
-it serves, vLLM's weight-transfer routes (see `weight_transfer.py`), `/health`, `/v1/models`,
+"""What the rollout and teacher servers share: the served model behind one lock, the weight-version
+label it serves, vLLM 0.33.0's RL routes (see `weight_transfer.py`), `/health`, `/v1/models`,
 `/metrics`, and 4xx answers that name the offending field.
 
 Requests run one at a time (the lock), so an answer depends only on the request and the weights,
 never on what else the server is doing: the same request gives the same tokens on every replica.
-Errors use the OpenAI/vLLM shape `{"error": {"message", "type", "param", "code"}}`.
+Errors use the OpenAI/vLLM shape `{"error": {"message", "type", "param", "code"}}`; a weight route
+called out of order is answered 500, as vLLM answers its worker's RuntimeError.
+
+The RL routes behave as vLLM's (vllm/entrypoints/rl/online/api_router.py, v1/worker/gpu_worker.py,
+v1/engine/core.py): the label is "default" until an update names one; one update session at a time;
+`/pause` (mode `wait` only: a running request always completes here) holds new requests until
+`/resume`; `/collective_rpc` runs `reload_weights` from a safetensors directory. Where vLLM has
+`nccl`, these servers receive over `gloo` (our own backend).
 """
 
 from __future__ import annotations
@@ -29,17 +36,23 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, StrictStr, ValidationError
 from transformers import PreTrainedModel
 
-from rlsd_trainer.config import ModelSection
+from rlsd_contracts.config import ModelSection
 from rlsd_trainer.models import LoadedModel, load_model
-from rlsd_trainer.weight_transfer import ReceiverBackend, TransferError, UpdateOrderError, WeightReceiver
+from rlsd_trainer.weight_transfer import (
+    STARTING_WEIGHTS,
+    ReloadKwargs,
+    TransferError,
+    UpdateOrderError,
+    WeightReceiver,
+    read_policy,
+)
 
 _ERROR_TYPES = {
     400: "BadRequestError",
     404: "NotFoundError",
-    409: "ConflictError",
     500: "InternalServerError",
 }
 
@@ -126,7 +139,8 @@ class ServerMetrics:
 
 
 class ModelHost:
-    """The served model, the policy version it holds and the lock every use of it takes."""
+    """The served model, the weight-version label it holds, the lock every use of it takes, and
+    vLLM's pause: while paused, new requests wait for `/resume`."""
 
     def __init__(
         self,
@@ -143,8 +157,11 @@ class ModelHost:
         self.model_path = model_path
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.lock = threading.Lock()
-        self.version = 0
-        self.updated = False
+        # Weight routes run one at a time, as vLLM's worker runs its collective RPCs.
+        self.transfer_lock = threading.Lock()
+        self.label = STARTING_WEIGHTS
+        self._running = threading.Condition()
+        self._paused = False
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.served_name:
@@ -158,8 +175,40 @@ class ModelHost:
                     f"token id {token} is outside the vocabulary [0, {self.vocab_size})",
                 )
 
-    def apply(self, tensors: dict[str, torch.Tensor], version: int) -> None:
-        """Load a complete update (all checked first, so a bad one changes nothing) as `version`."""
+    @contextmanager
+    def serving(self) -> Iterator[str]:
+        """Hold the model for one request (after any pause ends); yields the label it serves."""
+        with self._running:
+            self._running.wait_for(lambda: not self._paused)
+            self.lock.acquire()
+        try:
+            yield self.label
+        finally:
+            self.lock.release()
+
+    def pause(self) -> None:
+        """Hold new requests and wait for the running one to finish."""
+        with self._running:
+            self._paused = True
+        with self.lock:
+            pass
+
+    def resume(self) -> None:
+        with self._running:
+            self._paused = False
+            self._running.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def set_label(self, label: str) -> None:
+        self.label = label
+        if label.isdigit():
+            self.metrics.policy_version.set(int(label))
+
+    def apply(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a complete update (all checked first, so a bad one changes nothing)."""
         params = dict(self.model.named_parameters())
         for name, tensor in tensors.items():
             if name not in params:
@@ -172,9 +221,6 @@ class ModelHost:
         with self.lock, torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor)
-            self.version = version
-            self.updated = True
-        self.metrics.policy_version.set(version)
         self.metrics.weight_updates.inc()
 
 
@@ -187,61 +233,115 @@ class UpdateRequest(BaseModel):
 
 
 class FinishRequest(BaseModel):
-    weight_version: StrictStr | StrictInt | None = None
+    weight_version: StrictStr | None = None
+
+
+class VersionRequest(BaseModel):
+    new_version: StrictStr
+
+
+class RpcRequest(BaseModel):
+    method: str
+    kwargs: dict[str, Any] = {}
 
 
 def _weight_router(host: ModelHost) -> APIRouter:
-    """vLLM's weight-transfer routes (vllm/entrypoints/serve/dev/rlhf/api_router.py), same bodies."""
+    """vLLM's RL routes (vllm/entrypoints/rl/online/api_router.py) and its dev `/collective_rpc`
+    (reload_weights only), same bodies and answers."""
     router = APIRouter()
     receiver = host.receiver
 
     @router.post("/init_weight_transfer_engine")
     def init_weight_transfer_engine(request: InitRequest) -> dict[str, str]:
-        try:
-            receiver.init(request.init_info)
-        except ValidationError as exc:
-            raise RequestError(*_describe_errors(exc.errors(), "init_info")) from exc
+        with host.transfer_lock:
+            try:
+                receiver.init(request.init_info)
+            except ValidationError as exc:
+                raise RequestError(*_describe_errors(exc.errors(), "init_info")) from exc
         return {"message": "Weight transfer initialized"}
+
+    @router.post("/shutdown_weight_transfer_engine")
+    def shutdown_weight_transfer_engine() -> dict[str, str]:
+        with host.transfer_lock:
+            receiver.shutdown()
+        return {"message": "Weight transfer shut down"}
 
     @router.post("/start_weight_update")
     def start_weight_update() -> dict[str, str]:
-        receiver.start()
+        with host.transfer_lock:
+            receiver.start()
         return {"message": "Weight update started"}
 
     @router.post("/update_weights")
     def update_weights(request: UpdateRequest) -> dict[str, str]:
-        try:
-            receiver.receive(request.update_info)
-        except ValidationError as exc:
-            raise RequestError(*_describe_errors(exc.errors(), "update_info")) from exc
+        with host.transfer_lock:
+            try:
+                receiver.receive(request.update_info)
+            except ValidationError as exc:
+                raise RequestError(*_describe_errors(exc.errors(), "update_info")) from exc
         return {"message": "Weights updated"}
 
     @router.post("/finish_weight_update")
     def finish_weight_update(request: FinishRequest | None = None) -> dict[str, str]:
-        # vLLM's own HTTP client sends no version: count the update as the next one.
-        version = (
-            host.version + 1 if request is None or request.weight_version is None else request.weight_version
-        )
-        try:
-            version = int(version)
-        except ValueError as exc:
-            raise RequestError("weight_version", f"must be an integer, got {version!r}") from exc
-        host.apply(receiver.finish(), version)
+        with host.transfer_lock:
+            host.apply(receiver.finish())
+            if request is not None and request.weight_version is not None:
+                host.set_label(request.weight_version)
         return {"message": "Weight update finished"}
 
+    @router.post("/update_weight_version")
+    def update_weight_version(request: VersionRequest) -> dict[str, Any]:
+        host.set_label(request.new_version)
+        return {"success": True, "new_version": request.new_version}
+
     @router.get("/weight_info")
-    def weight_info() -> dict[str, str | None]:
-        return {"weight_version": str(host.version) if host.updated else None}
+    def weight_info() -> dict[str, str]:
+        return {"weight_version": host.label}
 
     @router.get("/get_world_size")
     def get_world_size() -> dict[str, int]:
         return {"world_size": 1}
+
+    @router.post("/pause")
+    def pause(mode: str = "abort", clear_cache: bool = True) -> dict[str, str]:
+        # Nothing to clear: every request builds its own KV cache.
+        del clear_cache
+        if mode != "wait":
+            raise RequestError(
+                "mode", f"pause mode {mode!r} is not supported by this CPU server; use mode=wait"
+            )
+        host.pause()
+        return {"status": "paused"}
+
+    @router.post("/resume")
+    def resume() -> dict[str, str]:
+        host.resume()
+        return {"status": "resumed"}
+
+    @router.get("/is_paused")
+    def is_paused() -> dict[str, bool]:
+        return {"is_paused": host.paused}
+
+    @router.post("/collective_rpc")
+    def collective_rpc(request: RpcRequest) -> dict[str, list[None]]:
+        if request.method != "reload_weights":
+            raise RequestError(
+                "method", f"{request.method!r}: this CPU server runs only 'reload_weights' over RPC"
+            )
+        with host.transfer_lock:
+            try:
+                tensors = read_policy(ReloadKwargs.model_validate(request.kwargs).weights_path)
+            except ValidationError as exc:
+                raise RequestError(*_describe_errors(exc.errors(), "kwargs")) from exc
+            host.apply(tensors)
+        return {"results": [None]}
 
     return router
 
 
 def create_app(role: str, host: ModelHost, role_router: APIRouter) -> FastAPI:
     app = FastAPI(title=f"rlsd {role} server")
+    app.state.host = host
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -254,7 +354,7 @@ def create_app(role: str, host: ModelHost, role_router: APIRouter) -> FastAPI:
 
     @app.exception_handler(UpdateOrderError)
     async def _out_of_order(_: Request, exc: UpdateOrderError) -> JSONResponse:
-        return _error(409, str(exc), None)
+        return _error(500, str(exc), None)
 
     @app.exception_handler(TransferError)
     async def _transfer_failed(_: Request, exc: TransferError) -> JSONResponse:
@@ -289,18 +389,18 @@ def serve(app: FastAPI, host: str, port: int) -> None:
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
 
 
-def parse_transfer_config(text: str) -> ReceiverBackend:
-    """The backend of `--weight-transfer-config` (vLLM's flag: a JSON object with "backend")."""
+def check_transfer_config(text: str) -> None:
+    """`--weight-transfer-config` (vLLM's flag, a JSON object with "backend"): these servers receive
+    over gloo only (and reload from a directory with any backend, as vLLM)."""
     try:
         backend = json.loads(text).get("backend")
     except (ValueError, AttributeError) as exc:
         raise ValueError(f"--weight-transfer-config must be a JSON object, got {text!r}") from exc
-    if backend not in ("gloo", "disk"):
+    if backend != "gloo":
         raise ValueError(
-            f"--weight-transfer-config: backend must be 'gloo' or 'disk', got {backend!r} "
-            "(the nccl backend is vLLM's; this CPU server receives over gloo or from a shared directory)"
+            f"--weight-transfer-config: backend must be 'gloo', got {backend!r} (nccl is vLLM's; this CPU "
+            "server receives over gloo, or reloads from a shared directory whatever the backend)"
         )
-    return backend
 
 
 def load_host(
@@ -310,14 +410,13 @@ def load_host(
     model_path: str,
     served_name: str | None,
     dtype: str,
-    backend: ReceiverBackend,
     transfer_timeout_s: float,
 ) -> tuple[ModelHost, LoadedModel]:
     """Load the model a server starts with (the initial policy) and wrap it for serving."""
     loaded = load_model(model_path, ModelSection(dtype=dtype))
     host = ModelHost(
         loaded.model,
-        WeightReceiver(backend, transfer_timeout_s),
+        WeightReceiver(transfer_timeout_s),
         ServerMetrics(role, work_unit, work_help),
         served_name or model_path,
         model_path,

@@ -17,7 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen3Config
 
-from rlsd_trainer.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection
+from rlsd_contracts.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection
 from rlsd_trainer.data import Example
 
 CHAT_TEMPLATE = (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from rlsd_trainer.config import TeacherSection
+from rlsd_contracts.config import TeacherSection
 from rlsd_trainer.logprobs import PolicyScorer
 from rlsd_trainer.models import encode_prompt
 

@@ -2,7 +2,7 @@
 
 The scoring route is ours (vLLM has no equivalent that takes response ids under a different
 prompt): `POST /v1/score {"model", "groups": [{"prompt_ids": [...], "response_ids": [[...], ...]}],
-"chunk_tokens"}` answers `{"policy_version", "groups": [{"logprobs": [[...], ...]}]}`, one float per
+"chunk_tokens"}` answers `{"weight_version", "groups": [{"logprobs": [[...], ...]}]}`, one float per
 response token. The server runs `shared_prompt_logprobs`, the learner's own function; float32 values
 survive JSON exactly, so a request scores bit for bit what the colocated `Teacher.score` gives on the
 same groups in one batch. Groups are cut into one contiguous chunk per configured replica.

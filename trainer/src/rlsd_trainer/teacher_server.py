@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field, StrictInt
 
 from rlsd_trainer.logprobs import shared_prompt_logprobs
 from rlsd_trainer.serving import ModelHost, RequestError, create_app, load_host
-from rlsd_trainer.weight_transfer import ReceiverBackend
 
 
 class ScoreGroup(BaseModel):
@@ -55,7 +54,7 @@ def _router(host: ModelHost, max_batch_size: int) -> APIRouter:
         group_size = _check(host, request)
         groups_per_batch = max(1, max_batch_size // group_size)
         rows: list[list[float]] = []
-        with host.metrics.track(), host.lock:
+        with host.metrics.track(), host.serving() as label:
             for start in range(0, len(request.groups), groups_per_batch):
                 batch = request.groups[start : start + groups_per_batch]
                 responses = [response for group in batch for response in group.response_ids]
@@ -67,11 +66,10 @@ def _router(host: ModelHost, max_batch_size: int) -> APIRouter:
                     request.chunk_tokens,
                 )
                 rows += [logprobs[i, : len(response)].tolist() for i, response in enumerate(responses)]
-            version = host.version
         host.metrics.tokens.inc(sum(len(row) for row in rows))
         return {
             "model": host.served_name,
-            "policy_version": version,
+            "weight_version": label,
             "groups": [
                 {"logprobs": rows[g * group_size : (g + 1) * group_size]} for g in range(len(request.groups))
             ],
@@ -85,7 +83,6 @@ def build_app(
     served_name: str | None,
     max_batch_size: int,
     dtype: str,
-    backend: ReceiverBackend,
     transfer_timeout_s: float,
 ) -> FastAPI:
     host, _ = load_host(
@@ -95,7 +92,6 @@ def build_app(
         model_path,
         served_name,
         dtype,
-        backend,
         transfer_timeout_s,
     )
     return create_app("teacher", host, _router(host, max_batch_size))

@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from rlsd_trainer.config import ConfigError, RewardSection
+from rlsd_contracts.config import ConfigError, RewardSection
 
 logger = logging.getLogger(__name__)
 

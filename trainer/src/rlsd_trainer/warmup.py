@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlsd_trainer.config import WarmupSection
+from rlsd_contracts.config import WarmupSection
 from rlsd_trainer.data import Example
 from rlsd_trainer.logprobs import pack, response_logprobs
 from rlsd_trainer.models import encode_prompt

@@ -1,34 +1,55 @@
-"""New policy weights from the learner to rollout/teacher servers, over vLLM's weight-transfer protocol.
+"""New policy weights from the learner to rollout/teacher servers, over vLLM's RL routes.
 
-Control plane (HTTP; vLLM serves these with `VLLM_SERVER_DEV_MODE=1`): `POST /init_weight_transfer_engine
-{"init_info": {...}}` once per group, then per update `POST /start_weight_update`, `POST /update_weights
-{"update_info": {...}}` and `POST /finish_weight_update {"weight_version": "<v>"}`; `GET
-/get_world_size` says how many workers (ranks) a server brings to the group. Data plane, by backend:
+The routes are vLLM 0.33.0's (vllm/entrypoints/rl/online/api_router.py and the dev `/collective_rpc`,
+served with `VLLM_SERVER_DEV_MODE=1`); our CPU servers answer the same ones. Every push is
 
-- `nccl`, vLLM's GPU backend, joined the way vLLM's no-vLLM trainer example does: a plain
-  `ProcessGroupNCCL` over a private TCPStore only the learner joins; its ncclUniqueId (store key "0", a
-  torch implementation detail) goes to the servers base64-encoded as `init_info.nccl_unique_id_b64`
-  with `rank_offset` and `world_size`. There is no store barrier, so every rank must be entering NCCL
-  init at once, and the workers' one-element warm-up all_reduce must be matched before any broadcast.
-- `gloo`, our CPU servers: the init_info fields of vLLM's TCP rendezvous (`master_address`,
-  `master_port`, `rank_offset`, `world_size`), a TCPStore hosted by the learner and
-  `ProcessGroupGloo` on every side.
-- `filesystem`, vLLM's `disk` backend: safetensors written to a shared directory, `init_info` {} and
-  `update_info` {"path": "<absolute dir>"}.
+    POST /pause?mode=wait         in-flight requests finish on the old weights, new ones wait; the
+                                  KV and prefix caches are cleared (clear_cache defaults to true), so
+                                  no request after the update reuses KV computed by the old weights
+    ... the backend's transfer, which labels the weights with `str(version)` ...
+    POST /resume
 
-Broadcast `update_info` is {names, dtype_names, shapes}; rank 0 then broadcasts the tensors one by one
-in that order (vLLM's unpacked mode), while the `/update_weights` calls are in flight. The learner is
-rank 0 and server i's workers follow at `rank_offset_i`. Groups are built directly on their own
-TCPStore, never through `init_process_group`, so the learner's default group is left alone; a new
-group (on a new port) is built whenever the set of live servers changes.
+and `GET /weight_info` answers the label, `"default"` before any update (v1/engine/core.py).
+
+Backends:
+- `nccl`, vLLM's GPU backend (`--weight-transfer-config '{"backend": "nccl"}'`), joined the way vLLM's
+  no-vLLM trainer example does: a plain `ProcessGroupNCCL` over a private TCPStore only the learner
+  joins; its ncclUniqueId (store key "0", a torch implementation detail) goes to the servers
+  base64-encoded as `init_info.nccl_unique_id_b64` with `rank_offset` and `world_size`
+  (NCCLWeightTransferInitInfo; `packed` stays false). There is no store barrier, so every rank must
+  be entering NCCL init at once, and the workers' one-element warm-up all_reduce must be matched
+  before any broadcast.
+- `gloo`, our CPU servers' own backend (vLLM has none): the TCP-rendezvous fields of the same init
+  info (`master_address`, `master_port`, `rank_offset`, `world_size`), a TCPStore hosted by the
+  learner and `ProcessGroupGloo` on every side.
+  For both: `POST /init_weight_transfer_engine {"init_info"}` once per group, then per update
+  `POST /start_weight_update`, `POST /update_weights {"update_info": {names, dtype_names, shapes}}`
+  while rank 0 broadcasts the tensors one by one in that order (vLLM's unpacked mode), and
+  `POST /finish_weight_update {"weight_version"}`. The learner is rank 0 and server i's workers
+  follow at `rank_offset_i` (`GET /get_world_size` says how many a server brings). Groups are built
+  directly on their own TCPStore, never through `init_process_group`, so the learner's default group
+  is left alone; a new group (on a new port) is built whenever the set of live servers changes, after
+  `POST /shutdown_weight_transfer_engine` released every server's old one.
+- `filesystem`: safetensors written to a directory every server mounts at the same path, then
+  `POST /collective_rpc {"method": "reload_weights", "kwargs": {"weights_path": dir}}` (vLLM's
+  in-place reload, GPUModelRunner.reload_weights; no weight-transfer engine involved) and
+  `POST /update_weight_version {"new_version"}`. For clusters where NCCL cannot cross pods.
+
+An update that fails half-way leaves a server with a session open (vLLM refuses the next
+`/start_weight_update` until one is finished) and weights that are no version: the sender closes
+the session (`/finish_weight_update` without a version), labels the weights `"incomplete"` (so no
+client takes them for a version), releases the transfer engine and leaves the server paused; the
+next push starts from a clean server.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -40,11 +61,24 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 from safetensors.torch import load_file, save_file
 
-from rlsd_trainer.httpjson import call_json, fan_out, run_together
+from rlsd_trainer.httpjson import HttpCallError, call_json, fan_out, run_together
 
 TransferKind = Literal["nccl", "gloo", "filesystem"]
-ReceiverBackend = Literal["gloo", "disk"]
 POLICY_DIR_PREFIX = "policy-v"
+# The label of weights a server started with (vLLM's EngineCore: `_weight_version = "default"`).
+STARTING_WEIGHTS = "default"
+# The label a sender gives a server whose update failed part-way: its weights are no version.
+INCOMPLETE_WEIGHTS = "incomplete"
+# In-flight requests finish on the old weights (each completion has one version); new ones wait.
+PAUSE = "/pause?mode=wait"
+# Seconds a best-effort clean-up call may take (closing a session can finalize a partial reload).
+CLEANUP_TIMEOUT_S = 60.0
+# Leaving a server whose update failed: close its session, label its weights, release its engine.
+ABANDON_CALLS: list[tuple[str, dict[str, Any] | None]] = [
+    ("/finish_weight_update", None),
+    ("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS}),
+    ("/shutdown_weight_transfer_engine", None),
+]
 
 
 class TransferError(RuntimeError):
@@ -52,7 +86,7 @@ class TransferError(RuntimeError):
 
 
 class UpdateOrderError(RuntimeError):
-    """A weight-transfer route was called out of order (e.g. an update before any init)."""
+    """A weight-transfer route was called out of order (vLLM's worker raises RuntimeError too)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -83,6 +117,8 @@ class _Wire(BaseModel):
 
 
 class GlooInitInfo(_Wire):
+    """The TCP-rendezvous fields of vLLM's NCCLWeightTransferInitInfo, which gloo uses as they are."""
+
     master_address: str = Field(min_length=1)
     master_port: int = Field(ge=1, le=65535)
     rank_offset: int = Field(ge=1)
@@ -93,10 +129,6 @@ class GlooInitInfo(_Wire):
         if self.rank_offset >= self.world_size:
             raise ValueError(f"rank_offset {self.rank_offset} must be below world_size {self.world_size}")
         return self
-
-
-class DiskInitInfo(_Wire):
-    """The disk backend needs no rendezvous: its init_info is empty."""
 
 
 class BroadcastUpdateInfo(_Wire):
@@ -122,18 +154,20 @@ class BroadcastUpdateInfo(_Wire):
         return self
 
 
-class DiskUpdateInfo(_Wire):
-    path: str
+class ReloadKwargs(_Wire):
+    """`/collective_rpc` kwargs of `reload_weights` (vLLM passes only strings)."""
 
-    @field_validator("path")
+    weights_path: str
+
+    @field_validator("weights_path")
     @classmethod
     def _safetensors_directory(cls, path: str) -> str:
         if not os.path.isabs(path):
-            raise ValueError("`path` must be an absolute local directory")
+            raise ValueError("must be an absolute local directory")
         if not os.path.isdir(path):
-            raise ValueError(f"shared-disk checkpoint path must be a local directory: {path}")
+            raise ValueError(f"must be a local directory: {path}")
         if not any(name.endswith(".safetensors") for name in os.listdir(path)):
-            raise ValueError(f"shared-disk checkpoint directory contains no safetensors files: {path}")
+            raise ValueError(f"directory contains no safetensors files: {path}")
         return path
 
 
@@ -145,6 +179,19 @@ def broadcast_update_info(tensors: list[tuple[str, torch.Tensor]]) -> dict[str, 
     }
 
 
+def nccl_init_info(unique_id: bytes, rank_offset: int, world_size: int) -> dict[str, Any]:
+    """vLLM's NCCLWeightTransferInitInfo in its unique-id mode, unpacked (vLLM's default)."""
+    return {
+        "nccl_unique_id_b64": base64.b64encode(unique_id).decode("ascii"),
+        "rank_offset": rank_offset,
+        "world_size": world_size,
+    }
+
+
+def reload_request(path: Path) -> dict[str, Any]:
+    return {"method": "reload_weights", "kwargs": {"weights_path": str(path)}}
+
+
 # --------------------------------------------------------------------------------------------------
 # Learner side
 # --------------------------------------------------------------------------------------------------
@@ -152,10 +199,55 @@ def broadcast_update_info(tensors: list[tuple[str, torch.Tensor]]) -> dict[str, 
 
 class WeightSender(Protocol):
     def push(self, urls: list[str], tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
-        """Make every server in `urls` serve `tensors` as policy `version`, or raise."""
+        """Make every server in `urls` serve `tensors` labelled `str(version)`, or raise."""
         ...
 
     def close(self) -> None: ...
+
+
+class _Control:
+    """The HTTP calls every sender makes to a set of servers."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+
+    def post(self, path: str, body: dict[str, Any] | None, url: str) -> Any:
+        return call_json(self.http, "POST", url, path, body)
+
+    def on_all(self, path: str, body: dict[str, Any] | None, urls: list[str]) -> None:
+        fan_out(partial(self.post, path, body), urls)
+
+    def _tidy(self, calls: list[tuple[str, dict[str, Any] | None]], url: str) -> None:
+        """Best-effort clean-up calls, in order; an error (nothing to close, or the server is gone)
+        is expected and ignored."""
+        for path, body in calls:
+            with contextlib.suppress(HttpCallError):
+                call_json(self.http, "POST", url, path, body, timeout_s=CLEANUP_TIMEOUT_S)
+
+    def release(self, urls: list[str]) -> None:
+        """Shut every server's transfer engine down, so a new group can form. vLLM refuses that
+        during an update session, which a learner that died mid-push leaves open: that server is
+        abandoned first (its weights may be half-updated)."""
+
+        def one(url: str) -> None:
+            try:
+                call_json(
+                    self.http, "POST", url, "/shutdown_weight_transfer_engine", timeout_s=CLEANUP_TIMEOUT_S
+                )
+            except HttpCallError as exc:
+                if exc.status is not None:  # refused: a session is open
+                    self._tidy(ABANDON_CALLS, url)
+
+        fan_out(one, urls)
+
+    def abandon(self, urls: list[str]) -> None:
+        """After a failed update: close the session (if the failure left one open), label the weights
+        as no version and release the transfer engine. The servers stay paused until a push
+        succeeds."""
+        fan_out(partial(self._tidy, ABANDON_CALLS), urls)
+
+    def label_incomplete(self, urls: list[str]) -> None:
+        fan_out(partial(self._tidy, [("/update_weight_version", {"new_version": INCOMPLETE_WEIGHTS})]), urls)
 
 
 class BroadcastSender:
@@ -165,7 +257,7 @@ class BroadcastSender:
         self, backend: Literal["nccl", "gloo"], http: httpx.Client, host: str, port: int, timeout_s: float
     ) -> None:
         self.backend = backend
-        self.http = http
+        self.control = _Control(http)
         self.host = host
         self.port = port
         self.timeout = timedelta(seconds=timeout_s)
@@ -176,31 +268,39 @@ class BroadcastSender:
         self._device = torch.device("cpu")
 
     def push(self, urls: list[str], tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
+        control = self.control
         try:
             if self.members != urls:
                 self._connect(urls)
-            fan_out(partial(self._post, "/start_weight_update", None), urls)
+            control.on_all(PAUSE, None, urls)
+            control.on_all("/start_weight_update", None, urls)
             update = {"update_info": broadcast_update_info(tensors)}
             run_together(
                 partial(self._broadcast, tensors),
-                [partial(self._post, "/update_weights", update, url) for url in urls],
+                [partial(control.post, "/update_weights", update, url) for url in urls],
             )
-            fan_out(partial(self._post, "/finish_weight_update", {"weight_version": str(version)}), urls)
+            control.on_all("/finish_weight_update", {"weight_version": str(version)}, urls)
+            control.on_all("/resume", None, urls)
         except BaseException:
-            # A failed collective leaves the group in an unknown state: the next push builds a new one.
-            self.close()
+            # A failed collective leaves the group in an unknown state: drop it (which also fails any
+            # receive still waiting on it), then clean every server up for the next push.
+            self._drop_group()
+            control.abandon(urls)
             raise
 
     def close(self) -> None:
+        if self.members is not None:
+            self.control.release(self.members)
+        self._drop_group()
+
+    def _drop_group(self) -> None:
         self._group, self._store, self.members = None, None, None
 
-    def _post(self, path: str, body: dict[str, Any] | None, url: str) -> Any:
-        return call_json(self.http, "POST", url, path, body)
-
     def _connect(self, urls: list[str]) -> None:
-        self.close()
+        self._drop_group()
+        self.control.release(urls)
         sizes = fan_out(
-            lambda url: int(call_json(self.http, "GET", url, "/get_world_size")["world_size"]), urls
+            lambda url: int(call_json(self.control.http, "GET", url, "/get_world_size")["world_size"]), urls
         )
         offsets = [1 + sum(sizes[:i]) for i in range(len(urls))]
         world_size = 1 + sum(sizes)
@@ -213,23 +313,28 @@ class BroadcastSender:
         self.members = list(urls)
         self.groups_built += 1
 
-    def _init_calls(self, urls: list[str], offsets: list[int], world_size: int, **fields: Any) -> list[Any]:
+    def _init_calls(self, urls: list[str], infos: list[dict[str, Any]]) -> list[Callable[[], Any]]:
         return [
-            partial(
-                self._post,
-                "/init_weight_transfer_engine",
-                {"init_info": {**fields, "rank_offset": offset, "world_size": world_size}},
-                url,
-            )
-            for url, offset in zip(urls, offsets, strict=True)
+            partial(self.control.post, "/init_weight_transfer_engine", {"init_info": info}, url)
+            for url, info in zip(urls, infos, strict=True)
         ]
 
     def _connect_gloo(self, urls: list[str], offsets: list[int], world_size: int) -> None:
         # A fresh port per group, so a server still holding an old group can never join the new one.
         port = 0 if self.port == 0 else self.port + self.groups_built
         store = dist.TCPStore(self.host, port, None, True, self.timeout, wait_for_workers=False)
-        calls = self._init_calls(urls, offsets, world_size, master_address=self.host, master_port=store.port)
-        self._group = run_together(lambda: dist.ProcessGroupGloo(store, 0, world_size, self.timeout), calls)
+        infos = [
+            {
+                "master_address": self.host,
+                "master_port": store.port,
+                "rank_offset": o,
+                "world_size": world_size,
+            }
+            for o in offsets
+        ]
+        self._group = run_together(
+            lambda: dist.ProcessGroupGloo(store, 0, world_size, self.timeout), self._init_calls(urls, infos)
+        )
         self._store = store
 
     def _connect_nccl(self, urls: list[str], offsets: list[int], world_size: int) -> None:
@@ -246,10 +351,9 @@ class BroadcastSender:
             torch.cuda.synchronize(device)
 
         def announce() -> None:
-            unique_id = base64.b64encode(store.get("0")).decode("ascii")
-            fan_out(
-                lambda call: call(), self._init_calls(urls, offsets, world_size, nccl_unique_id_b64=unique_id)
-            )
+            unique_id = store.get("0")
+            infos = [nccl_init_info(unique_id, offset, world_size) for offset in offsets]
+            fan_out(lambda call: call(), self._init_calls(urls, infos))
 
         run_together(warm_up, [announce])
         self._group, self._store = group, store
@@ -279,15 +383,23 @@ def write_policy(shared_dir: Path, tensors: list[tuple[str, torch.Tensor]], vers
 
 class DiskSender:
     """Writes each version under a shared directory and has every server reload it from there (the
-    directory must be mounted at the same path everywhere, as vLLM's disk backend requires)."""
+    directory must be mounted at the same path everywhere)."""
 
     def __init__(self, http: httpx.Client, shared_dir: Path) -> None:
-        self.http = http
+        self.control = _Control(http)
         self.shared_dir = shared_dir
 
     def push(self, urls: list[str], tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
         path = write_policy(self.shared_dir, tensors, version)
-        fan_out(partial(self._reload, str(path), version), urls)
+        control = self.control
+        try:
+            control.on_all(PAUSE, None, urls)
+            control.on_all("/collective_rpc", reload_request(path), urls)
+            control.on_all("/update_weight_version", {"new_version": str(version)}, urls)
+            control.on_all("/resume", None, urls)
+        except BaseException:
+            control.label_incomplete(urls)
+            raise
         # Every live server now holds `version`; older directories (and dead writers' temp ones) go.
         for old in self.shared_dir.glob(f"*{POLICY_DIR_PREFIX}*"):
             if old.resolve() != path:
@@ -295,15 +407,6 @@ class DiskSender:
 
     def close(self) -> None:
         """Nothing is held between pushes."""
-
-    def _reload(self, path: str, version: int, url: str) -> None:
-        for route, body in (
-            ("/init_weight_transfer_engine", {"init_info": {}}),
-            ("/start_weight_update", None),
-            ("/update_weights", {"update_info": {"path": path}}),
-            ("/finish_weight_update", {"weight_version": str(version)}),
-        ):
-            call_json(self.http, "POST", url, route, body)
 
 
 def make_sender(
@@ -319,24 +422,22 @@ def make_sender(
 
 
 # --------------------------------------------------------------------------------------------------
-# Server side
+# Server side (our CPU servers)
 # --------------------------------------------------------------------------------------------------
 
 
 class WeightReceiver:
-    """A server's end of one backend: joins the learner's group and stages each update until finish,
-    so the served model switches from one complete version to the next, never mid-way."""
+    """A CPU server's end of the gloo backend, with vLLM's session rules (v1/worker/gpu_worker.py):
+    one update session at a time, opened by start and closed by finish or by a failed update. Each
+    update is staged until finish, so the served model switches from one complete version to the
+    next, never mid-way."""
 
-    def __init__(self, backend: ReceiverBackend, timeout_s: float) -> None:
-        self.backend = backend
+    def __init__(self, timeout_s: float) -> None:
         self.timeout = timedelta(seconds=timeout_s)
         self._group: dist.ProcessGroupGloo | None = None
-        self._staged: dict[str, torch.Tensor] | None = None
+        self._staged: dict[str, torch.Tensor] | None = None  # None: no session open
 
     def init(self, init_info: dict[str, Any]) -> None:
-        if self.backend == "disk":
-            DiskInitInfo.model_validate(init_info)
-            return
         info = GlooInitInfo.model_validate(init_info)
         self._group = None
         try:
@@ -347,32 +448,48 @@ class WeightReceiver:
                 f"could not join the learner's gloo group at {info.master_address}:{info.master_port}: {exc}"
             ) from exc
 
+    def shutdown(self) -> None:
+        if self._staged is not None:
+            raise UpdateOrderError("Cannot release a trainer connection during a weight update")
+        self._group = None
+
     def start(self) -> None:
+        if self._staged is not None:
+            raise UpdateOrderError(
+                "start_weight_update called while a weight update is already active. "
+                "Call finish_weight_update first."
+            )
         self._staged = {}
 
     def receive(self, update_info: dict[str, Any]) -> None:
         if self._staged is None:
-            raise UpdateOrderError("call /start_weight_update before /update_weights")
-        if self.backend == "disk":
-            directory = Path(DiskUpdateInfo.model_validate(update_info).path)
-            for file in sorted(directory.glob("*.safetensors")):
-                self._staged.update(load_file(file))
-            return
-        info = BroadcastUpdateInfo.model_validate(update_info)
-        if self._group is None:
-            raise UpdateOrderError("call /init_weight_transfer_engine before /update_weights")
+            raise UpdateOrderError("start_weight_update must be called before update_weights.")
         try:
+            info = BroadcastUpdateInfo.model_validate(update_info)
+            if self._group is None:
+                raise UpdateOrderError("call /init_weight_transfer_engine before /update_weights")
             for name, dtype, shape in zip(info.names, info.dtype_names, info.shapes, strict=True):
                 tensor = torch.empty(shape, dtype=parse_dtype(dtype))
                 self._group.broadcast([tensor], _root_zero()).wait()
                 self._staged[name] = tensor
         except RuntimeError as exc:
-            self._group = None
+            self._staged, self._group = None, None
             raise TransferError(f"gloo broadcast from the learner failed: {exc}") from exc
+        except BaseException:
+            self._staged = None  # as vLLM: a failed update closes the session
+            raise
 
     def finish(self) -> dict[str, torch.Tensor]:
         """The complete update received since `start`, to be applied at once."""
-        if not self._staged:
-            raise UpdateOrderError("no weights arrived since /start_weight_update")
+        if self._staged is None:
+            raise UpdateOrderError("finish_weight_update called without a matching start_weight_update.")
         staged, self._staged = self._staged, None
         return staged
+
+
+def read_policy(weights_path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files in `weights_path` (validated by `ReloadKwargs`)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(ReloadKwargs(weights_path=weights_path).weights_path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors

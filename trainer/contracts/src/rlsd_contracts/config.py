@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlsd_contracts.wire import SERVED_MODEL_NAME
 
 DEFAULT_TEACHER_TEMPLATE = (
     "{question}\n\n"
@@ -19,6 +21,14 @@ DEFAULT_TEACHER_TEMPLATE = (
     "{reference}\n\n"
     "After reading the reference solution above, solve the problem yourself in your own way."
 )
+
+
+# Maxima of counts and sizes: what a real cluster could need, and no more (the operator's RLSDRun CRD
+# has the same bounds on the fields it shares; tests/operator/test_contract.py compares them).
+MAX_STEPS = 10_000_000
+MAX_TOKENS = 1_048_576
+MAX_PATH = 4096
+MAX_NAME = 256
 
 
 class ConfigError(ValueError):
@@ -31,14 +41,14 @@ class _Section(BaseModel):
 
 class RunSection(_Section):
     name: str = "rlsd-run"
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     output_dir: str = "runs/rlsd-run"
-    total_steps: Annotated[int, Field(ge=1)] = 100
+    total_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 100
 
 
 class ModelSection(_Section):
     # A Hugging Face causal-LM directory or hub id, or "embedded" for the tiny model built locally.
-    path: str = "embedded"
+    path: Annotated[str, Field(max_length=MAX_PATH)] = "embedded"
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
 
@@ -62,11 +72,11 @@ class EmbeddedTaskSection(_Section):
 class DataSourceSection(_Section):
     kind: Literal["jsonl", "parquet", "hf", "embedded"] = "embedded"
     # File path for jsonl/parquet; dataset name or saved-to-disk directory for hf.
-    path: str | None = None
-    split: str = "train"
-    question_field: str = "question"
-    answer_field: str = "answer"
-    reference_field: str = "reference"
+    path: Annotated[str, Field(max_length=MAX_PATH)] | None = None
+    split: Annotated[str, Field(max_length=MAX_NAME)] = "train"
+    question_field: Annotated[str, Field(max_length=MAX_NAME)] = "question"
+    answer_field: Annotated[str, Field(max_length=MAX_NAME)] = "answer"
+    reference_field: Annotated[str, Field(max_length=MAX_NAME)] = "reference"
 
     @model_validator(mode="after")
     def _path_when_needed(self) -> DataSourceSection:
@@ -79,7 +89,7 @@ class DataSection(_Section):
     train: DataSourceSection = DataSourceSection()
     eval: DataSourceSection | None = DataSourceSection(split="eval")
     embedded: EmbeddedTaskSection = EmbeddedTaskSection()
-    max_prompt_tokens: Annotated[int, Field(ge=8)] = 512
+    max_prompt_tokens: Annotated[int, Field(ge=8, le=MAX_TOKENS)] = 512
 
 
 class LambdaSchedule(_Section):
@@ -88,13 +98,13 @@ class LambdaSchedule(_Section):
     kind: Literal["linear", "constant"] = "linear"
     initial: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
     final: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
-    decay_steps: Annotated[int, Field(ge=1)] = 60
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = 0
+    decay_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 60
 
 
 class AlgorithmSection(_Section):
     name: Literal["rlsd", "grpo", "opsd", "grpo+opsd"] = "rlsd"
-    group_size: Annotated[int, Field(ge=2)] = 8
+    group_size: Annotated[int, Field(ge=2, le=1024)] = 8
     lam: LambdaSchedule = LambdaSchedule()
     eps_w: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     clip_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
@@ -117,17 +127,19 @@ class OptimSection(_Section):
 
 
 class SamplingSection(_Section):
-    temperature: Annotated[float, Field(ge=0.0)] = 1.0
+    # At most 2, as vLLM allows (SamplingParams). Every other sampling control is off: the learner's
+    # ratios assume the full distribution at this temperature and top_p.
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    max_new_tokens: Annotated[int, Field(ge=1)] = 4096
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 4096
 
 
 class WeightTransferSection(_Section):
-    """How new policy weights reach rollout/teacher servers (vLLM's weight-transfer protocol)."""
+    """How new policy weights reach rollout/teacher servers (vLLM's RL routes; weight_transfer.py)."""
 
-    # nccl: vLLM's native broadcast (GPU); gloo: the same protocol on CPU (our servers);
-    # filesystem: safetensors in `shared_dir` plus a reload call, for clusters where NCCL cannot
-    # cross pods.
+    # nccl: vLLM's native broadcast (vLLM servers, GPU); gloo: our CPU servers' own backend (vLLM has
+    # none); filesystem: safetensors in `shared_dir` plus vLLM's in-place reload (both servers), for
+    # clusters where NCCL cannot cross pods.
     backend: Literal["nccl", "gloo", "filesystem"] = "nccl"
     # Address the servers use to reach learner rank 0 (its pod IP or Service name in a cluster).
     host: str = "127.0.0.1"
@@ -147,7 +159,7 @@ class ServersSection(_Section):
 
     urls: list[str] = []
     # Name the servers serve the model under (vLLM's --served-model-name).
-    model_name: str = "policy"
+    model_name: str = SERVED_MODEL_NAME
     request_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
     max_retries: Annotated[int, Field(ge=0)] = 2
     weight_transfer: WeightTransferSection = WeightTransferSection()
@@ -157,7 +169,7 @@ class RolloutSection(_Section):
     # local: an in-process engine on learner rank 0; remote: vLLM (or our CPU server) at `servers`.
     backend: Literal["local", "remote"] = "local"
     servers: ServersSection = ServersSection()
-    prompts_per_step: Annotated[int, Field(ge=1)] = 256
+    prompts_per_step: Annotated[int, Field(ge=1, le=65536)] = 256
     sampling: SamplingSection = SamplingSection()
     # Responses generated per forward batch by the local engine (bounds its memory).
     max_batch_size: Annotated[int, Field(ge=1)] = 256
@@ -172,7 +184,7 @@ class RolloutSection(_Section):
 class TeacherSection(_Section):
     mode: Literal["frozen", "live"] = "frozen"
     # Frozen teacher is overwritten with the current policy every `sync_interval` steps.
-    sync_interval: Annotated[int, Field(ge=1)] = 20
+    sync_interval: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 20
     template: str = DEFAULT_TEACHER_TEMPLATE
     max_reference_tokens: Annotated[int, Field(ge=1)] = 2048
     # colocated: the learners score with one extra no-grad forward (default for small runs);
@@ -187,15 +199,20 @@ class TeacherSection(_Section):
                 raise ValueError(f"template must contain {placeholder}")
         if self.placement == "remote" and not self.servers.urls:
             raise ValueError("servers.urls must list at least one teacher server when placement is 'remote'")
+        if self.placement == "remote" and self.servers.weight_transfer.backend == "nccl":
+            raise ValueError(
+                "servers.weight_transfer.backend: the teacher servers are ours (rlsd-trainer serve teacher), "
+                "which receive over gloo or filesystem; nccl is vLLM's"
+            )
         return self
 
 
 class RewardSection(_Section):
     verifier: Literal["exact", "numeric", "math", "callable"] = "math"
     # "package.module:function" with signature (response: str, answer: str) -> float; for `callable`.
-    callable: str | None = None
-    timeout_s: Annotated[float, Field(gt=0.0)] = 5.0
-    workers: Annotated[int, Field(ge=1)] = 2
+    callable: Annotated[str, Field(max_length=512)] | None = None
+    timeout_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 5.0
+    workers: Annotated[int, Field(ge=1, le=1024)] = 2
 
     @model_validator(mode="after")
     def _callable_when_needed(self) -> RewardSection:
@@ -224,7 +241,7 @@ class WarmupSection(_Section):
 class LearnerSection(_Section):
     # Real tokens per micro-batch (prompt + response, packed without padding); gradients accumulate
     # across micro-batches.
-    micro_batch_tokens: Annotated[int, Field(ge=64)] = 16384
+    micro_batch_tokens: Annotated[int, Field(ge=64, le=16 * MAX_TOKENS)] = 16384
     # Tokens per chunk of the output projection, bounding the float32 logits held at once.
     logprob_chunk_tokens: Annotated[int, Field(ge=16)] = 256
     # Recompute each decoder layer's activations in backward instead of keeping them.
@@ -236,16 +253,39 @@ class LearnerSection(_Section):
 
 
 class CheckpointSection(_Section):
-    every: Annotated[int, Field(ge=1)] = 20
-    keep_last: Annotated[int, Field(ge=1)] = 3
+    every: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 20
+    keep_last: Annotated[int, Field(ge=1, le=1000)] = 3
     # Write in a background thread while training goes on; committed at the next step boundary.
     async_save: bool = False
     # After SIGTERM: seconds to reach the end of the step and save before giving up (exit 76).
     # Keep it below the pod's terminationGracePeriodSeconds.
-    preemption_grace_s: Annotated[float, Field(gt=0.0)] = 120.0
+    preemption_grace_s: Annotated[float, Field(gt=0.0, le=3600.0)] = 120.0
+
+
+class WandbSection(_Section):
+    project: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] = "rlsd"
+    entity: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] | None = None
+    # offline: written under <output_dir>/wandb only, for a later `wandb sync`.
+    mode: Literal["online", "offline"] = "online"
+
+
+class MlflowSection(_Section):
+    # Default: a file store in <output_dir>/mlruns.
+    tracking_uri: Annotated[str, Field(min_length=1, max_length=MAX_PATH)] | None = None
+    experiment: Annotated[str, Field(min_length=1, max_length=MAX_NAME)] = "rlsd"
+
+
+class TensorBoardSection(_Section):
+    # Default: <output_dir>/tensorboard.
+    log_dir: Annotated[str, Field(min_length=1, max_length=MAX_PATH)] | None = None
 
 
 class MetricsSection(_Section):
+    # Experiment trackers that get every step's values and the resolved config (optional extras).
+    trackers: tuple[Literal["wandb", "mlflow", "tensorboard"], ...] = ()
+    wandb: WandbSection = WandbSection()
+    mlflow: MlflowSection = MlflowSection()
+    tensorboard: TensorBoardSection = TensorBoardSection()
     # Port of the Prometheus /metrics endpoint; 0 picks a free port, null disables it.
     prometheus_port: Annotated[int, Field(ge=0, le=65535)] | None = 0
     # Address it listens on: loopback on a laptop; 0.0.0.0 in a pod, so Prometheus and the operator
@@ -253,6 +293,13 @@ class MetricsSection(_Section):
     prometheus_host: str = "127.0.0.1"
     console_every: Annotated[int, Field(ge=1)] = 10
     progress_bar: bool = True
+
+    @field_validator("trackers")
+    @classmethod
+    def _trackers_once(cls, trackers: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"lists a tracker twice: {list(trackers)}")
+        return trackers
 
 
 class EvalSection(_Section):
