@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= trainer/src/rlsd_trainer/configs/embedded.yaml
 
-.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue test-tools bench-learning bench-cost bench-memory bench-peer bench-weight-sync \
+.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue test-tools bench-learning bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
 	bench-checkpoint bench-scaling bench-rollout bench-gpu bench-operator clean
 
 $(BIN)/python:
@@ -100,6 +100,9 @@ bench-memory: $(VENV)/.trainer-installed
 
 bench-peer: $(VENV)/.trainer-installed
 	benchmarks/peer_trl.sh
+
+bench-packing: $(VENV)/.trainer-installed
+	$(BIN)/python benchmarks/packing.py
 
 # The distributed trainer's benchmarks (each sets the threads of every process it starts).
 bench-weight-sync: $(VENV)/.trainer-installed

@@ -10,18 +10,21 @@ What is measured
     `clip_grad_norm_` and `torch.optim.AdamW`. The model is a random-initialised Qwen3 of
     Qwen3-1.7B's shape (hidden 2048, 28 layers, 16 heads, 8 KV heads, head_dim 128, MLP 6144,
     vocabulary 151,936, tied embeddings; 1.72B parameters, float32 master weights). Each rank runs
-    `--micro-batches` micro-batches of `--rows` sequences of `--seq-len` tokens (`--prompt-len` of
-    them prompt; the rest response, whose log-probs are computed). Launched with torchrun over all
-    visible GPUs (this script starts it).
+    `--micro-batches` micro-batches of `--rows` rows: a `--prompt-len` prompt and a response whose
+    log-probs are computed, `--seq-len - --prompt-len` tokens long (`--lengths fixed`) or long-tailed
+    as RL responses are (`long-tailed`, the default: exponential with a quarter of that mean, cut
+    there). The rows of a micro-batch are packed back to back without padding (`logprobs.pack`), so
+    attention runs through torch's FlashAttention varlen kernel (`attention.PackedRows`). Launched with
+    torchrun over all visible GPUs (this script starts it).
 
-    tokens/s = all ranks' tokens per step / median step time (after `--warmup` untimed steps).
+    tokens/s = all ranks' real tokens per step / median step time (after `--warmup` untimed steps).
     Model FLOPs per step = 6 x N_body x tokens + 6 x V x h x response tokens (the output projection
-    runs on response tokens only) + 12 x L x H x seq x tokens (attention, H = heads x head_dim; the
-    usual formula, which does not halve for causal masking); N_body = parameters without the tied
-    embedding. Recomputation (the chunked projection in backward; activation checkpointing if on) is
-    not counted, as MFU conventions go. MFU = FLOPs / step time / (GPUs x peak), peak = 989 TFLOP/s
-    bf16 dense for H100 and H200 (others: pass `--peak-tflops`). Peak memory =
-    max over ranks of `torch.cuda.max_memory_allocated`. Target: MFU >= 35% on an H100.
+    runs on response tokens only) + 12 x L x H x sum over rows of length^2 (attention within each
+    row, H = heads x head_dim; the usual formula, which does not halve for causal masking); N_body =
+    parameters without the tied embedding. Recomputation (the chunked projection in backward;
+    activation checkpointing if on) is not counted, as MFU conventions go. MFU = FLOPs / step time /
+    (GPUs x peak), peak = 989 TFLOP/s bf16 dense for H100 and H200 (others: pass `--peak-tflops`).
+    Peak memory = max over ranks of `torch.cuda.max_memory_allocated`. Target: MFU >= 35% on an H100.
 
     A single GPU: `prepare_policy` leaves a lone rank unsharded (and so without mixed precision: it
     would train in float32); this script then forces FSDP2 on a 1-rank mesh so the bf16 path is what
@@ -58,7 +61,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from harness import qwen3_config
+from harness import model_flops, qwen3_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results"
@@ -73,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ranks", type=int, default=0, help="ranks (default: all GPUs; 2 with --tiny)")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--rows", type=int, default=2, help="sequences per micro-batch")
+    parser.add_argument("--rows", type=int, default=4, help="rows per micro-batch")
+    parser.add_argument("--lengths", choices=["long-tailed", "fixed"], default="long-tailed")
     parser.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step per rank")
     parser.add_argument("--chunk", type=int, default=256, help="learner.logprob_chunk_tokens")
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -108,12 +112,6 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 # ---- the learner step ---------------------------------------------------------------------------
-
-
-def model_flops(shape: dict[str, int], parameters: int, tokens: int, response_tokens: int, seq: int) -> float:
-    body = parameters - shape["vocab"] * shape["hidden"]
-    attention = 12 * shape["layers"] * shape["heads"] * shape["head_dim"] * seq * tokens
-    return 6.0 * body * tokens + 6.0 * shape["vocab"] * shape["hidden"] * response_tokens + attention
 
 
 def peak_tflops(args: argparse.Namespace, device_name: str) -> float | None:
@@ -163,26 +161,35 @@ def run_worker(args: argparse.Namespace) -> None:
     algo = AlgorithmSection()
 
     generator = torch.Generator().manual_seed(1 + ctx.rank)
-    response_len = args.seq_len - args.prompt_len
+    longest = args.seq_len - args.prompt_len
+
+    def response_length() -> int:
+        if args.lengths == "fixed":
+            return longest
+        drawn = torch.empty(1).exponential_(4.0 / longest, generator=generator)
+        return max(1, min(longest, int(drawn)))
 
     def micro_batch() -> tuple[PackedBatch, torch.Tensor, torch.Tensor]:
-        ids = torch.randint(2, shape["vocab"], (args.rows, args.seq_len), generator=generator)
-        batch = pack(
-            [row[: args.prompt_len] for row in ids.tolist()],
-            [row[args.prompt_len :] for row in ids.tolist()],
-            0,
-        )
-        # The learner's tensors live on the rank's device (see the report: the trainer's loop does not
-        # move them there itself).
-        batch = PackedBatch(**{name: value.to(ctx.device) for name, value in vars(batch).items()})
+        prompts = [
+            torch.randint(2, shape["vocab"], (args.prompt_len,), generator=generator).tolist()
+            for _ in range(args.rows)
+        ]
+        responses = [
+            torch.randint(2, shape["vocab"], (response_length(),), generator=generator).tolist()
+            for _ in range(args.rows)
+        ]
+        batch = pack(prompts, responses).to(ctx.device)
         advantages = torch.randn(args.rows, generator=generator).to(ctx.device)
         noise = 0.1 * torch.randn(batch.response_mask.shape, generator=generator).to(ctx.device)
         return batch, advantages, noise
 
     batches = [micro_batch() for _ in range(args.micro_batches)]
-    tokens_per_rank = args.micro_batches * args.rows * args.seq_len
-    response_tokens_per_rank = args.micro_batches * args.rows * response_len
-    (global_response,) = all_reduce([float(response_tokens_per_rank)], ctx)
+    tokens_per_rank = sum(len(batch.input_ids) for batch, _, _ in batches)
+    response_tokens_per_rank = int(sum(batch.response_mask.sum() for batch, _, _ in batches))
+    squared_lengths = int(sum((batch.row_lengths**2).sum() for batch, _, _ in batches))
+    global_tokens, global_response, global_squared = all_reduce(
+        [float(tokens_per_rank), float(response_tokens_per_rank), float(squared_lengths)], ctx
+    )
 
     def step(index: int) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -231,8 +238,8 @@ def run_worker(args: argparse.Namespace) -> None:
     peaks[ctx.rank] = float(peak)
     peaks = all_reduce(peaks, ctx, op="max") if ctx.distributed else peaks
     seconds = statistics.median(times)
-    tokens = tokens_per_rank * ctx.world_size
-    flops = model_flops(shape, parameters, tokens, response_tokens_per_rank * ctx.world_size, args.seq_len)
+    tokens = int(global_tokens)
+    flops = model_flops(shape, parameters, tokens, int(global_response), int(global_squared))
     peak_per_gpu = peak_tflops(args, device_name) if cuda else None
     mfu = flops / seconds / (ctx.world_size * peak_per_gpu * 1e12) if peak_per_gpu else None
     result: dict[str, Any] = {
@@ -247,6 +254,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "seq_len": args.seq_len,
         "prompt_len": args.prompt_len,
         "rows": args.rows,
+        "lengths": args.lengths,
         "micro_batches": args.micro_batches,
         "chunk_tokens": args.chunk,
         "tokens_per_step": tokens,
@@ -453,8 +461,9 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         f"{result['param_dtype']}, activation checkpointing {result['activation_checkpointing']}"
     )
     print(
-        f"per rank and step: {result['micro_batches']} micro-batches x {result['rows']} x "
-        f"{result['seq_len']} tokens (prompt {result['prompt_len']}); chunk {result['chunk_tokens']}"
+        f"per rank and step: {result['micro_batches']} micro-batches x {result['rows']} rows of up to "
+        f"{result['seq_len']} tokens (prompt {result['prompt_len']}, {result['lengths']} responses), packed; "
+        f"chunk {result['chunk_tokens']}"
     )
     header = f"{'step s':>9}{'tokens/s':>12}{'TFLOP/step':>12}{'MFU':>8}{'peak mem GiB':>14}"
     print(header)

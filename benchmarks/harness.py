@@ -40,6 +40,70 @@ SHAPES: dict[str, dict[str, int]] = {
 }
 
 
+# Models for the embedded task (its tokenizer and chat template, vocabulary 384): the embedded model
+# itself, and larger random-initialised Qwen3 shapes.
+TASK_SHAPES: dict[str, dict[str, int] | None] = {
+    "embedded": None,
+    "qwen3-512x4": dict(hidden=512, intermediate=1536, layers=4, heads=8, kv_heads=4, head_dim=64),
+}
+
+
+def task_model_dir(work: Path, shape: str, seed: int, sft_steps: int, num_train: int) -> Path:
+    """A start model for the embedded task in `work` (built once, then reused): `embedded` after
+    `sft_steps` of its supervised warm-up (batch 64, lr 2e-3), or a random-initialised
+    `TASK_SHAPES` model with the embedded tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlsd_contracts.config import (
+        DEFAULT_TEACHER_TEMPLATE,
+        EmbeddedTaskSection,
+        ModelSection,
+        WarmupSection,
+    )
+    from rlsd_trainer.models import load_model
+    from rlsd_trainer.task import build_model_dir, generate_examples
+    from rlsd_trainer.warmup import supervised_warmup
+
+    task = EmbeddedTaskSection(num_train=num_train)
+    base = work / f"base-model-seed{seed}"
+    if not (base / "config.json").exists():
+        build_model_dir(base, task, seed)
+    dims = TASK_SHAPES[shape]
+    if dims is not None:
+        start = work / f"{shape}-seed{seed}"
+        if not (start / "config.json").exists():
+            tokenizer = load_model(base, ModelSection()).tokenizer
+            config = qwen3_config(
+                {**dims, "vocab": len(tokenizer)}, 1024, tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
+            torch.manual_seed(seed)
+            AutoModelForCausalLM.from_config(config).save_pretrained(start, safe_serialization=True)
+            tokenizer.save_pretrained(start)
+        return start
+    start = work / f"start-model-sft{sft_steps}-seed{seed}"
+    if not (start / "config.json").exists():
+        loaded = load_model(base, ModelSection())
+        started = time.perf_counter()
+        losses = supervised_warmup(
+            loaded.model,
+            loaded.tokenizer,
+            generate_examples(task, "train", seed),
+            WarmupSection(steps=sft_steps, batch_size=64, lr=2e-3),
+            DEFAULT_TEACHER_TEMPLATE,
+            seed,
+            512,
+        )
+        if losses:
+            print(
+                f"supervised warm-up: {sft_steps} steps in {time.perf_counter() - started:.0f} s, "
+                f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+            )
+        loaded.model.save_pretrained(start, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(start)
+    return start
+
+
 def parameter_count(shape: dict[str, int]) -> int:
     """Parameters of a `SHAPES` entry, without building it (norms left out; tied embeddings)."""
     attention = 2 * shape["hidden"] * shape["head_dim"] * (shape["heads"] + shape["kv_heads"])
@@ -47,7 +111,9 @@ def parameter_count(shape: dict[str, int]) -> int:
     return shape["vocab"] * shape["hidden"] + shape["layers"] * (attention + mlp)
 
 
-def qwen3_config(shape: dict[str, int], max_positions: int = 4096) -> Any:
+def qwen3_config(
+    shape: dict[str, int], max_positions: int = 4096, eos_token_id: int = 1, pad_token_id: int = 0
+) -> Any:
     from transformers import Qwen3Config
 
     return Qwen3Config(
@@ -61,8 +127,8 @@ def qwen3_config(shape: dict[str, int], max_positions: int = 4096) -> Any:
         max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         bos_token_id=None,
-        eos_token_id=1,
-        pad_token_id=0,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
 
 
@@ -93,6 +159,52 @@ def random_model_dir(directory: Path, shape: dict[str, int], seed: int = 0) -> t
     word_tokenizer(shape["vocab"]).save_pretrained(directory)
     marker.write_text(json.dumps({"shape": shape, "parameters": parameters}))
     return directory, parameters
+
+
+def model_flops(
+    shape: dict[str, int], parameters: int, tokens: int, response_tokens: int, attention_pairs: int
+) -> float:
+    """Model FLOPs of one learner forward + backward over packed rows (no recomputation counted):
+    `6 N_body tokens + 6 V h response_tokens + 12 L H d attention_pairs`, N_body = parameters without
+    the (tied) embedding; the output projection runs on response tokens only; `attention_pairs` =
+    the query-key pairs of the rows (length^2 for a row alone), not halved for causal masking (the
+    usual MFU convention)."""
+    body = parameters - shape["vocab"] * shape["hidden"]
+    attention = 12 * shape["layers"] * shape["heads"] * shape["head_dim"] * attention_pairs
+    return 6.0 * body * tokens + 6.0 * shape["vocab"] * shape["hidden"] * response_tokens + attention
+
+
+def shape_of(config: Any) -> dict[str, int]:
+    """A `SHAPES`-style entry from a transformers Qwen3-like config."""
+    return dict(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        vocab=config.vocab_size,
+    )
+
+
+def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 7) -> float:
+    """This machine's float32 matmul rate with `threads` threads (GFLOP/s): the best of `repeats`
+    `[size, size] @ [size, size]` products, i.e. what a learner's large matmuls can reach here."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator) for _ in range(2))
+    out = torch.empty(size, size)
+    torch.mm(a, b, out=out)  # warm-up: threads, kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - started)
+    torch.set_num_threads(previous)
+    return 2 * size**3 / best / 1e9
 
 
 def load_average() -> list[float]:
@@ -146,6 +258,17 @@ def finish(report: dict[str, Any], path: Path) -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """Lay out a matplotlib figure, write it as a PNG to `path` and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
     print(f"wrote {path}")
 
 

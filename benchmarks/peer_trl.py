@@ -1,11 +1,20 @@
-"""Our GRPO step against TRL's GRPOTrainer: same tiny model, same data, same batch shape, one run.
+"""Our GRPO step against TRL's GRPOTrainer: same model, same data, same batch shape, one run.
 
-Setting (both sides, measured one after the other in this one process, `torch.set_num_threads(2)`)
-    * Model: the embedded tiny Qwen3 model (`rlsd_trainer.task.build_model_dir`), given a short
-      supervised warm-up (`rlsd_trainer.warmup.supervised_warmup`, `--warmup-sft-steps`, default 150,
-      batch 64, lr 2e-3: about 90 s on 2 cores; 60 steps leave the reward near 0.01) so that rewards
-      are not all zero; the result is saved once and both trainers load that very directory, so
-      they start from the same weights. float32 on CPU.
+Setting (both sides in this one process, `torch.set_num_threads(2)`, taking turns step by step:
+TRL trains in a thread of its own whose step callbacks wait for their turn, and the side that goes
+first alternates, so a change in the machine's load falls on both alike)
+    * Models (`--shapes`, both by default, each measured on both sides in turn):
+      `embedded`: the embedded tiny Qwen3 model (`rlsd_trainer.task.build_model_dir`: hidden 128,
+      4 layers), given a short supervised warm-up (`rlsd_trainer.warmup.supervised_warmup`,
+      `--warmup-sft-steps`, default 150, batch 64, lr 2e-3: about 90 s on 2 cores; 60 steps leave
+      the reward near 0.01) so that rewards are not all zero;
+      `qwen3-512x4`: a larger random-initialised Qwen3 (hidden 512, 4 layers, 8 heads, 4 KV heads,
+      head_dim 64, MLP 1536, 12.6M parameters) with the embedded tokenizer and chat template. A
+      random tied-embedding model favours tokens already in its context, among them the chat
+      template's end-of-turn token, so response lengths vary widely (mean about 18 of 64) as RL
+      responses do; rewards stay 0, which changes neither side's work.
+      Each model is saved once and both trainers load that very directory, so they start from the
+      same weights. float32 on CPU.
     * Data: train rows of the embedded arithmetic task (`rlsd_trainer.task.generate_examples`),
       written to a JSONL file for our trainer. The question becomes a one-turn user message under
       the tokenizer's chat template on both sides (ours: `models.encode_prompt`; TRL: conversational
@@ -30,15 +39,28 @@ Setting (both sides, measured one after the other in this one process, `torch.se
 
 Throughput (the same definition for both sides)
     tokens/s of a step = (prompt tokens + completion tokens of all rollouts of that step) / step
-    wall time, averaged over the timed steps; the first `--warmup-steps` (default 2) of each side are
-    run but not timed. Tokens are counted from what was actually generated: on our side by wrapping
-    the rollout engine's `generate` (prompt ids x n and the returned completion ids); on TRL's side in
-    the reward function from the `completion_ids` it receives and the chat-templated prompts, and
-    cross-checked against TRL's own `state.num_input_tokens_seen` (prompt + completion tokens it
-    counts per generation). Completion tokens include the stop token and no padding on both sides.
+    wall time, averaged over the timed steps (and of the median step, which a busy machine disturbs
+    less); the first `--warmup-steps` (default 2) of each side are run but not timed. Tokens are
+    counted from what was actually generated: on our side by wrapping the rollout engine's
+    `generate` (prompt ids x n and the returned completion ids); on TRL's side in the reward
+    function from the `completion_ids` it receives and the chat-templated prompts, and cross-checked
+    against TRL's own `state.num_input_tokens_seen` (prompt + completion tokens it counts per
+    generation). Completion tokens include the stop token and no padding on both sides.
 
-Output: a table on stdout, `benchmarks/results/peer_trl.json` and `benchmarks/results/peer_trl.png`.
-Target: ours/TRL tokens/s >= 2.
+Learner efficiency (ours)
+    The learn phase (`time_learn_seconds` of `train_step`: log-probs, loss, backward, optimizer
+    step) against its model FLOPs counted on the real tokens it runs, each prompt once per group as
+    the learner packs it (`harness.model_flops`: 6 x body parameters x tokens + 6 x V x h x response
+    tokens + 12 x L x H x d x query-key pairs, a prompt with itself and a response with its prompt
+    and itself), as GFLOP/s and as a share of this machine's float32 matmul peak with the same
+    threads (`harness.matmul_peak_gflops`, 2048^3 products, measured in the same run).
+
+Profile (ours): one more step under the torch profiler: the share of CPU time in matrix products
+    (`MATMUL_OPS`) and the most expensive ops, to show what bounds the step.
+
+Output: a table per model on stdout, `benchmarks/results/peer_trl.json` and
+`benchmarks/results/peer_trl.png`. Targets: ours/TRL tokens/s >= 2 on both models; learn phase at
+>= 50% of the matmul peak.
 
 Running it
     TRL is needed by this benchmark only and is not a dependency of the trainer, so this module does
@@ -61,12 +83,13 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from harness import RESULTS, TASK_SHAPES, load_average, matmul_peak_gflops, save_figure, task_model_dir
 
 
 class CpuWatch:
@@ -114,6 +137,12 @@ class StepRecord:
     framework_tokens: int | None = None
     # Seconds per phase: ours as `train_step` reports them; TRL's generation and the rest.
     phases: dict[str, float] | None = None
+    # Cores other processes kept busy during the step.
+    foreign_cores: float = 0.0
+    # Ours only: the tokens our learner runs (each prompt once per group, every response) and the
+    # attention's query-key pairs (a prompt with itself, a response with its prompt and itself).
+    learner_tokens: int | None = None
+    attention_pairs: int | None = None
 
     @property
     def tokens(self) -> int:
@@ -144,6 +173,7 @@ class SideResult:
         timed = self.timed()
         return {
             "tokens_per_second": statistics.fmean(s.tokens_per_second for s in timed),
+            "tokens_per_second_median": statistics.median(s.tokens_per_second for s in timed),
             "step_seconds": statistics.fmean(s.seconds for s in timed),
             "tokens_per_step": statistics.fmean(s.tokens for s in timed),
             "completion_tokens_per_step": statistics.fmean(s.completion_tokens for s in timed),
@@ -154,6 +184,11 @@ class SideResult:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shapes",
+        default="embedded,qwen3-512x4",
+        help=f"models, comma-separated: {', '.join(TASK_SHAPES)}",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per side")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed steps run first on each side")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per optimizer step")
@@ -166,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-train", type=int, default=2000, help="train rows generated")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--order", default="ours,trl", help="which side runs first, e.g. 'trl,ours'")
+    parser.add_argument(
+        "--order", default="ours,trl", help="which side goes first on even steps, e.g. 'trl,ours'"
+    )
     parser.add_argument(
         "--work-dir", type=Path, default=None, help="keep the model, data and run files here (default: temp)"
     )
@@ -178,21 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- common set-up ------------------------------------------------------------------------------
 
 
-def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, list[Any]]:
-    """The warmed-up start model, the train JSONL, and the rows in the order our sampler draws them."""
-    from rlsd_contracts.config import (
-        DEFAULT_TEACHER_TEMPLATE,
-        EmbeddedTaskSection,
-        ModelSection,
-        WarmupSection,
-    )
+def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, list[Any]]:
+    """The train JSONL, and its rows in the order our sampler draws them."""
+    from rlsd_contracts.config import EmbeddedTaskSection
     from rlsd_trainer.data import ResumableSampler
-    from rlsd_trainer.models import load_model
-    from rlsd_trainer.task import build_model_dir, generate_examples
-    from rlsd_trainer.warmup import supervised_warmup
+    from rlsd_trainer.task import generate_examples
 
-    task = EmbeddedTaskSection(num_train=args.num_train)
-    rows = generate_examples(task, "train", args.seed)
+    rows = generate_examples(EmbeddedTaskSection(num_train=args.num_train), "train", args.seed)
     jsonl = work / "train.jsonl"
     with jsonl.open("w") as handle:
         for row in rows:
@@ -200,123 +229,171 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, list[Any]
                 json.dumps({"question": row.question, "answer": row.answer, "reference": row.reference})
             )
             handle.write("\n")
-
-    start = work / f"start-model-sft{args.warmup_sft_steps}-seed{args.seed}"
-    if not (start / "config.json").exists():
-        base = build_model_dir(work / "base-model", task, args.seed)
-        loaded = load_model(base, ModelSection())
-        started = time.perf_counter()
-        losses = supervised_warmup(
-            loaded.model,
-            loaded.tokenizer,
-            rows,
-            WarmupSection(steps=args.warmup_sft_steps, batch_size=64, lr=2e-3),
-            DEFAULT_TEACHER_TEMPLATE,
-            args.seed,
-            512,
-        )
-        print(
-            f"supervised warm-up: {args.warmup_sft_steps} steps in {time.perf_counter() - started:.0f} s, "
-            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-            if losses
-            else "supervised warm-up: 0 steps"
-        )
-        loaded.model.save_pretrained(start, safe_serialization=True)
-        loaded.tokenizer.save_pretrained(start)
-
     # The rows our trainer will draw, step by step (its sampler is ResumableSampler(len, run.seed)).
     sampler = ResumableSampler(len(rows), args.seed)
     total = (args.warmup_steps + args.steps) * args.prompts
-    ordered = [rows[i] for i in sampler.next_indices(total)]
-    return start, jsonl, ordered
+    return jsonl, [rows[i] for i in sampler.next_indices(total)]
 
 
 # ---- our trainer --------------------------------------------------------------------------------
 
 
-def run_ours(args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path) -> SideResult:
-    import torch
+class OursSide:
+    """Our trainer, one `train_step` per `step()`."""
 
-    from rlsd_contracts.config import parse_config
-    from rlsd_trainer.loop import Trainer
-    from rlsd_trainer.verifiers import RewardPool
+    def __init__(self, args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path) -> None:
+        from rlsd_contracts.config import parse_config
+        from rlsd_trainer.loop import Trainer
+        from rlsd_trainer.verifiers import RewardPool
 
-    torch.set_num_threads(args.threads)
-    setup_started = time.perf_counter()
-    big = 10**9  # no checkpoint, no end of run inside the benchmark
-    config = parse_config(
-        {
-            "run": {
-                "name": "peer-ours",
-                "seed": args.seed,
-                "output_dir": str(work / "ours"),
-                "total_steps": big,
+        self.args = args
+        setup_started = time.perf_counter()
+        big = 10**9  # no checkpoint, no end of run inside the benchmark
+        config = parse_config(
+            {
+                "run": {
+                    "name": "peer-ours",
+                    "seed": args.seed,
+                    "output_dir": str(work / f"ours-{model_dir.name}"),
+                    "total_steps": big,
+                },
+                "model": {"path": str(model_dir)},
+                "data": {"train": {"kind": "jsonl", "path": str(jsonl)}, "eval": None},
+                "algorithm": {"name": "grpo", "group_size": args.group},
+                "rollout": {
+                    "prompts_per_step": args.prompts,
+                    "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
+                },
+                "optim": {"lr": args.lr, "weight_decay": 0.01, "grad_clip": 1.0, "warmup_steps": 0},
+                "reward": {"verifier": "numeric"},
+                "warmup": {"steps": 0},
+                "checkpoint": {"every": big},
+                "metrics": {"prometheus_port": None, "progress_bar": False},
             },
-            "model": {"path": str(model_dir)},
-            "data": {"train": {"kind": "jsonl", "path": str(jsonl)}, "eval": None},
-            "algorithm": {"name": "grpo", "group_size": args.group},
-            "rollout": {
-                "prompts_per_step": args.prompts,
-                "sampling": {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": args.max_new_tokens},
-            },
-            "optim": {"lr": args.lr, "weight_decay": 0.01, "grad_clip": 1.0, "warmup_steps": 0},
-            "reward": {"verifier": "numeric"},
-            "warmup": {"steps": 0},
-            "checkpoint": {"every": big},
-            "metrics": {"prometheus_port": None, "progress_bar": False},
-        },
-        "peer_trl.py",
-    )
-    trainer = Trainer(config)
-    side = SideResult("ours", notes={"micro_batch_tokens": config.learner.micro_batch_tokens})
+            "peer_trl.py",
+        )
+        self.trainer = Trainer(config)
+        self.side = SideResult("ours", notes={"micro_batch_tokens": config.learner.micro_batch_tokens})
+        # Count the tokens of every rollout from what the engine was given and returned.
+        self.counts = {"prompt": 0, "completion": 0, "learner": 0, "pairs": 0}
+        generate = self.trainer.engine.generate
 
-    # Count the tokens of every rollout from what the engine was given and returned.
-    counts = {"prompt": 0, "completion": 0}
-    generate = trainer.engine.generate
-
-    def counting_generate(prompts, params):  # type: ignore[no-untyped-def]
-        groups = generate(prompts, params)
-        counts["prompt"] += sum(len(p) for p in prompts) * params.n
-        counts["completion"] += sum(len(c.token_ids) for group in groups for c in group)
-        return groups
-
-    trainer.engine.generate = counting_generate  # type: ignore[method-assign]
-    side.setup_seconds = time.perf_counter() - setup_started
-
-    watch = None
-    with RewardPool(config.reward) as rewards:
-        for index in range(args.warmup_steps + args.steps):
-            if index == args.warmup_steps:
-                watch = CpuWatch()
-            counts.update(prompt=0, completion=0)
-            started = time.perf_counter()
-            values = trainer.train_step(rewards)
-            seconds = time.perf_counter() - started
-            side.steps.append(
-                StepRecord(
-                    seconds=seconds,
-                    prompt_tokens=counts["prompt"],
-                    completion_tokens=counts["completion"],
-                    reward_mean=values["reward_mean"],
-                    timed=index >= args.warmup_steps,
-                    phases={
-                        key.removeprefix("time_").removesuffix("_seconds"): value
-                        for key, value in values.items()
-                        if key.startswith("time_")
-                    },
-                )
+        def counting_generate(prompts, params):  # type: ignore[no-untyped-def]
+            groups = generate(prompts, params)
+            completions = sum(len(c.token_ids) for group in groups for c in group)
+            self.counts["prompt"] += sum(len(p) for p in prompts) * params.n
+            self.counts["completion"] += completions
+            self.counts["learner"] += sum(len(p) for p in prompts) + completions
+            self.counts["pairs"] += sum(
+                len(p) ** 2 + sum(len(c.token_ids) * (len(p) + len(c.token_ids)) for c in group)
+                for p, group in zip(prompts, groups, strict=True)
             )
-            _progress("ours", index, args, side.steps[-1])
-    if watch is not None:
-        side.notes["foreign_cpu_cores"] = watch.foreign_cores()
-    trainer.metrics.close()
-    return side
+            return groups
+
+        self.trainer.engine.generate = counting_generate  # type: ignore[method-assign]
+        self.rewards = RewardPool(config.reward).__enter__()
+        self.side.setup_seconds = time.perf_counter() - setup_started
+
+    def step(self, index: int) -> StepRecord:
+        self.counts.update(prompt=0, completion=0, learner=0, pairs=0)
+        started = time.perf_counter()
+        values = self.trainer.train_step(self.rewards)
+        seconds = time.perf_counter() - started
+        return StepRecord(
+            seconds=seconds,
+            prompt_tokens=self.counts["prompt"],
+            completion_tokens=self.counts["completion"],
+            reward_mean=values["reward_mean"],
+            timed=index >= self.args.warmup_steps,
+            phases={
+                key.removeprefix("time_").removesuffix("_seconds"): value
+                for key, value in values.items()
+                if key.startswith("time_")
+            },
+            learner_tokens=self.counts["learner"],
+            attention_pairs=self.counts["pairs"],
+        )
+
+    def finish(self) -> None:
+        self.side.notes["profile"] = profile_step(lambda: self.trainer.train_step(self.rewards))
+        self.rewards.__exit__(None, None, None)
+        self.trainer.metrics.close()
+
+
+# aten ops that are matrix products (a Linear layer's forward and backward, attention's kernels).
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_", "aten::_scaled_dot_product")
+
+
+def profile_step(step: Any) -> dict[str, Any]:
+    """One more step under the torch profiler: the share of CPU time in matrix products (the part a
+    faster implementation cannot shrink at equal FLOPs) and the ops that took the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    matmul = sum(event.self_cpu_time_total for event in events if event.key.startswith(MATMUL_OPS))
+    top = sorted(events, key=lambda event: -event.self_cpu_time_total)[:12]
+    return {
+        "cpu_seconds": total / 1e6,
+        "matmul_share": matmul / total,
+        "top_ops": [
+            {"op": event.key, "seconds": event.self_cpu_time_total / 1e6, "calls": event.count}
+            for event in top
+        ],
+    }
 
 
 # ---- TRL ----------------------------------------------------------------------------------------
 
 
-def run_trl(args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], work: Path) -> SideResult:
+class TrlSide:
+    """TRL's GRPOTrainer, training in a thread of its own whose step callbacks wait for `step()`, so
+    that its optimizer steps and ours take turns on the machine."""
+
+    def __init__(
+        self, args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], work: Path
+    ) -> None:
+        self.args = args
+        self.records: list[StepRecord] = []
+        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
+        self.error: BaseException | None = None
+        trainer, self.side = _trl_trainer(args, model_dir, ordered_rows, work, self)
+
+        def train() -> None:
+            import torch
+
+            torch.set_num_threads(args.threads)  # OpenMP's thread count is kept per calling thread
+            try:
+                trainer.train()
+            except BaseException as error:  # handed to the main thread
+                self.error = error
+                self.done.release()
+
+        self.thread = threading.Thread(target=train, name="trl", daemon=True)
+        self.thread.start()
+
+    def step(self, index: int) -> StepRecord:
+        self.go.release()
+        self.done.acquire()
+        if self.error is not None:
+            raise RuntimeError("TRL's training failed") from self.error
+        return self.records[index]
+
+    def finish(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError("TRL's training failed") from self.error
+        mismatched = [i for i, s in enumerate(self.records) if s.framework_tokens != s.tokens]
+        self.side.notes["token_count_matches_trl"] = not mismatched
+        if mismatched:
+            print(f"warning: TRL's own token count differs from ours at steps {mismatched}")
+
+
+def _trl_trainer(
+    args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], work: Path, gate: TrlSide
+) -> tuple[Any, SideResult]:
     import torch
     import trl
     from datasets import Dataset
@@ -339,7 +416,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], 
     )
     batch = args.prompts * args.group
     config = GRPOConfig(
-        output_dir=str(work / "trl"),
+        output_dir=str(work / f"trl-{model_dir.name}"),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         num_generations=args.group,
@@ -389,6 +466,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], 
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, _args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            gate.go.acquire()  # the main thread's turn is over
             current.update(
                 prompt_tokens=0,
                 completion_tokens=0,
@@ -396,14 +474,12 @@ def run_trl(args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], 
                 seen=state.num_input_tokens_seen,
                 generate=0.0,
             )
-            if len(side.steps) == args.warmup_steps:
-                current["watch"] = CpuWatch()
             current["start"] = time.perf_counter()
 
         def on_step_end(self, _args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             seconds = time.perf_counter() - current["start"]
-            index = len(side.steps)
-            side.steps.append(
+            index = len(gate.records)
+            gate.records.append(
                 StepRecord(
                     seconds=seconds,
                     prompt_tokens=current["prompt_tokens"],
@@ -414,7 +490,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], 
                     phases={"generate": current["generate"], "rest": seconds - current["generate"]},
                 )
             )
-            _progress("trl", index, args, side.steps[-1])
+            gate.done.release()
 
     trainer = GRPOTrainer(
         model=model,
@@ -437,14 +513,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, ordered_rows: list[Any], 
 
         trainer._generate_single_turn = timed_generate  # type: ignore[method-assign]
     side.setup_seconds = time.perf_counter() - setup_started
-    trainer.train()
-    if "watch" in current:
-        side.notes["foreign_cpu_cores"] = current["watch"].foreign_cores()
-    mismatched = [i for i, s in enumerate(side.steps) if s.framework_tokens != s.tokens]
-    side.notes["token_count_matches_trl"] = not mismatched
-    if mismatched:
-        print(f"warning: TRL's own token count differs from ours at steps {mismatched}")
-    return side
+    return trainer, side
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -461,61 +530,92 @@ def _progress(name: str, index: int, args: argparse.Namespace, step: StepRecord)
     )
 
 
-def plot(sides: dict[str, SideResult], path: Path) -> None:
+def plot(results: dict[str, dict[str, SideResult]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(2, len(results), figsize=(5 * len(results), 7), squeeze=False)
     colours = {"ours": "#4c72b0", "trl": "#dd8452"}
-    for name, side in sides.items():
-        timed = side.timed()
-        left.plot(
-            range(1, len(timed) + 1),
-            [s.tokens_per_second for s in timed],
-            "o-",
-            label=name,
-            color=colours[name],
+    for column, (shape, sides) in enumerate(results.items()):
+        steps, bars = axes[0][column], axes[1][column]
+        for name, side in sides.items():
+            timed = side.timed()
+            steps.plot(
+                range(1, len(timed) + 1),
+                [s.tokens_per_second for s in timed],
+                "o-",
+                label=name,
+                color=colours[name],
+            )
+        steps.set_title(shape, fontsize=10)
+        steps.set_xlabel("timed step")
+        steps.set_ylabel("tokens/s (prompt + completion)")
+        steps.set_ylim(bottom=0)
+        steps.legend()
+        names = list(sides)
+        means = [sides[n].summary()["tokens_per_second"] for n in names]
+        drawn = bars.bar(names, means, color=[colours[n] for n in names])
+        for bar, name in zip(drawn, names, strict=True):
+            summary = sides[name].summary()
+            bars.annotate(
+                f"{summary['tokens_per_second']:.0f} tok/s\n{summary['step_seconds']:.2f} s/step",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        bars.set_ylim(0, max(means) * 1.25)
+        bars.set_title(
+            f"mean over timed steps: ours/TRL = {means[names.index('ours')] / means[names.index('trl')]:.2f}",
+            fontsize=10,
         )
-    left.set_xlabel("timed step")
-    left.set_ylabel("tokens/s (prompt + completion)")
-    left.set_ylim(bottom=0)
-    left.legend()
-    names = list(sides)
-    means = [sides[n].summary()["tokens_per_second"] for n in names]
-    bars = right.bar(names, means, color=[colours[n] for n in names])
-    for bar, name in zip(bars, names, strict=True):
-        summary = sides[name].summary()
-        right.annotate(
-            f"{summary['tokens_per_second']:.0f} tok/s\n{summary['step_seconds']:.2f} s/step",
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    right.set_ylim(0, max(means) * 1.25)
-    right.set_title("mean over timed steps", fontsize=10)
-    fig.suptitle("GRPO step throughput, embedded tiny model, CPU", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle("GRPO step throughput, ours vs TRL GRPOTrainer, CPU", fontsize=11)
+    save_figure(fig, path)
 
 
-def report(args: argparse.Namespace, sides: dict[str, SideResult]) -> dict[str, Any]:
+def learner_efficiency(side: SideResult, model_dir: Path, peak: float) -> dict[str, float]:
+    """Ours: model GFLOP/s of the learn phase on real tokens, and its share of the matmul peak."""
+    from harness import model_flops, parameter_count, shape_of
+    from transformers import AutoConfig
+
+    shape = shape_of(AutoConfig.from_pretrained(model_dir))
+    parameters = parameter_count(shape)
+    timed = side.timed()
+    flops = [
+        model_flops(shape, parameters, s.learner_tokens or 0, s.completion_tokens, s.attention_pairs or 0)
+        for s in timed
+    ]
+    seconds = [s.phases["learn"] for s in timed if s.phases]
+    gflops = sum(flops) / sum(seconds) / 1e9
+    return {
+        "learn_seconds": statistics.fmean(seconds),
+        "learn_gflop_per_step": statistics.fmean(flops) / 1e9,
+        "learn_gflops": gflops,
+        "matmul_peak_gflops": peak,
+        "share_of_peak": gflops / peak,
+    }
+
+
+def report(
+    args: argparse.Namespace, shape: str, sides: dict[str, SideResult], efficiency: dict[str, float]
+) -> dict[str, Any]:
     ours, peer = sides["ours"].summary(), sides["trl"].summary()
     ratio = ours["tokens_per_second"] / peer["tokens_per_second"]
+    median_ratio = ours["tokens_per_second_median"] / peer["tokens_per_second_median"]
     print()
     print(
-        f"{args.prompts} prompts x {args.group} completions per step, max {args.max_new_tokens} new tokens, "
-        f"{args.threads} threads; mean over {args.steps} timed steps after {args.warmup_steps} untimed"
+        f"{shape}: {args.prompts} prompts x {args.group} completions per step, max {args.max_new_tokens} new "
+        f"tokens, {args.threads} threads; mean over {args.steps} timed steps after {args.warmup_steps} "
+        "untimed"
     )
     header = f"{'':<24}{'ours':>12}{'TRL':>12}{'ours/TRL':>10}"
     print(header)
     print("-" * len(header))
     rows = [
         ("tokens/s", "tokens_per_second", ".0f"),
+        ("tokens/s, median step", "tokens_per_second_median", ".0f"),
         ("step seconds", "step_seconds", ".2f"),
         ("tokens per step", "tokens_per_step", ".0f"),
         ("completion tokens/step", "completion_tokens_per_step", ".0f"),
@@ -531,6 +631,18 @@ def report(args: argparse.Namespace, sides: dict[str, SideResult]) -> dict[str, 
     for name, side in sides.items():
         split = ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in side.phase_seconds().items())
         print(f"mean phase split, {name}: {split}")
+    print(
+        f"our learn phase: {efficiency['learn_gflop_per_step']:.1f} GFLOP on real tokens in "
+        f"{efficiency['learn_seconds']:.2f} s = {efficiency['learn_gflops']:.1f} GFLOP/s, "
+        f"{100 * efficiency['share_of_peak']:.0f}% of the float32 matmul peak "
+        f"({efficiency['matmul_peak_gflops']:.1f} GFLOP/s, {args.threads} threads; target >= 50%)"
+    )
+    profile = sides["ours"].notes["profile"]
+    print(
+        f"profile of one more step of ours: {100 * profile['matmul_share']:.0f}% of "
+        f"{profile['cpu_seconds']:.2f} CPU seconds in matrix products; top ops: "
+        + ", ".join(f"{op['op']} {op['seconds']:.2f} s" for op in profile["top_ops"][:6])
+    )
     foreign = {name: side.notes.get("foreign_cpu_cores", float("nan")) for name, side in sides.items()}
     print(
         "cores kept busy by other processes during the timed steps: "
@@ -538,14 +650,16 @@ def report(args: argparse.Namespace, sides: dict[str, SideResult]) -> dict[str, 
     )
     if any(cores > 0.2 for cores in foreign.values()):
         print("warning: other processes competed for the CPU; timings are not trustworthy, rerun when idle")
-    print(f"throughput ratio ours/TRL = {ratio:.2f} (target >= 2: {'met' if ratio >= 2 else 'MISSED'})")
+    print(
+        f"throughput ratio ours/TRL = {ratio:.2f} (target >= 2: {'met' if ratio >= 2 else 'MISSED'}); "
+        f"of the median steps {median_ratio:.2f}"
+    )
     return {
-        "setting": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "throughput_definition": "(prompt + completion tokens of all rollouts of a step) / step wall time, "
-        "mean over timed steps",
         "ratio_ours_over_trl": ratio,
+        "ratio_of_median_steps": median_ratio,
         "target_ratio": 2.0,
         "target_met": ratio >= 2,
+        "learner_efficiency": efficiency,
         "sides": {
             name: {
                 "summary": side.summary(),
@@ -564,6 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     order = [name.strip() for name in args.order.split(",")]
     if sorted(order) != ["ours", "trl"]:
         raise SystemExit("--order must name 'ours' and 'trl' once each")
+    shapes = [name.strip() for name in args.shapes.split(",")]
+    unknown = [name for name in shapes if name not in TASK_SHAPES]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {unknown}; choose from {', '.join(TASK_SHAPES)}")
     try:
         import trl  # noqa: F401
     except ImportError:
@@ -574,24 +692,57 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    load_start = load_average()
+    peak = matmul_peak_gflops(args.threads)
+    print(
+        f"float32 matmul peak, {args.threads} threads: {peak:.1f} GFLOP/s; load average {load_start}",
+        flush=True,
+    )
+    measured: dict[str, dict[str, SideResult]] = {}
+    reports: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="peer-trl-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model_dir, jsonl, ordered = prepare(args, work)
-        sides: dict[str, SideResult] = {}
-        for name in order:
-            print(f"running {name} ...", flush=True)
-            if name == "ours":
-                sides[name] = run_ours(args, model_dir, jsonl, work)
-            else:
-                sides[name] = run_trl(args, model_dir, ordered, work)
-    results = report(args, sides)
+        jsonl, ordered = prepare_data(args, work)
+        for shape in shapes:
+            model_dir = task_model_dir(work, shape, args.seed, args.warmup_sft_steps, args.num_train)
+            print(f"{shape}: setting up both sides ...", flush=True)
+            steppers = {
+                "ours": OursSide(args, model_dir, jsonl, work),
+                "trl": TrlSide(args, model_dir, ordered, work),
+            }
+            sides = {name: stepper.side for name, stepper in steppers.items()}
+            for index in range(args.warmup_steps + args.steps):
+                # The sides take turns step by step (who goes first alternates), so a change in the
+                # machine's load falls on both alike.
+                for name in order if index % 2 == 0 else order[::-1]:
+                    watch = CpuWatch()
+                    record = steppers[name].step(index)
+                    record.foreign_cores = watch.foreign_cores()
+                    sides[name].steps.append(record)
+                    _progress(name, index, args, record)
+            for stepper in steppers.values():
+                stepper.finish()
+            for side in sides.values():
+                side.notes["foreign_cpu_cores"] = statistics.fmean(
+                    step.foreign_cores for step in side.timed()
+                )
+            measured[shape] = sides
+            reports[shape] = report(args, shape, sides, learner_efficiency(sides["ours"], model_dir, peak))
+    results = {
+        "setting": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "throughput_definition": "(prompt + completion tokens of all rollouts of a step) / step wall time, "
+        "mean over timed steps",
+        "load_average": {"start": load_start, "end": load_average()},
+        "matmul_peak_gflops": peak,
+        "shapes": reports,
+    }
+    print(f"load average at start {load_start}, at end {results['load_average']['end']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     if str(args.plot) not in ("", "."):
-        plot(sides, args.plot)
-        print(f"wrote {args.plot}")
+        plot(measured, args.plot)
     return 0
 
 

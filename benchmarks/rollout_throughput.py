@@ -95,7 +95,7 @@ def measure_model(args: argparse.Namespace, name: str) -> dict[str, Any]:
     model_dir, prompts, parameters = model_and_prompts(args, name)
     loaded = load_model(model_dir, ModelSection())
     parameters = parameters or sum(p.numel() for p in loaded.model.parameters())
-    local = LocalEngine(loaded.model, int(loaded.tokenizer.pad_token_id), loaded.stop_token_ids, 256)
+    local = LocalEngine(loaded.model, loaded.stop_token_ids, 256)
     params = SamplingParams(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens, seed=7)
     print(
         f"{name}: {parameters:,} parameters, {len(prompts)} prompts "

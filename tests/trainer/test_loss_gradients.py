@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import padded_logprobs, tiny_model
 
 from rlsd_trainer.algorithms import (
     clipped_policy_loss,
@@ -156,10 +156,8 @@ def test_kl_penalty_gradcheck() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Chunked response log-probs against the naive full-logits computation
+# Packed, chunked response log-probs against the padded full-logits computation
 # --------------------------------------------------------------------------------------------------
-
-PAD = 0
 
 
 def _tiny_model(tie: bool, seed: int = 0) -> torch.nn.Module:
@@ -170,21 +168,6 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [20], [30, 31]]
 RESPONSES = [[40, 41, 42, 43], [50], [60, 61, 62, 63, 64, 65], [70, 71]]
 
 
-def _naive(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]]):
-    batch = pack(prompts, responses, PAD)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    log_probs = logits.log_softmax(-1)
-    width = batch.response_ids.shape[1]
-    logprobs = torch.zeros(len(prompts), width, dtype=log_probs.dtype)
-    entropy = torch.zeros(len(prompts), width, dtype=log_probs.dtype)
-    for b, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-        for t, token in enumerate(response):
-            position = len(prompt) + t - 1  # the hidden state before response token t predicts it
-            logprobs[b, t] = log_probs[b, position, token]
-            entropy[b, t] = -(log_probs[b, position].exp() * log_probs[b, position]).sum()
-    return logprobs, entropy, batch.response_mask
-
-
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("chunk_tokens", [3, 1000])
 def test_chunked_logprobs_match_naive_values_and_gradients(tie: bool, chunk_tokens: int) -> None:
@@ -192,12 +175,12 @@ def test_chunked_logprobs_match_naive_values_and_gradients(tie: bool, chunk_toke
     assert next(model.parameters()).dtype == F64
     weights = torch.linspace(0.5, 1.5, 6, dtype=F64)  # a weighted sum makes the check position-aware
 
-    naive_lp, naive_ent, mask = _naive(model, PROMPTS, RESPONSES)
-    (naive_lp * mask * weights).sum().backward()
+    batch = pack(PROMPTS, RESPONSES)
+    naive_lp, naive_ent = padded_logprobs(model, PROMPTS, RESPONSES)
+    (naive_lp * batch.response_mask * weights).sum().backward()
     naive_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
 
-    batch = pack(PROMPTS, RESPONSES, PAD)
     logprobs, entropy = response_logprobs(model, batch, chunk_tokens=chunk_tokens, with_entropy=True)
     assert logprobs.shape == (4, 6) and entropy is not None
     # The projection runs in float32 inside response_logprobs, hence float32-level tolerances.
@@ -218,14 +201,85 @@ def test_chunked_logprobs_match_naive_values_and_gradients(tie: bool, chunk_toke
 
 def test_chunked_logprobs_without_grad_match_with_grad() -> None:
     model = _tiny_model(tie=False)
-    batch = pack(PROMPTS, RESPONSES, PAD)
+    batch = pack(PROMPTS, RESPONSES)
     with torch.no_grad():
         plain, entropy = response_logprobs(model, batch, chunk_tokens=4)
     assert entropy is None
     chunked, _ = response_logprobs(model, batch, chunk_tokens=5)
     torch.testing.assert_close(plain, chunked.detach(), atol=1e-6, rtol=1e-6)
-    naive_lp, _, _ = _naive(model, PROMPTS, RESPONSES)
+    naive_lp, _ = padded_logprobs(model, PROMPTS, RESPONSES)
     torch.testing.assert_close(plain.double(), naive_lp.detach(), atol=2e-5, rtol=1e-5)
+
+
+def test_packed_micro_batches_equal_the_padded_path() -> None:
+    """Long-tailed rows, packed back to back (all at once, or cut into micro-batches with
+    `PackedBatch.select` as the learner does): the padded path's log-probs, entropies and gradients."""
+    model = _tiny_model(tie=True, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    prompt_lengths = torch.randint(1, 9, (12,), generator=generator).tolist()
+    response_lengths = [1, 2, 3, 3, 4, 5, 7, 9, 12, 17, 25, 31]
+    prompts = [torch.randint(2, 97, (n,), generator=generator).tolist() for n in prompt_lengths]
+    responses = [torch.randint(2, 97, (n,), generator=generator).tolist() for n in response_lengths]
+    batch = pack(prompts, responses)
+    assert len(batch.input_ids) == sum(prompt_lengths) + sum(response_lengths)  # no padding
+    weights = torch.randn(batch.response_mask.shape, generator=generator, dtype=F64)
+
+    def objective(logprobs: torch.Tensor, entropy: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        width = logprobs.shape[1]
+        return ((logprobs.double() - 0.3 * entropy.double()) * weights[rows, :width]).sum()
+
+    every = torch.arange(12)
+    padded_lp, padded_ent = padded_logprobs(model, prompts, responses)
+    objective(padded_lp, padded_ent, every).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for micro_batches in (
+        [every],
+        [torch.tensor([11, 10]), torch.tensor([9, 3, 0, 7]), torch.tensor([1, 2, 4, 5, 6, 8])],
+    ):
+        model.zero_grad(set_to_none=True)
+        for rows in micro_batches:
+            micro = batch.select(rows)
+            logprobs, entropy = response_logprobs(model, micro, chunk_tokens=8, with_entropy=True)
+            width = logprobs.shape[1]
+            torch.testing.assert_close(
+                logprobs.double(), padded_lp[rows, :width].detach(), atol=2e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(
+                entropy.double(), padded_ent[rows, :width].detach(), atol=2e-5, rtol=1e-5
+            )
+            objective(logprobs, entropy, rows).backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_prompt_packed_once_for_its_group_gives_the_padded_gradients() -> None:
+    """Groups of responses continuing one prompt, the prompt packed (and differentiated) once per
+    group: the padded path's log-probs and gradients, where every row repeats its prompt; also when
+    a micro-batch cuts a group, whose prompt it then packs again."""
+    model = _tiny_model(tie=False, seed=6)
+    generator = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(2, 97, (n,), generator=generator).tolist() for n in (5, 1, 8)]
+    responses = [
+        torch.randint(2, 97, (n,), generator=generator).tolist() for n in (3, 1, 6, 2, 9, 4, 1, 5, 2)
+    ]
+    groups = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    batch = pack(prompts, responses, groups)
+    assert len(batch.input_ids) == 5 + 1 + 8 + sum(map(len, responses))
+    weights = torch.randn(batch.response_mask.shape, generator=generator, dtype=F64)
+
+    padded, _ = padded_logprobs(model, [prompts[g] for g in groups], responses)
+    (padded * weights).sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for micro_batches in ([torch.arange(9)], [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])]):
+        model.zero_grad(set_to_none=True)
+        for rows in micro_batches:
+            micro = batch.select(rows)
+            logprobs, _ = response_logprobs(model, micro, chunk_tokens=4)
+            width = logprobs.shape[1]
+            torch.testing.assert_close(logprobs.double(), padded[rows, :width].detach(), atol=2e-5, rtol=1e-5)
+            (logprobs.double() * weights[rows, :width]).sum().backward()
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("softcap", [None, 2.0])

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import torch
 from processes import Server, start_server, wait_healthy
-from tiny_models import EOS, PAD, save_tiny_model, tiny_model
+from tiny_models import EOS, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rlsd_trainer.cli import main as cli_main
@@ -83,7 +83,7 @@ def _local_chunks(
     model: PreTrainedModel, prompts: list[list[int]], params: SamplingParams, replicas: int, version: int
 ) -> list[list[Completion]]:
     """What the remote engine must return: LocalEngine on each chunk, with the chunk's seed."""
-    engine = LocalEngine(model, PAD, [EOS])
+    engine = LocalEngine(model, [EOS])
     engine.policy_version = version
     groups: list[list[Completion]] = []
     for start, stop in chunk_bounds(len(prompts), replicas):
@@ -109,7 +109,7 @@ def test_completion_equals_local_engine_and_is_identical_across_replicas(
     body = completion_request(NAME, PROMPTS, PARAMS, seed=PARAMS.seed)
     answers = [httpx.post(servers[r].url + "/v1/completions", json=body).json() for r in ("r1", "r2")]
     assert answers[0]["choices"] == answers[1]["choices"]
-    expected = LocalEngine(_load(model_dir), PAD, [EOS]).generate(PROMPTS, PARAMS)
+    expected = LocalEngine(_load(model_dir), [EOS]).generate(PROMPTS, PARAMS)
     assert parse_completions(answers[0], len(PROMPTS), PARAMS.n, {"default": 0}.__getitem__) == expected
     choice = answers[0]["choices"][PARAMS.n]  # prompt 1, sample 0
     assert choice["prompt_token_ids"] == PROMPTS[1] and choice["index"] == PARAMS.n
@@ -214,7 +214,7 @@ def test_teacher_scores_equal_the_colocated_computation_bit_for_bit(
     url = servers["teacher"].url
     client = RemoteTeacherClient([url], NAME, "gloo")
     try:
-        expected = shared_prompt_logprobs(_load(model_dir), prompts, responses, 2, PAD)
+        expected = shared_prompt_logprobs(_load(model_dir), prompts, responses, 2)
         assert torch.equal(client.score(prompts, responses, group_size=2), expected)
         groups = [
             {"prompt_ids": p, "response_ids": responses[2 * i : 2 * i + 2]} for i, p in enumerate(prompts)
@@ -225,7 +225,7 @@ def test_teacher_scores_equal_the_colocated_computation_bit_for_bit(
         new = tiny_model(seed=5)
         client.update_weights(new.named_parameters(), version=7)
         scored = client.score(prompts, responses, group_size=2)
-        assert torch.equal(scored, shared_prompt_logprobs(new.eval(), prompts, responses, 2, PAD))
+        assert torch.equal(scored, shared_prompt_logprobs(new.eval(), prompts, responses, 2))
         assert _metric(url, "rlsd_teacher_policy_version") == 7.0
     finally:
         client.close()

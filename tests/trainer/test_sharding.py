@@ -22,7 +22,8 @@ from rlsd_contracts.exit_codes import (
 from rlsd_trainer.distributed import DistContext, prepare_policy, share_of
 from rlsd_trainer.lifecycle import launcher_exit_code
 
-# Builds a fixed batch, takes this rank's rows, and writes the full gradient of
+# Builds a fixed batch of 3 groups (a prompt and 2 responses each; the prompt packed once per group),
+# takes this rank's groups, and writes the full gradient of
 #   loss = sum over this rank's response tokens of -logprob * advantage / (global token count)
 # summed over ranks (FSDP2 reduce-scatter), to compare with one process doing all rows.
 WORKER = r"""
@@ -36,11 +37,14 @@ from rlsd_trainer.logprobs import pack
 
 ctx = init_distributed(60)
 generator = torch.Generator().manual_seed(0)
-prompts = [torch.randint(2, 97, (int(n),), generator=generator).tolist() for n in (3, 5, 4, 2, 6, 3)]
+prompts = [torch.randint(2, 97, (int(n),), generator=generator).tolist() for n in (3, 5, 4)]
 responses = [torch.randint(2, 97, (int(n),), generator=generator).tolist() for n in (4, 1, 6, 3, 5, 2)]
 advantages = torch.randn(6, generator=generator)
-rows = share_of(6, ctx)
-batch = pack([prompts[i] for i in rows], [responses[i] for i in rows], 0)
+groups = share_of(3, ctx)
+rows = range(2 * groups.start, 2 * groups.stop)
+batch = pack(
+    prompts[groups.start : groups.stop], [responses[i] for i in rows], [i // 2 - groups.start for i in rows]
+)
 (global_tokens,) = all_reduce([float(batch.response_mask.sum())], ctx)
 policy = prepare_policy(tiny_model(seed=1), ctx, LearnerSection())
 logprobs, _ = policy.response_logprobs(batch, chunk_tokens=4)
@@ -87,7 +91,7 @@ def test_activation_checkpointing_keeps_gradients() -> None:
 
     from rlsd_trainer.logprobs import pack
 
-    batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]], 0)
+    batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]])
     grads = []
     for checkpointing in (False, True):
         policy = prepare_policy(

@@ -27,6 +27,31 @@ def tiny_model(seed: int = 0, tie: bool = True) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
+def padded_logprobs(
+    model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded reference path: `prompt + response` rows right-padded to the longest, one ordinary
+    forward with a padding mask, full logits. Log-probs and entropies `[R, T]` of every response
+    token (0 on padding), differentiable."""
+    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
+    width = max(map(len, rows))
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    log_probs = model(input_ids=input_ids, attention_mask=attention_mask).logits.log_softmax(-1)
+    shape = (len(rows), max(map(len, responses)))
+    logprobs = torch.zeros(shape, dtype=log_probs.dtype)
+    entropy = torch.zeros(shape, dtype=log_probs.dtype)
+    for b, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        for t, token in enumerate(response):
+            position = len(prompt) + t - 1  # the hidden state before response token t predicts it
+            logprobs[b, t] = log_probs[b, position, token]
+            entropy[b, t] = -(log_probs[b, position].exp() * log_probs[b, position]).sum()
+    return logprobs, entropy
+
+
 def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     """`tiny_model(seed)` in Hugging Face format with a word-level tokenizer (`t<id>`; pad t0, EOS t1)."""
     vocab = {f"t{i}": i for i in range(VOCAB)}

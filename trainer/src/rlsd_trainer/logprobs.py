@@ -1,4 +1,8 @@
-"""Per-token log-probabilities of response tokens without materialising the full logits.
+"""Per-token log-probabilities of response tokens, padding-free, without materialising the full logits.
+
+Prompts and responses are packed back to back into one sequence whose attention never crosses
+rows (`attention.PackedRows`), so the backbone computes real tokens only, and a prompt shared by
+the G responses of a group runs (and is differentiated) once.
 
 The output projection of a 151,936-token vocabulary at 4,096 tokens is 2.5 GB of float32 logits
 per sequence, plus as much again for its gradient. We run the backbone once, gather the hidden
@@ -13,47 +17,104 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
+
+from rlsd_trainer.attention import PackedRows, forward_packed, spans
 
 
 @dataclass
 class PackedBatch:
-    """Right-padded `prompt + response` rows and where each response sits.
+    """Prompts and their responses packed back to back, without padding; each prompt packed once.
 
-    `input_ids`/`attention_mask` are `[B, L]`; `response_ids`/`response_mask` are `[B, T]`;
-    `prompt_lengths` is `[B]` (response token t of row b is at position prompt_lengths[b] + t).
+    `input_ids` is `[N]`: every prompt's tokens in turn, then every response's. Response r continues
+    prompt `groups[r]` (the G responses of a group share one prompt); `prompt_lengths` is `[P]`.
+    `response_ids` and `response_mask` are `[R, T]`, right-padded: the per-token layout the
+    algorithms work in.
     """
 
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
     prompt_lengths: torch.Tensor
+    groups: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
 
     def to(self, device: torch.device) -> PackedBatch:
         return PackedBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1).long()
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> PackedBatch:
-    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
-    length = max(len(row) for row in rows)
-    width = max(1, max(len(r) for r in responses))
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    response_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, (row, response) in enumerate(zip(rows, responses, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-        response_ids[i, : len(response)] = torch.tensor(response, dtype=torch.long)
-        response_mask[i, : len(response)] = 1.0
-    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    return PackedBatch(input_ids, attention_mask, prompt_lengths, response_ids, response_mask)
+    def rows(self) -> PackedRows:
+        """The attention layout: the prompts, then the responses, each continuing its prompt."""
+        no_context = torch.full_like(self.prompt_lengths, -1)
+        return PackedRows(
+            torch.cat([self.prompt_lengths, self.response_lengths]), torch.cat([no_context, self.groups])
+        )
+
+    def select(self, rows: torch.Tensor) -> PackedBatch:
+        """The responses `rows` (`[K]` indices) and their prompts, packed anew; responses trimmed to
+        the longest of them."""
+        prompts, groups = torch.unique(self.groups[rows], return_inverse=True)
+        prompt_offsets = F.pad(self.prompt_lengths.cumsum(0), (1, 0))
+        response_lengths = self.response_lengths
+        response_offsets = prompt_offsets[-1] + F.pad(response_lengths.cumsum(0), (1, 0))
+        width = max(1, int(response_lengths[rows].max()))
+        return PackedBatch(
+            input_ids=torch.cat(
+                [
+                    self.input_ids[spans(prompt_offsets[prompts], self.prompt_lengths[prompts])],
+                    self.input_ids[spans(response_offsets[rows], response_lengths[rows])],
+                ]
+            ),
+            prompt_lengths=self.prompt_lengths[prompts],
+            groups=groups,
+            response_ids=self.response_ids[rows, :width],
+            response_mask=self.response_mask[rows, :width],
+        )
+
+
+def pack(
+    prompts: list[list[int]], responses: list[list[int]], groups: list[int] | None = None
+) -> PackedBatch:
+    """Pack `responses`, response r continuing prompt `groups[r]` (default: prompt r)."""
+    if groups is None:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts; pass their groups")
+        groups = list(range(len(responses)))
+    if any(not prompt for prompt in prompts):
+        raise ValueError("every prompt needs a token: the first response token is predicted from it")
+    tokens = [token for row in (*prompts, *responses) for token in row]
+    response_ids, response_mask = _right_padded(responses)
+    return PackedBatch(
+        input_ids=torch.tensor(tokens, dtype=torch.long),
+        prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long),
+        groups=torch.tensor(groups, dtype=torch.long),
+        response_ids=response_ids,
+        response_mask=response_mask,
+    )
+
+
+def _right_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids `[R, T]` (0 on padding) and their float mask, T the longest row (at least 1)."""
+    ids = torch.zeros((len(rows), max(1, max(map(len, rows), default=0))), dtype=torch.long)
+    mask = torch.zeros(ids.shape, dtype=torch.float32)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1.0
+    return ids, mask
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     """float32 for bf16/fp16/fp32 inputs (log-softmax needs it), float64 stays float64."""
     return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def output_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of the final states `hidden` `[..., H]` in the compute dtype, soft-capped as the model's own."""
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return _chunk_logits(hidden, model.get_output_embeddings().weight, softcap)
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -139,20 +200,29 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
 def response_logprobs(
     model: PreTrainedModel, batch: PackedBatch, chunk_tokens: int = 256, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs `[B, T]` of every response token (0 on padding), and their entropies if asked.
+    """Log-probs `[R, T]` of every response token (0 on padding), and their entropies if asked.
 
-    `log pi(y_t) = log_softmax(W h_{t-1})[y_t]`, computed over chunks of `chunk_tokens` tokens.
+    `log pi(y_t) = log_softmax(W h_{t-1})[y_t]`: one forward over the packed batch (a response
+    attends to its prompt and causally to itself, never to other rows; a prompt shared by a group
+    runs once), then the output projection over chunks of `chunk_tokens` response tokens.
     Differentiable when grad is enabled; the chunks are recomputed in backward.
     """
-    # Rows are right-padded, so under causal attention a real token only ever sees real tokens: no
-    # padding mask is needed, which lets attention use its fused causal kernel instead of
-    # materialising a [heads, L, L] masked score matrix. Padded positions are never read below.
-    hidden = model.base_model(input_ids=batch.input_ids).last_hidden_state
-    offsets = torch.arange(batch.response_ids.shape[1], device=hidden.device)
-    positions = (batch.prompt_lengths.unsqueeze(1) + offsets - 1).clamp(max=hidden.shape[1] - 1)
-    predicting = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    rows = batch.rows()
+    hidden = forward_packed(model, batch.input_ids, rows)
+    row, column = torch.nonzero(batch.response_mask, as_tuple=True)
+    starts = rows.offsets.long()
+    # Token t is predicted by the state before it: its prompt's last one for t = 0.
+    predicting = torch.where(
+        column == 0, starts[batch.groups[row] + 1] - 1, starts[len(batch.prompt_lengths) + row] + column - 1
+    )
     return _project_tokens(
-        model, predicting, batch.response_ids, batch.response_mask, chunk_tokens, with_entropy
+        model,
+        hidden[predicting],
+        batch.response_ids[row, column],
+        (row, column),
+        batch.response_mask.shape,
+        chunk_tokens,
+        with_entropy,
     )
 
 
@@ -162,71 +232,36 @@ def shared_prompt_logprobs(
     prompts: list[list[int]],
     responses: list[list[int]],
     group_size: int,
-    pad_id: int,
     chunk_tokens: int = 256,
 ) -> torch.Tensor:
-    """Log-probs `[B, T]` of responses that come in groups of `group_size` after one shared prompt.
-
-    Each prompt is run once and its KV cache repeated for its group, instead of recomputing the
-    prompt for every response: for a teacher whose privileged prompt is long, this is most of the
-    cost. Same values as `response_logprobs` on the concatenated rows (up to float rounding).
-    """
+    """Log-probs `[R, T]` of responses that come in groups of `group_size` after one shared prompt
+    (a teacher's privileged prompt): `response_logprobs` with each prompt packed once for its group."""
     if len(responses) != len(prompts) * group_size:
         raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts x group {group_size}")
-    device = model.device
-    width = max(len(p) for p in prompts)
-    # Left-padded prompts end at the same column, so every response continues at the cache's end.
-    prompt_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
-    for i, prompt in enumerate(prompts):
-        prompt_ids[i, width - len(prompt) :] = torch.tensor(prompt, device=device)
-        prompt_mask[i, width - len(prompt) :] = 1
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    prefill = model.base_model(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True
-    )
-    cache = prefill.past_key_values
-    cache.batch_repeat_interleave(group_size)
-    packed = pack([[]] * len(responses), responses, pad_id)
-    response_ids = packed.response_ids.to(device)
-    response_mask = packed.response_mask.to(device)
-    steps = torch.arange(response_ids.shape[1], device=device)
-    response_positions = positions[:, -1:].repeat_interleave(group_size, 0) + 1 + steps
-    attention = torch.cat([prompt_mask.repeat_interleave(group_size, 0), response_mask.long()], dim=1)
-    continued = model.base_model(
-        input_ids=response_ids,
-        attention_mask=attention,
-        position_ids=response_positions,
-        past_key_values=cache,
-    ).last_hidden_state
-    # Token t is predicted by the state before it: the prompt's last one for t = 0.
-    last_prompt_state = prefill.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)
-    predicting = torch.cat([last_prompt_state, continued[:, :-1]], dim=1)
-    logprobs, _ = _project_tokens(model, predicting, response_ids, response_mask, chunk_tokens, False)
+    groups = [index // group_size for index in range(len(responses))]
+    batch = pack(prompts, responses, groups).to(model.device)
+    logprobs, _ = response_logprobs(model, batch, chunk_tokens)
     return logprobs
 
 
 def _project_tokens(
     model: PreTrainedModel,
-    predicting: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    where: tuple[torch.Tensor, torch.Tensor],
+    shape: torch.Size,
     chunk_tokens: int,
     with_entropy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Project the states `[B, T, H]` that predict each response token, chunk by chunk over the real
-    (unmasked) tokens, and scatter log-probs (and entropies) back to `[B, T]`."""
-    rows, cols = torch.nonzero(response_mask, as_tuple=True)
-    selected_hidden = predicting[rows, cols]
-    targets = response_ids[rows, cols]
+    """Project the states `[M, H]` that predict the `targets` `[M]`, chunk by chunk, and scatter
+    log-probs (and entropies) to their `where = (rows, columns)` in a zero `[R, T]` of `shape`."""
     weight = model.get_output_embeddings().weight
     softcap = getattr(model.config, "final_logit_softcapping", None)
     token_logprobs, token_entropy = _ChunkedTokenLogprobs.apply(
-        selected_hidden, weight, targets, chunk_tokens, softcap, with_entropy
+        hidden, weight, targets, chunk_tokens, softcap, with_entropy
     )
-    shape = response_mask.shape
-    logprobs = token_logprobs.new_zeros(shape).index_put((rows, cols), token_logprobs)
-    entropy = token_entropy.new_zeros(shape).index_put((rows, cols), token_entropy) if with_entropy else None
+    logprobs = token_logprobs.new_zeros(shape).index_put(where, token_logprobs)
+    entropy = token_entropy.new_zeros(shape).index_put(where, token_entropy) if with_entropy else None
     return logprobs, entropy
 
 
@@ -251,7 +286,6 @@ class PolicyScorer(torch.nn.Module):
         prompts: list[list[int]],
         responses: list[list[int]],
         group_size: int,
-        pad_id: int,
         chunk_tokens: int = 256,
     ) -> torch.Tensor:
-        return shared_prompt_logprobs(self.lm, prompts, responses, group_size, pad_id, chunk_tokens)
+        return shared_prompt_logprobs(self.lm, prompts, responses, group_size, chunk_tokens)

@@ -137,7 +137,6 @@ class Trainer:
         self.initial_policy = broadcast_from_main(initial_policy, ctx)
         loaded = load_model(self.initial_policy, config.model)
         self.tokenizer = loaded.tokenizer
-        self.pad_id = int(self.tokenizer.pad_token_id)
         self.policy = prepare_policy(loaded.model.train(), ctx, config.learner)
         self.teacher = self._build_teacher() if algorithms.needs_teacher(config.algorithm) else None
         self.reference = self._frozen_copy() if config.algorithm.kl_coef > 0 else None
@@ -161,9 +160,7 @@ class Trainer:
         self.teacher_client = None
         self.metrics: MetricsLogger | None = None
         if ctx.is_main:
-            self.engine = build_rollout_engine(
-                config, self.initial_policy, loaded.stop_token_ids, self.pad_id, ctx.device
-            )
+            self.engine = build_rollout_engine(config, self.initial_policy, loaded.stop_token_ids, ctx.device)
             if self.teacher is not None and config.teacher.placement == "remote":
                 self.teacher_client = build_teacher_client(config)
             self.metrics = MetricsLogger(
@@ -389,7 +386,11 @@ class Trainer:
         rows = range(groups.start * group, groups.stop * group)
         responses = [plan.responses[i] for i in rows]
         device = self.ctx.device
-        batch = pack([plan.prompts[i // group] for i in rows], responses, self.pad_id).to(device)
+        # Each group's prompt is packed once, for all its responses.
+        batch = pack(
+            plan.prompts[groups.start : groups.stop], responses, [i // group - groups.start for i in rows]
+        )
+        batch = batch.to(device)
         advantages = torch.tensor([plan.advantages[i] for i in rows], device=device)
         rollout_lp = _padded([plan.rollout_logprobs[i] for i in rows], batch.response_mask)
         teacher_lp = None
@@ -401,7 +402,6 @@ class Trainer:
                     [plan.teacher_prompts[g] for g in groups],
                     responses,
                     group,
-                    self.pad_id,
                     cfg.learner.logprob_chunk_tokens,
                 )
 
@@ -430,23 +430,30 @@ class Trainer:
         return values
 
     def _micro_batches(self, batch: PackedBatch) -> tuple[list[torch.Tensor], int]:
-        """Row indices of micro-batches whose padded size fits `learner.micro_batch_tokens`, and how
-        many of them are real.
+        """Response indices of micro-batches of at most `learner.micro_batch_tokens` real tokens
+        (a prompt counted once per micro-batch that holds its responses; a longer response alone),
+        and how many of them are real.
 
-        Every rank runs as many micro-batches as the busiest one (the extra ones repeat a row and
-        contribute zero), because each sharded forward and backward is a collective."""
-        lengths = batch.attention_mask.sum(1)
-        order = torch.argsort(lengths, descending=True).tolist()
+        Responses are taken in group order, so a group's prompt is packed once unless the budget
+        cuts the group. Every rank runs as many micro-batches as the busiest one (the extra ones
+        repeat a row and contribute zero), because each sharded forward and backward is a collective."""
+        response_lengths = batch.response_lengths.tolist()
+        prompt_lengths = batch.prompt_lengths.tolist()
         budget = self.config.learner.micro_batch_tokens
-        groups: list[list[int]] = [[]]
-        for index in order:
-            widest = int(lengths[groups[-1][0]]) if groups[-1] else int(lengths[index])
-            if groups[-1] and widest * (len(groups[-1]) + 1) > budget:
-                groups.append([])
-            groups[-1].append(index)
-        (most,) = all_reduce([float(len(groups))], self.ctx, op="max")
-        padding = [torch.tensor(groups[-1][:1])] * (int(most) - len(groups))
-        return [torch.tensor(g) for g in groups] + padding, len(groups)
+        micro: list[list[int]] = [[]]
+        filled, prompts = 0, set()
+        for index, prompt in enumerate(batch.groups.tolist()):
+            cost = response_lengths[index] + (0 if prompt in prompts else prompt_lengths[prompt])
+            if micro[-1] and filled + cost > budget:
+                micro.append([])
+                filled, prompts = 0, set()
+                cost = response_lengths[index] + prompt_lengths[prompt]
+            micro[-1].append(index)
+            filled += cost
+            prompts.add(prompt)
+        (most,) = all_reduce([float(len(micro))], self.ctx, op="max")
+        padding = [torch.tensor(micro[-1][:1])] * (int(most) - len(micro))
+        return [torch.tensor(g) for g in micro] + padding, len(micro)
 
     def _learn(
         self,
@@ -467,7 +474,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for index, rows in enumerate(micro_batches):
                 counted = index < real  # repeats only keep the ranks' collectives in step
-                micro = _select(batch, rows)
+                micro = batch.select(rows)
                 width = micro.response_mask.shape[1]
                 logprobs, entropy = self.policy.response_logprobs(
                     micro, cfg.learner.logprob_chunk_tokens, with_entropy=True
@@ -537,7 +544,7 @@ class Trainer:
         """Log-probs before any update of this step, for the ratio of epochs after the first."""
         old = torch.zeros_like(batch.response_mask)
         for rows in micro_batches:
-            micro = _select(batch, rows)
+            micro = batch.select(rows)
             logprobs, _ = self.policy.response_logprobs(micro, self.config.learner.logprob_chunk_tokens)
             old[rows, : logprobs.shape[1]] = logprobs
         return old
@@ -641,19 +648,6 @@ def _padded(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
     for i, values in enumerate(rows):
         out[i, : len(values)] = torch.tensor(values, dtype=out.dtype)
     return out
-
-
-def _select(batch: PackedBatch, rows: torch.Tensor) -> PackedBatch:
-    """Rows of a packed batch, trimmed to the longest row so padding is not computed."""
-    width = int(batch.attention_mask[rows].sum(1).max())
-    response_width = max(1, int(batch.response_mask[rows].sum(1).max()))
-    return PackedBatch(
-        input_ids=batch.input_ids[rows, :width],
-        attention_mask=batch.attention_mask[rows, :width],
-        prompt_lengths=batch.prompt_lengths[rows],
-        response_ids=batch.response_ids[rows, :response_width],
-        response_mask=batch.response_mask[rows, :response_width],
-    )
 
 
 def run_training(

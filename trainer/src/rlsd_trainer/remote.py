@@ -34,14 +34,13 @@ def build_rollout_engine(
     config: RunConfig,
     initial_policy: Path | str,
     stop_token_ids: Sequence[int],
-    pad_id: int,
     device: torch.device,
 ) -> RolloutEngine:
     """The in-process engine (its own copy of the policy, on the learner's device) or a client of the
     rollout servers."""
     if config.rollout.backend == "local":
         model = load_model(initial_policy, config.model).model.to(device)
-        return LocalEngine(model, pad_id, stop_token_ids, config.rollout.max_batch_size)
+        return LocalEngine(model, stop_token_ids, config.rollout.max_batch_size)
     from rlsd_trainer.rollout_client import RemoteRolloutEngine
 
     return RemoteRolloutEngine(**_client_args(config.rollout.servers))

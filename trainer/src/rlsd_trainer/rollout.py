@@ -1,9 +1,10 @@
 """Rollout engines: turn prompt ids into sampled responses with their log-probs.
 
 `RolloutEngine` is what the training loop talks to. `LocalEngine` runs a transformers model in
-process (batched sampling with a KV cache); a vLLM client or our CPU rollout server implement the
-same protocol. Returned log-probs are those of the raw model distribution (before temperature and
-top-p), as vLLM reports them by default, so they compare directly with the learner's.
+process (batched sampling over a preallocated KV cache that finished rows leave); a vLLM client or
+our CPU rollout server (which wraps `LocalEngine`) implement the same protocol. Returned log-probs
+are those of the raw model distribution (before temperature and top-p), as vLLM reports them by
+default, so they compare directly with the learner's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Literal, Protocol
 
 import torch
 from transformers import PreTrainedModel
+
+from rlsd_trainer.attention import DecodeCache
+from rlsd_trainer.logprobs import output_logits
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,11 @@ def sample_next(
     """Next token ids `[B]`: greedy at temperature 0, else nucleus sampling of softmax(logits / T)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution `[B, V]` nucleus sampling draws from: softmax(logits / T), cut to top-p."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -64,17 +73,14 @@ def sample_next(
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
 
 
 class LocalEngine:
     """In-process sampler over a transformers causal LM (its own copy of the policy weights)."""
 
-    def __init__(
-        self, model: PreTrainedModel, pad_id: int, stop_ids: Iterable[int], max_batch_size: int = 256
-    ) -> None:
+    def __init__(self, model: PreTrainedModel, stop_ids: Iterable[int], max_batch_size: int = 256) -> None:
         self.model = model.eval().requires_grad_(False)
-        self.pad_id = pad_id
         self.stop_set = frozenset(stop_ids)
         self.stop_ids = torch.tensor(sorted(self.stop_set))
         self.max_batch_size = max_batch_size
@@ -92,7 +98,7 @@ class LocalEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        generator = torch.Generator().manual_seed(params.seed)
+        generator = torch.Generator(self.model.device).manual_seed(params.seed)
         rows = [prompt for prompt in prompts for _ in range(params.n)]
         completions: list[Completion] = []
         for start in range(0, len(rows), self.max_batch_size):
@@ -100,56 +106,53 @@ class LocalEngine:
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator
     ) -> list[Completion]:
-        device = self.model.device
-        width = max(len(p) for p in prompts)
-        # Left padding keeps every row's next position at the end, so one KV cache serves all rows.
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
-            attention_mask[i, width - len(prompt) :] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        stop_ids = self.stop_ids.to(device)
+        """Sample the rows (prompts) of one batch: each distinct prompt runs once, packed (the n
+        samples of a prompt share it), then one token per unfinished row and step; a row that stops
+        leaves the batch and the cache.
 
-        tokens: list[torch.Tensor] = []
-        logprobs: list[torch.Tensor] = []
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        cache = None
-        step_ids, step_positions = input_ids, positions
-        for _ in range(params.max_new_tokens):
-            out = self.model(
-                input_ids=step_ids,
-                attention_mask=attention_mask,
-                position_ids=step_positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float()
-            next_ids = sample_next(logits, params.temperature, params.top_p, generator)
-            next_ids = torch.where(finished, torch.full_like(next_ids, self.pad_id), next_ids)
-            tokens.append(next_ids)
-            logprobs.append(logits.log_softmax(-1).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1))
-            finished = finished | torch.isin(next_ids, stop_ids)
-            if bool(finished.all()):
+        The random stream is drawn as if every row stayed: `torch.multinomial` over all rows of the
+        batch each step (a finished row keeps its last distribution), so a row's tokens depend on the
+        seed and its place in the batch only, as when finished rows were decoded on to the end."""
+        stop_ids = self.stop_ids.to(self.model.device)
+        prompts: list[list[int]] = []
+        sources: list[int] = []  # the prompt of each row (repeats of a prompt come in a run)
+        for row in rows:
+            if not prompts or row != prompts[-1]:
+                prompts.append(row)
+            sources.append(len(prompts) - 1)
+        cache, hidden = DecodeCache.prefill(self.model, prompts, sources, params.max_new_tokens)
+        tokens: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        sampling = torch.empty(0)
+        live = torch.arange(len(rows), device=hidden.device)  # the batch row of each cache slot
+        for step in range(params.max_new_tokens):
+            logits = output_logits(self.model, hidden)
+            if params.temperature == 0.0:
+                next_ids = logits.argmax(dim=-1)
+            else:
+                if step == 0:
+                    sampling = torch.zeros_like(logits)
+                sampling[live] = sampling_probs(logits, params.temperature, params.top_p)
+                next_ids = torch.multinomial(sampling, 1, generator=generator).squeeze(-1)[live]
+            chosen = logits.log_softmax(-1).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+            for row, token, logprob in zip(live.tolist(), next_ids.tolist(), chosen.tolist(), strict=True):
+                tokens[row].append(token)
+                logprobs[row].append(logprob)
+            stopped = torch.isin(next_ids, stop_ids)
+            if step + 1 == params.max_new_tokens or bool(stopped.all()):
                 break
-            step_ids = next_ids.unsqueeze(-1)
-            step_positions = step_positions[:, -1:] + 1
-            attention_mask = torch.cat([attention_mask, (~finished).long().unsqueeze(-1)], dim=-1)
-        return self._to_completions(torch.stack(tokens, 1), torch.stack(logprobs, 1))
-
-    def _to_completions(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> list[Completion]:
-        completions = []
-        for row_tokens, row_logprobs in zip(tokens.tolist(), logprobs.tolist(), strict=True):
-            length, reason = len(row_tokens), "length"
-            for index, token in enumerate(row_tokens):
-                if token in self.stop_set:
-                    length, reason = index + 1, "stop"
-                    break
-            completions.append(
-                Completion(row_tokens[:length], row_logprobs[:length], reason, self.policy_version)
+            if bool(stopped.any()):
+                order = cache.drop(stopped)
+                live, next_ids = live[order], next_ids[order]
+            hidden = cache.step(self.model, next_ids)
+        return [
+            Completion(
+                row_tokens,
+                row_logprobs,
+                "stop" if row_tokens[-1] in self.stop_set else "length",
+                self.policy_version,
             )
-        return completions
+            for row_tokens, row_logprobs in zip(tokens, logprobs, strict=True)
+        ]

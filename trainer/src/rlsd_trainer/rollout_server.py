@@ -235,8 +235,6 @@ def build_app(
         dtype,
         transfer_timeout_s,
     )
-    engine = LocalEngine(
-        host.model, int(loaded.tokenizer.pad_token_id), loaded.stop_token_ids, max_batch_size
-    )
+    engine = LocalEngine(host.model, loaded.stop_token_ids, max_batch_size)
     router = _router(host, engine, loaded.tokenizer, generation_defaults(model_path))
     return create_app("rollout", host, router)

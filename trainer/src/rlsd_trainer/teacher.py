@@ -74,7 +74,6 @@ class Teacher:
         prompts: list[list[int]],
         responses: list[list[int]],
         group_size: int,
-        pad_id: int,
         chunk_tokens: int,
     ) -> torch.Tensor:
         """Teacher log-probs `[B, T]` of each response token after its group's privileged prompt.
@@ -84,6 +83,6 @@ class Teacher:
         was_training = self.scorer.training
         self.scorer.eval()
         try:
-            return self.scorer.shared_prompt_logprobs(prompts, responses, group_size, pad_id, chunk_tokens)
+            return self.scorer.shared_prompt_logprobs(prompts, responses, group_size, chunk_tokens)
         finally:
             self.scorer.train(was_training)

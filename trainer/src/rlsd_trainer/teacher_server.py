@@ -45,7 +45,7 @@ def _check(host: ModelHost, request: ScoreRequest) -> int:
     return group_size
 
 
-def _router(host: ModelHost, pad_id: int, max_batch_size: int) -> APIRouter:
+def _router(host: ModelHost, max_batch_size: int) -> APIRouter:
     router = APIRouter()
 
     @router.post("/v1/score")
@@ -63,7 +63,6 @@ def _router(host: ModelHost, pad_id: int, max_batch_size: int) -> APIRouter:
                     [group.prompt_ids for group in batch],
                     responses,
                     group_size,
-                    pad_id,
                     request.chunk_tokens,
                 )
                 rows += [logprobs[i, : len(response)].tolist() for i, response in enumerate(responses)]
@@ -86,7 +85,7 @@ def build_app(
     dtype: str,
     transfer_timeout_s: float,
 ) -> FastAPI:
-    host, loaded = load_host(
+    host, _ = load_host(
         "teacher",
         "scored_tokens",
         "Response tokens scored",
@@ -95,4 +94,4 @@ def build_app(
         dtype,
         transfer_timeout_s,
     )
-    return create_app("teacher", host, _router(host, int(loaded.tokenizer.pad_token_id), max_batch_size))
+    return create_app("teacher", host, _router(host, max_batch_size))

@@ -57,7 +57,7 @@ def supervised_warmup(
                 target = direct_answer(example.answer)
             prompts.append(encode_prompt(tokenizer, text))
             targets.append(tokenizer(target, add_special_tokens=False)["input_ids"] + [eos])
-        packed = pack(prompts, targets, tokenizer.pad_token_id)
+        packed = pack(prompts, targets)
         logprobs, _ = response_logprobs(model, packed, chunk_tokens)
         loss = -(logprobs * packed.response_mask).sum() / packed.response_mask.sum()
         optimizer.zero_grad(set_to_none=True)

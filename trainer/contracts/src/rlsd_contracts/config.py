@@ -239,7 +239,8 @@ class WarmupSection(_Section):
 
 
 class LearnerSection(_Section):
-    # Tokens per micro-batch (prompt + response, padded); gradients accumulate across micro-batches.
+    # Real tokens per micro-batch (prompt + response, packed without padding); gradients accumulate
+    # across micro-batches.
     micro_batch_tokens: Annotated[int, Field(ge=64, le=16 * MAX_TOKENS)] = 16384
     # Tokens per chunk of the output projection, bounding the float32 logits held at once.
     logprob_chunk_tokens: Annotated[int, Field(ge=16)] = 256
