@@ -30,6 +30,7 @@ from rlsd_trainer.task import build_model_dir
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 CHECKPOINTS = "/mnt/checkpoints"  # the pods' checkpoint.mountPath (any path; this one has a parent to cover)
 STEPS = 2
 
@@ -38,7 +39,11 @@ def sandbox_script(volume: Path) -> str:
     """The shell script that builds the pod's file systems in a new mount namespace, then runs "$@" as
     the pods' user, without capabilities, with only the pod's environment."""
     writable = [CHECKPOINTS, *security.WRITABLE_DIRS.values()]  # the volume first: /tmp hides its source
+    # The "image": this checkout and its venv, which the writable mounts may hide (a clone under /tmp).
+    # Each is held open before the mounts and bound back at its path afterwards, read-only below.
+    image = sorted({str(REPOSITORY), str(Path(sys.prefix).resolve())})
     lines = ["set -euo pipefail"]
+    lines += [f"exec {3 + i}<{shlex.quote(path)}" for i, path in enumerate(image)]
     for path in writable:
         parent = Path(path).parent
         if not Path(path).exists():
@@ -52,6 +57,13 @@ def sandbox_script(volume: Path) -> str:
             lines.append(f"mount --bind {volume} {path}")
         else:
             lines.append(f"mount -t tmpfs -o mode=1777 tmpfs {path}")  # an emptyDir is world-writable
+    for i, path in enumerate(image):
+        # --no-canonicalize: mount must follow the descriptor, not the path it names (now covered).
+        lines += [
+            f"mkdir -p {shlex.quote(path)}",
+            f"mount --no-canonicalize --bind /proc/self/fd/{3 + i} {shlex.quote(path)}",
+            f"exec {3 + i}<&-",
+        ]
     keep = "|".join(["/proc*", "/sys*", "/dev*", *writable])
     lines += [
         # Every other mount read-only: the image's root filesystem and whatever else is visible.
