@@ -140,6 +140,7 @@ else:
     assert restored is not None and restored.step == 3
     assert torch.equal(state["model"]["w"].full_tensor(), full), "resharded values differ"
     print(f"rank {ctx.rank} of {ctx.world_size}: rank_state={restored.rank_state}")
+dist.barrier()  # as the trainer does: no rank tears its groups down while a peer still uses them
 dist.destroy_process_group()
 """
 

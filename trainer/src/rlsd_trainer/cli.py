@@ -112,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(config: RunConfig, watch: PreemptionWatch | None) -> int:
     """Run training in this process (alone, or as one torchrun rank) and map the outcome to a code."""
-    from rlsd_trainer.distributed import init_distributed, shutdown_distributed
+    from rlsd_trainer.distributed import barrier, init_distributed, shutdown_distributed
     from rlsd_trainer.loop import run_training
 
     ctx = init_distributed(config.learner.collective_timeout_s)
     try:
         summary = run_training(config, ctx, watch)
+        # Every rank finished before any tears its groups down: gloo can abort a peer whose pairs are
+        # still open when the other side goes away.
+        barrier(ctx)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
