@@ -11,8 +11,9 @@ first alternates, so a change in the machine's load falls on both alike)
       `qwen3-512x4`: a larger random-initialised Qwen3 (hidden 512, 4 layers, 8 heads, 4 KV heads,
       head_dim 64, MLP 1536, 12.6M parameters) with the embedded tokenizer and chat template. A
       random tied-embedding model favours tokens already in its context, among them the chat
-      template's end-of-turn token, so response lengths vary widely (mean about 18 of 64) as RL
-      responses do; rewards stay 0, which changes neither side's work.
+      template's end-of-turn token, so some responses stop early (measured: mean about 57 of 64,
+      80% reach the limit, so padding is a small part of TRL's work on this shape); rewards stay 0,
+      which changes neither side's work.
       Each model is saved once and both trainers load that very directory, so they start from the
       same weights. float32 on CPU.
     * Data: train rows of the embedded arithmetic task (`rlsd_trainer.task.generate_examples`),
@@ -56,7 +57,14 @@ Learner efficiency (ours)
     threads (`harness.matmul_peak_gflops`, 2048^3 products, measured in the same run).
 
 Profile (ours): one more step under the torch profiler: the share of CPU time in matrix products
-    (`MATMUL_OPS`) and the most expensive ops, to show what bounds the step.
+    (`MATMUL_OPS`), the most expensive ops, and per phase of the step (the trainer's `StepTimer`
+    marks each as a profiler range) its wall time and its seconds in matrix products, to show what
+    bounds the step.
+
+Bound (ours): the seconds our step would take with its learn phase and its rollout at the matmul
+    peak (learn FLOPs as above; the rollout's one forward over the same tokens is a third of them),
+    the other phases as measured; TRL's mean step over that is the highest ratio this hardware
+    allows unless TRL gets slower.
 
 Output: a table per model on stdout, `benchmarks/results/peer_trl.json` and
 `benchmarks/results/peer_trl.png`. Targets: ours/TRL tokens/s >= 2 on both models; learn phase at
@@ -67,7 +75,7 @@ Running it
     not import it at module level. Install it into a separate virtual environment:
 
         python3 -m venv .venv-peer
-        .venv-peer/bin/pip install -e trainer trl            # pip's wheel cache makes torch quick
+        .venv-peer/bin/pip install -e trainer/contracts -e trainer trl   # pip's wheel cache: torch is quick
         .venv-peer/bin/python benchmarks/peer_trl.py [--steps 10 ...]
 
     or simply `benchmarks/peer_trl.sh [args]`, which creates `.venv-peer` when missing (pinning
@@ -242,13 +250,13 @@ class OursSide:
     """Our trainer, one `train_step` per `step()`."""
 
     def __init__(self, args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path) -> None:
-        from rlsd_contracts.config import parse_config
+        from rlsd_contracts.config import MAX_STEPS, parse_config
         from rlsd_trainer.loop import Trainer
         from rlsd_trainer.verifiers import RewardPool
 
         self.args = args
         setup_started = time.perf_counter()
-        big = 10**9  # no checkpoint, no end of run inside the benchmark
+        big = MAX_STEPS  # no checkpoint, no end of run inside the benchmark
         config = parse_config(
             {
                 "run": {
@@ -326,18 +334,42 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::addmm_", "aten::_sc
 
 def profile_step(step: Any) -> dict[str, Any]:
     """One more step under the torch profiler: the share of CPU time in matrix products (the part a
-    faster implementation cannot shrink at equal FLOPs) and the ops that took the most time."""
+    faster implementation cannot shrink at equal FLOPs), the ops that took the most time, and per
+    phase of the step (`StepTimer`'s profiler ranges) its wall time and the seconds in matrix products
+    (the rest being elementwise ops, copies and Python between ops)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from rlsd_trainer.loop import StepTimer
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         step()
-    events = profiler.key_averages()
+    # Ops only: a phase's range has the Python between its ops as self time (counted per phase below).
+    events = [e for e in profiler.key_averages() if not e.key.startswith(StepTimer.PHASE_PREFIX)]
     total = sum(event.self_cpu_time_total for event in events)
     matmul = sum(event.self_cpu_time_total for event in events if event.key.startswith(MATMUL_OPS))
     top = sorted(events, key=lambda event: -event.self_cpu_time_total)[:12]
+    phases: dict[str, dict[str, float]] = {}
+    for event in profiler.events():
+        if not event.name.startswith(StepTimer.PHASE_PREFIX):
+            continue
+        inside, pending = [], list(event.cpu_children)
+        while pending:
+            child = pending.pop()
+            inside.append(child)
+            pending.extend(child.cpu_children)
+        wall = event.time_range.elapsed_us() / 1e6
+        ops = sum(e.self_cpu_time_total for e in inside) / 1e6
+        products = sum(e.self_cpu_time_total for e in inside if e.name.startswith(MATMUL_OPS)) / 1e6
+        phases[event.name.removeprefix(StepTimer.PHASE_PREFIX)] = {
+            "wall_seconds": wall,
+            "op_seconds": ops,
+            "matmul_seconds": products,
+            "matmul_share_of_wall": products / wall if wall else 0.0,
+        }
     return {
         "cpu_seconds": total / 1e6,
         "matmul_share": matmul / total,
+        "phases": phases,
         "top_ops": [
             {"op": event.key, "seconds": event.self_cpu_time_total / 1e6, "calls": event.count}
             for event in top
@@ -576,7 +608,10 @@ def plot(results: dict[str, dict[str, SideResult]], path: Path) -> None:
 
 
 def learner_efficiency(side: SideResult, model_dir: Path, peak: float) -> dict[str, float]:
-    """Ours: model GFLOP/s of the learn phase on real tokens, and its share of the matmul peak."""
+    """Ours: model GFLOP/s of the learn phase on real tokens, and its share of the matmul peak; and
+    the floor of our step: the seconds its learn phase (forward + backward) and its rollout (one
+    forward of each prompt and generated token, a third of the learner's FLOPs) would take at that
+    peak, the rest of the step as measured."""
     from harness import model_flops, parameter_count, shape_of
     from transformers import AutoConfig
 
@@ -589,12 +624,19 @@ def learner_efficiency(side: SideResult, model_dir: Path, peak: float) -> dict[s
     ]
     seconds = [s.phases["learn"] for s in timed if s.phases]
     gflops = sum(flops) / sum(seconds) / 1e9
+    learn_floor = statistics.fmean(flops) / 1e9 / peak
+    phases = side.phase_seconds()
+    rest = sum(phases.values()) - phases.get("learn", 0.0) - phases.get("rollout", 0.0)
     return {
         "learn_seconds": statistics.fmean(seconds),
         "learn_gflop_per_step": statistics.fmean(flops) / 1e9,
         "learn_gflops": gflops,
         "matmul_peak_gflops": peak,
         "share_of_peak": gflops / peak,
+        "learn_seconds_at_peak": learn_floor,
+        "rollout_seconds": phases.get("rollout", 0.0),
+        "rollout_seconds_at_peak": learn_floor / 3,
+        "step_seconds_at_peak": learn_floor * 4 / 3 + rest,
     }
 
 
@@ -637,11 +679,27 @@ def report(
         f"{100 * efficiency['share_of_peak']:.0f}% of the float32 matmul peak "
         f"({efficiency['matmul_peak_gflops']:.1f} GFLOP/s, {args.threads} threads; target >= 50%)"
     )
+    trl_step = peer["step_seconds"]
+    floor = efficiency["step_seconds_at_peak"]
+    print(
+        f"our step at the matmul peak: learn {efficiency['learn_seconds_at_peak']:.2f} s + rollout "
+        f"{efficiency['rollout_seconds_at_peak']:.2f} s + the rest as measured = {floor:.2f} s; TRL's "
+        f"{trl_step:.2f} s step over that bounds ours/TRL at {trl_step / floor:.2f} "
+        f"(our rollout runs {efficiency['rollout_seconds']:.2f} s)"
+    )
     profile = sides["ours"].notes["profile"]
     print(
         f"profile of one more step of ours: {100 * profile['matmul_share']:.0f}% of "
         f"{profile['cpu_seconds']:.2f} CPU seconds in matrix products; top ops: "
         + ", ".join(f"{op['op']} {op['seconds']:.2f} s" for op in profile["top_ops"][:6])
+    )
+    print(
+        "  by phase (wall under the profiler, share in matrix products): "
+        + ", ".join(
+            f"{name} {phase['wall_seconds']:.2f} s ({100 * phase['matmul_share_of_wall']:.0f}%)"
+            for name, phase in profile["phases"].items()
+            if phase["wall_seconds"] >= 0.01
+        )
     )
     foreign = {name: side.notes.get("foreign_cpu_cores", float("nan")) for name, side in sides.items()}
     print(
@@ -660,6 +718,7 @@ def report(
         "target_ratio": 2.0,
         "target_met": ratio >= 2,
         "learner_efficiency": efficiency,
+        "ratio_bound_at_matmul_peak": trl_step / floor,
         "sides": {
             name: {
                 "summary": side.summary(),

@@ -2,9 +2,9 @@
 # Run benchmarks/peer_trl.py (our GRPO vs TRL's GRPOTrainer) in its own virtual environment.
 #
 # TRL is a dependency of this benchmark only, so it lives in `.venv-peer` (git-ignored), never in
-# the trainer's `.venv`. The first call creates `.venv-peer` and installs the trainer (editable)
-# and TRL into it; torch and transformers are pinned to the versions of `.venv` when that exists,
-# so both environments run the same kernels. Later calls reuse it. Every argument is passed on:
+# the trainer's `.venv`. The first call creates `.venv-peer` and installs the trainer and its
+# contracts package (editable) and TRL into it; torch and transformers are pinned to the versions of
+# `.venv` when that exists, so both environments run the same kernels. Later calls reuse it. Every argument is passed on:
 #
 #   benchmarks/peer_trl.sh                 # defaults
 #   benchmarks/peer_trl.sh --steps 5       # fewer timed steps
@@ -17,7 +17,7 @@ PEER_VENV="${PEER_VENV:-.venv-peer}"
 TRL_SPEC="${TRL_SPEC:-trl}"
 PYTHON="${PYTHON:-python3}"
 
-if [ ! -x "$PEER_VENV/bin/python" ] || ! "$PEER_VENV/bin/python" -c "import trl, rlsd_trainer" 2>/dev/null; then
+if [ ! -x "$PEER_VENV/bin/python" ] || ! "$PEER_VENV/bin/python" -c "import trl, rlsd_contracts, rlsd_trainer.loop" 2>/dev/null; then
     echo "setting up $PEER_VENV (trainer + $TRL_SPEC) ..." >&2
     [ -x "$PEER_VENV/bin/python" ] || "$PYTHON" -m venv "$PEER_VENV"
     "$PEER_VENV/bin/pip" install --quiet --upgrade pip
@@ -31,6 +31,6 @@ for name in ("torch", "transformers"):
 PY
 )
     fi
-    "$PEER_VENV/bin/pip" install -e trainer "$TRL_SPEC" "${pins[@]}"
+    "$PEER_VENV/bin/pip" install -e trainer/contracts -e trainer "$TRL_SPEC" "${pins[@]}"
 fi
 exec "$PEER_VENV/bin/python" benchmarks/peer_trl.py "$@"

@@ -78,7 +78,12 @@ class StepPlan:
 
 
 class StepTimer:
-    """Wall time of the named phases of one step (rollout, reward, teacher, learn, sync, checkpoint)."""
+    """Wall time of the named phases of one step (rollout, reward, teacher, learn, sync, checkpoint).
+
+    Each phase is also a `torch.profiler` range named `PHASE_PREFIX + name`, so a profile of a step
+    splits by phase (nearly free when no profiler runs)."""
+
+    PHASE_PREFIX = "rlsd/"
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -87,7 +92,8 @@ class StepTimer:
     def phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            yield
+            with torch.profiler.record_function(self.PHASE_PREFIX + name):
+                yield
         finally:
             self.seconds[name] += time.perf_counter() - start
 
