@@ -169,6 +169,36 @@ def test_trackers_render_into_the_config_and_their_credentials_into_learner_env_
     assert "trackers" not in config_of()["metrics"]
 
 
+def test_every_secret_key_a_pod_reads_is_checked_before_pods_start() -> None:
+    """The operator looks up exactly the Secret keys its pods read from the environment, naming the
+    spec field, so a missing one is a ReferencesResolved condition, not CreateContainerConfigError."""
+    spec = {
+        "huggingFaceTokenSecret": {"name": "hf", "key": "token"},
+        "trackers": {
+            "wandb": {"project": "p", "apiKeySecret": {"name": "wandb", "key": "api-key"}},
+            "mlflow": {"trackingUri": "https://mlflow.example", "tokenSecret": {"name": "ml", "key": "t"}},
+        },
+        "rollout": {"backend": "cpu", "image": "t", "replicas": 1},
+    }
+    run = defaulted_run(spec=spec)
+    pods = [builders.build_learner_pod(run, 0, 1), *builders.build_server_pods(run)]
+    read_by_pods = {
+        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for pod in pods
+        for container in pod["spec"]["containers"]
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    checked = builders.secret_keys_read(run["spec"])
+    assert {(ref["name"], ref["key"]) for _, ref in checked} == read_by_pods
+    assert [field for field, _ in checked] == [
+        "huggingFaceTokenSecret",
+        "trackers.wandb.apiKeySecret",
+        "trackers.mlflow.tokenSecret",
+    ]
+    assert builders.secret_keys_read(defaulted_run()["spec"]) == []
+
+
 def test_config_map_holds_the_config_and_the_applied_spec() -> None:
     run = defaulted_run()
     config_map = builders.build_config_map(run)

@@ -334,16 +334,29 @@ def test_unsafe_spec_changes_wait_for_the_next_attempt(cluster: Cluster, operato
     wait_until(lambda: not cluster.condition("SpecChangeDeferred"), "the condition to clear")
 
 
-def test_missing_references_are_reported_then_resolved(cluster: Cluster, operator: Any) -> None:
-    start_run(cluster, {"huggingFaceTokenSecret": {"name": "hf"}})
+@pytest.mark.parametrize(
+    ("spec", "field", "key"),
+    [
+        ({"huggingFaceTokenSecret": {"name": "hf"}}, "huggingFaceTokenSecret", "token"),
+        (
+            {"trackers": {"wandb": {"project": "p", "apiKeySecret": {"name": "hf"}}}},
+            "trackers.wandb.apiKeySecret",
+            "api-key",
+        ),
+    ],
+)
+def test_missing_references_are_reported_then_resolved(
+    cluster: Cluster, operator: Any, spec: dict[str, Any], field: str, key: str
+) -> None:
+    start_run(cluster, spec)
     wait_until(
         lambda: cluster.condition("ReferencesResolved").get("reason") == "MissingSecret", "MissingSecret"
     )
     status = cluster.status()
-    assert status["phase"] == "Pending" and "huggingFaceTokenSecret" in status["message"]
+    assert status["phase"] == "Pending" and f"{field}: Secret 'hf' not found" in status["message"]
     assert cluster.events("MissingSecret") and not cluster.pods()
 
-    secret = {"metadata": {"name": "hf"}, "data": {"token": base64.b64encode(b"hf_x").decode()}}
+    secret = {"metadata": {"name": "hf"}, "data": {key: base64.b64encode(b"secret").decode()}}
     cluster.core.create_namespaced_secret(cluster.namespace, secret)
     cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
     assert cluster.condition("ReferencesResolved")["status"] == "True"

@@ -248,13 +248,31 @@ def _secret_env(variable: str, reference: Object) -> Object:
     return {"name": variable, "valueFrom": {"secretKeyRef": secret}}
 
 
-def tracker_env(spec: Object) -> list[Object]:
-    """The experiment trackers' credentials, from the Secrets the spec names (never in the ConfigMap)."""
+def _tracker_secrets(spec: Object) -> list[tuple[str, str, Object]]:
+    """(tracker, field, secret reference) of every tracker credential the spec names."""
     trackers = spec.get("trackers") or {}
     return [
-        _secret_env(variable, trackers[tracker][field])
-        for (tracker, field), variable in names.TRACKER_SECRETS.items()
+        (tracker, field, trackers[tracker][field])
+        for tracker, field in names.TRACKER_SECRETS
         if (trackers.get(tracker) or {}).get(field)
+    ]
+
+
+def tracker_env(spec: Object) -> list[Object]:
+    """The experiment trackers' credentials, from the Secrets the spec names (never in the ConfigMap)."""
+    return [
+        _secret_env(names.TRACKER_SECRETS[tracker, field], reference)
+        for tracker, field, reference in _tracker_secrets(spec)
+    ]
+
+
+def secret_keys_read(spec: Object) -> list[tuple[str, Object]]:
+    """Every Secret key the run's pods read through the environment, with the spec field naming it:
+    a missing one would leave the pods in CreateContainerConfigError, so it is checked first."""
+    token = spec.get("huggingFaceTokenSecret")
+    return [
+        *([("huggingFaceTokenSecret", token)] if token else []),
+        *((f"trackers.{tracker}.{field}", reference) for tracker, field, reference in _tracker_secrets(spec)),
     ]
 
 

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -110,28 +111,32 @@ class RunReconciler:
             if not (self.references.missing and due):
                 return self.references
         spec = run["spec"]
-        missing = None
-        token = spec.get("huggingFaceTokenSecret")
+        read = builders.secret_keys_read(spec)
         secrets = [s["name"] for s in spec.get("imagePullSecrets") or []]
-        keys = await self._api(self.kube.secret_keys, self.namespace, token["name"]) if token else set()
         claim = spec["checkpoint"]["volume"].get("claimName")
         modes = await self._api(self.kube.claim_access_modes, self.namespace, claim) if claim else []
+        keys = await asyncio.gather(
+            *(self._api(self.kube.secret_keys, self.namespace, ref["name"]) for _, ref in read)
+        )
         pulls = await asyncio.gather(*(self._api(self.kube.secret_keys, self.namespace, s) for s in secrets))
-        if token and keys is None:
-            missing = "MissingSecret", f"huggingFaceTokenSecret: Secret {token['name']!r} not found"
-        elif token and token["key"] not in keys:
-            missing = (
-                "MissingSecretKey",
-                f"huggingFaceTokenSecret: Secret {token['name']!r} has no key {token['key']!r}",
-            )
-        elif any(found is None for found in pulls):
-            name = next(s for s, found in zip(secrets, pulls, strict=True) if found is None)
-            missing = "MissingImagePullSecret", f"imagePullSecrets: Secret {name!r} not found"
-        elif modes is None:
-            missing = (
-                "MissingClaim",
-                f"checkpoint.volume.claimName: PersistentVolumeClaim {claim!r} not found",
-            )
+        unread = (
+            ("MissingSecret", f"{field}: Secret {ref['name']!r} not found")
+            if found is None
+            else ("MissingSecretKey", f"{field}: Secret {ref['name']!r} has no key {ref['key']!r}")
+            for (field, ref), found in zip(read, keys, strict=True)
+            if found is None or ref["key"] not in found
+        )
+        unpulled = (
+            ("MissingImagePullSecret", f"imagePullSecrets: Secret {name!r} not found")
+            for name, found in zip(secrets, pulls, strict=True)
+            if found is None
+        )
+        unclaimed = (
+            [("MissingClaim", f"checkpoint.volume.claimName: PersistentVolumeClaim {claim!r} not found")]
+            if modes is None
+            else []
+        )
+        missing = next(itertools.chain(unread, unpulled, unclaimed), None)
         self.references = decide.References(missing, tuple(modes or ()))
         self.references_at, self.references_generation = time.monotonic(), generation
         return self.references
