@@ -35,9 +35,9 @@ from controlplane import (
     KWOK_NODE_SELECTOR,
     KWOK_TOLERATION,
     ControlPlane,
+    bound_claim,
     exit_pod,
     free_port,
-    pv_for,
     wait_until,
 )
 from kubernetes import client
@@ -161,18 +161,7 @@ def bed(
         command = [helm, "install", RELEASE, str(CHART), "-n", SYSTEM, "--wait=false"]
         run([*command, *(arg for value in VALUES for arg in ("--set", value))], env=helm_env)
         cleanup.callback(run, [helm, "uninstall", RELEASE, "-n", SYSTEM], env=helm_env)
-        cleanup.enter_context(pv_for(core, RUNS, "checkpoints"))
-        core.create_namespaced_persistent_volume_claim(
-            RUNS,
-            {
-                "metadata": {"name": "checkpoints"},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
+        cleanup.enter_context(bound_claim(core, RUNS))
         # The run's processes: two CPU rollout servers, a teacher server and the trainer (the 2-rank
         # run of tests/trainer/test_distributed.py, in one process, for as long as the test needs).
         model = work / "model" / "embedded-model"

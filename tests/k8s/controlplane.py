@@ -550,3 +550,23 @@ def pv_for(core: client.CoreV1Api, namespace: str, claim: str) -> Iterator[None]
         yield
     finally:
         core.delete_persistent_volume(name)
+
+
+@contextlib.contextmanager
+def bound_claim(core: client.CoreV1Api, namespace: str, claim: str = "checkpoints") -> Iterator[str]:
+    """A ReadWriteMany claim `claim` in `namespace`, bound to a volume made for it by `pv_for` (the
+    scheduler waits for a bound claim); the volume is deleted afterwards (the claim goes with its
+    namespace)."""
+    with pv_for(core, namespace, claim):
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            },
+        )
+        yield claim

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from controlplane import pv_for, wait_until
+from controlplane import bound_claim, wait_until
 from kopf.testing import KopfRunner
 from kubernetes import client
 from operator_runner import start_operator
@@ -57,19 +57,8 @@ def core(api_client: client.ApiClient) -> client.CoreV1Api:
 def checkpoint_claim(core: client.CoreV1Api, namespace: str) -> Iterator[str]:
     """A claim named `checkpoints`, bound to a hostPath volume made for it (the scheduler waits for a
     bound claim). Runs that use a claimTemplate bind `pv_for` themselves."""
-    with pv_for(core, namespace, "checkpoints"):
-        core.create_namespaced_persistent_volume_claim(
-            namespace,
-            {
-                "metadata": {"name": "checkpoints"},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
-        yield "checkpoints"
+    with bound_claim(core, namespace) as claim:
+        yield claim
 
 
 @pytest.fixture
