@@ -2,7 +2,7 @@
 checkpointing every step with `checkpoint.async_save` off and on.
 
 What is measured
-    1. Save and load of `rlsd_trainer.checkpoint.CheckpointManager` (single process, no process
+    1. Save and load of `rlsd_trainer.training.checkpoint.CheckpointManager` (single process, no process
        group) for random-initialised Qwen3 models of about 5M, 25M, 100M and 400M parameters
        (`harness.SHAPES`, float32) with their AdamW state (one optimizer step taken, so both moments
        exist): the state is `get_state_dict(model, optimizer)` exactly as the trainer builds it. Save
@@ -51,10 +51,10 @@ from harness import MB, RESULTS, SHAPES, WORK, environment, finish, median, qwen
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from rlsd_trainer import algorithms
-from rlsd_trainer.checkpoint import CheckpointManager
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.distributed import DistContext
-from rlsd_trainer.logprobs import PolicyScorer, pack
+from rlsd_trainer.model.logprobs import PolicyScorer, pack
+from rlsd_trainer.training.checkpoint import CheckpointManager
+from rlsd_trainer.training.distributed import DistContext
 
 MODES = ("none", "sync", "async", "sync-tmpfs", "async-tmpfs")
 MODE_LABELS = {

@@ -21,8 +21,8 @@ import yaml
 
 from rlsd_contracts.config import parse_config
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.loop import Trainer
-from rlsd_trainer.verifiers import RewardPool
+from rlsd_trainer.rewards.verifiers import RewardPool
+from rlsd_trainer.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "trainer/src/rlsd_trainer/configs/embedded.yaml"

@@ -3,7 +3,7 @@ Qwen3-1.7B-shaped model, plus (with 2+ GPUs) NCCL weight-transfer bandwidth.
 
 What is measured
     One learner step as `Trainer._learn` takes it, on our real code path: the model wrapped by
-    `rlsd_trainer.distributed.prepare_policy` (FSDP2 per decoder layer + root, bf16 parameters,
+    `rlsd_trainer.training.distributed.prepare_policy` (FSDP2 per decoder layer + root, bf16 parameters,
     float32 gradient reduction), `PolicyScorer.response_logprobs` (the chunked log-prob projection,
     with entropies, as the learner asks), `algorithms.token_advantages_for` (RLSD) +
     `clipped_policy_loss` + `token_mean`, backward per micro-batch (gradients accumulate),
@@ -128,8 +128,8 @@ def run_worker(args: argparse.Namespace) -> None:
     from rlsd_contracts.config import AlgorithmSection, LearnerSection
     from rlsd_trainer import algorithms
     from rlsd_trainer.cli import quiet_libraries
-    from rlsd_trainer.distributed import DistContext, all_reduce, init_distributed, prepare_policy
-    from rlsd_trainer.logprobs import PackedBatch, pack
+    from rlsd_trainer.model.logprobs import PackedBatch, pack
+    from rlsd_trainer.training.distributed import DistContext, all_reduce, init_distributed, prepare_policy
 
     quiet_libraries()
     ctx = init_distributed(timeout_s=600.0)
@@ -330,7 +330,7 @@ class NcclStandIn:
         import torch
         import torch.distributed as dist
 
-        from rlsd_trainer.weight_transfer import parse_dtype
+        from rlsd_trainer.weights.wire import parse_dtype
 
         if path == "/weight_info":
             return {"weight_version": self.version}
@@ -378,8 +378,8 @@ def nccl_transfer(args: argparse.Namespace, ctx: Any, scorer: Any, gloo: Any) ->
     import torch
     import torch.distributed as dist
 
-    from rlsd_trainer.distributed import drain, full_parameters
-    from rlsd_trainer.rollout_client import RemoteRolloutEngine
+    from rlsd_trainer.remote.rollout_client import RemoteRolloutEngine
+    from rlsd_trainer.training.distributed import drain, full_parameters
 
     stand_in = NcclStandIn(ctx.device) if ctx.rank == 1 else None
     box = [stand_in.url if stand_in is not None else None]

@@ -61,9 +61,10 @@ def task_model_dir(work: Path, shape: str, seed: int, sft_steps: int, num_train:
         ModelSection,
         WarmupSection,
     )
-    from rlsd_trainer.models import load_model
-    from rlsd_trainer.task import build_model_dir, generate_examples
-    from rlsd_trainer.warmup import supervised_warmup
+    from rlsd_trainer.data.embedded import generate_examples
+    from rlsd_trainer.model.embedded import build_model_dir
+    from rlsd_trainer.model.loading import load_model
+    from rlsd_trainer.training.warmup import supervised_warmup
 
     task = EmbeddedTaskSection(num_train=num_train)
     base = work / f"base-model-seed{seed}"

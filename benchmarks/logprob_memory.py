@@ -8,7 +8,7 @@ What is measured
     (`rlsd_trainer.algorithms.clipped_policy_loss` reduced with `token_mean`, fixed seeded token
     advantages, `old = logprobs.detach()` as in a one-epoch on-policy step), and `.backward()`:
 
-    * ours   `rlsd_trainer.logprobs.response_logprobs(model, pack(...), chunk_tokens=C)`: backbone
+    * ours   `rlsd_trainer.model.logprobs.response_logprobs(model, pack(...), chunk_tokens=C)`: backbone
              once, output projection chunk by chunk under activation checkpointing, for each C in
              `--chunks` and the trainer's default `LearnerSection().logprob_chunk_tokens`
              (`--with-entropy` also asks for the token entropies and keeps them until after
@@ -134,7 +134,7 @@ def run_worker(args: argparse.Namespace) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from rlsd_trainer import algorithms
-    from rlsd_trainer.logprobs import pack, response_logprobs
+    from rlsd_trainer.model.logprobs import pack, response_logprobs
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -58,19 +58,19 @@ from harness import RESULTS, ROOT, TASK_SHAPES, WORK, environment, finish, save_
 from transformers import AttentionInterface, PreTrainedModel
 
 from rlsd_contracts.config import DEFAULT_TEACHER_TEMPLATE, EmbeddedTaskSection, ModelSection
-from rlsd_trainer import attention
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.logprobs import (
+from rlsd_trainer.data.embedded import generate_examples
+from rlsd_trainer.model import attention
+from rlsd_trainer.model.loading import encode_prompt, load_model
+from rlsd_trainer.model.logprobs import (
     PackedBatch,
     _ChunkedTokenLogprobs,
     pack,
     response_logprobs,
     shared_prompt_logprobs,
 )
-from rlsd_trainer.models import encode_prompt, load_model
-from rlsd_trainer.rollout import LocalEngine, SamplingParams
-from rlsd_trainer.task import generate_examples
-from rlsd_trainer.teacher import render_teacher_prompt
+from rlsd_trainer.rollout.engine import LocalEngine, SamplingParams
+from rlsd_trainer.training.teacher import render_teacher_prompt
 
 # The last commit before the padding-free learner and sampler.
 BEFORE = "1ab1f17"

@@ -4,8 +4,8 @@ Setting (both sides in this one process, `torch.set_num_threads(2)`, taking turn
 TRL trains in a thread of its own whose step callbacks wait for their turn, and the side that goes
 first alternates, so a change in the machine's load falls on both alike)
     * Models (`--shapes`, both by default, each measured on both sides in turn):
-      `embedded`: the embedded tiny Qwen3 model (`rlsd_trainer.task.build_model_dir`: hidden 128,
-      4 layers), given a short supervised warm-up (`rlsd_trainer.warmup.supervised_warmup`,
+      `embedded`: the embedded tiny Qwen3 model (`rlsd_trainer.data.embedded.build_model_dir`: hidden 128,
+      4 layers), given a short supervised warm-up (`rlsd_trainer.training.warmup.supervised_warmup`,
       `--warmup-sft-steps`, default 150, batch 64, lr 2e-3: about 90 s on 2 cores; 60 steps leave
       the reward near 0.01) so that rewards are not all zero;
       `qwen3-512x4`: a larger random-initialised Qwen3 (hidden 512, 4 layers, 8 heads, 4 KV heads,
@@ -16,7 +16,7 @@ first alternates, so a change in the machine's load falls on both alike)
       which changes neither side's work.
       Each model is saved once and both trainers load that very directory, so they start from the
       same weights. float32 on CPU.
-    * Data: train rows of the embedded arithmetic task (`rlsd_trainer.task.generate_examples`),
+    * Data: train rows of the embedded arithmetic task (`rlsd_trainer.data.embedded.generate_examples`),
       written to a JSONL file for our trainer. The question becomes a one-turn user message under
       the tokenizer's chat template on both sides (ours: `models.encode_prompt`; TRL: conversational
       `prompt` column). Both sides see the same prompts in the same order: the TRL dataset is laid
@@ -26,8 +26,8 @@ first alternates, so a change in the machine's load falls on both alike)
       weight decay 0.01, grad clip 1.0, constant LR; GRPO advantages normalised by the group std; no
       KL (beta 0), no entropy bonus, one PPO epoch; token-mean loss over the whole batch (ours:
       `algorithms.token_mean`; TRL: `loss_type="dapo"`); clip 0.2 / 0.28 (on-policy, so the ratio is
-      1 and clipping does not act). Reward: `rlsd_trainer.verifiers.numeric_match` on both sides.
-    * Ours: `rlsd_trainer.loop.Trainer` (algorithm `grpo`, eval off, no checkpoints, no
+      1 and clipping does not act). Reward: `rlsd_trainer.rewards.verifiers.numeric_match` on both sides.
+    * Ours: `rlsd_trainer.training.trainer.Trainer` (algorithm `grpo`, eval off, no checkpoints, no
       Prometheus), stepped with `trainer.train_step(rewards)` inside `RewardPool`, as `run()` does.
       A step = rollout (our KV-cache sampler on its own copy of the weights) + reward + log-probs,
       loss, backward, optimizer step + weight push to the sampler.
@@ -226,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, list[Any]]:
     """The train JSONL, and its rows in the order our sampler draws them."""
     from rlsd_contracts.config import EmbeddedTaskSection
-    from rlsd_trainer.data import ResumableSampler
-    from rlsd_trainer.task import generate_examples
+    from rlsd_trainer.data.embedded import generate_examples
+    from rlsd_trainer.data.sampler import ResumableSampler
 
     rows = generate_examples(EmbeddedTaskSection(num_train=args.num_train), "train", args.seed)
     jsonl = work / "train.jsonl"
@@ -251,8 +251,8 @@ class OursSide:
 
     def __init__(self, args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path) -> None:
         from rlsd_contracts.config import MAX_STEPS, parse_config
-        from rlsd_trainer.loop import Trainer
-        from rlsd_trainer.verifiers import RewardPool
+        from rlsd_trainer.rewards.verifiers import RewardPool
+        from rlsd_trainer.training.trainer import Trainer
 
         self.args = args
         setup_started = time.perf_counter()
@@ -339,7 +339,7 @@ def profile_step(step: Any) -> dict[str, Any]:
     (the rest being elementwise ops, copies and Python between ops)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from rlsd_trainer.loop import StepTimer
+    from rlsd_trainer.training.trainer import StepTimer
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         step()
@@ -432,8 +432,8 @@ def _trl_trainer(
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rlsd_trainer.models import encode_prompt
-    from rlsd_trainer.verifiers import numeric_match
+    from rlsd_trainer.model.loading import encode_prompt
+    from rlsd_trainer.rewards.verifiers import numeric_match
 
     torch.set_num_threads(args.threads)
     setup_started = time.perf_counter()

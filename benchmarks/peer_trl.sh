@@ -17,7 +17,7 @@ PEER_VENV="${PEER_VENV:-.venv-peer}"
 TRL_SPEC="${TRL_SPEC:-trl}"
 PYTHON="${PYTHON:-python3}"
 
-if [ ! -x "$PEER_VENV/bin/python" ] || ! "$PEER_VENV/bin/python" -c "import trl, rlsd_contracts, rlsd_trainer.loop" 2>/dev/null; then
+if [ ! -x "$PEER_VENV/bin/python" ] || ! "$PEER_VENV/bin/python" -c "import trl, rlsd_contracts, rlsd_trainer.training.trainer" 2>/dev/null; then
     echo "setting up $PEER_VENV (trainer + $TRL_SPEC) ..." >&2
     [ -x "$PEER_VENV/bin/python" ] || "$PYTHON" -m venv "$PEER_VENV"
     "$PEER_VENV/bin/pip" install --quiet --upgrade pip

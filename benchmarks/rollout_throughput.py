@@ -8,7 +8,7 @@ What is measured
     and a 25M Qwen3 (`harness.SHAPES["25M"]`, 12,288-token vocabulary, random prompt ids of the
     same lengths). Settings:
 
-    * local 1 thread / 2 threads: `rlsd_trainer.rollout.LocalEngine.generate` in this process with
+    * local 1 thread / 2 threads: `rlsd_trainer.rollout.engine.LocalEngine.generate` in this process with
       `torch.set_num_threads` 1 / 2;
     * server x1 / x2: `RemoteRolloutEngine.generate` against 1 / 2 `rlsd-trainer serve rollout`
       processes, each with OMP_NUM_THREADS=1 (so x2 uses the same 2-thread budget as local 2
@@ -40,10 +40,11 @@ from harness import RESULTS, SHAPES, WORK, environment, finish, median, random_m
 
 from rlsd_contracts.config import EmbeddedTaskSection, ModelSection
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.models import encode_prompt, load_model
-from rlsd_trainer.rollout import Completion, LocalEngine, SamplingParams
-from rlsd_trainer.rollout_client import RemoteRolloutEngine
-from rlsd_trainer.task import build_model_dir, generate_examples
+from rlsd_trainer.data.embedded import generate_examples
+from rlsd_trainer.model.embedded import build_model_dir
+from rlsd_trainer.model.loading import encode_prompt, load_model
+from rlsd_trainer.remote.rollout_client import RemoteRolloutEngine
+from rlsd_trainer.rollout.engine import Completion, LocalEngine, SamplingParams
 
 NAME = "policy"
 SETTINGS = ("local-1t", "local-2t", "server-x1", "server-x2")

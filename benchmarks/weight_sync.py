@@ -55,7 +55,7 @@ from harness import (
 )
 
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.rollout_client import RemoteRolloutEngine
+from rlsd_trainer.remote.rollout_client import RemoteRolloutEngine
 
 NAME = "policy"
 # The --weight-transfer-config of the servers: filesystem reloads with whatever backend is configured.

@@ -194,7 +194,7 @@ def scrape(url: str) -> set[str]:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rlsd_contracts.config import parse_config
-    from rlsd_trainer.loop import run_training
+    from rlsd_trainer.training.trainer import run_training
 
     output = tmp_path_factory.mktemp("local-run")
     run_training(parse_config(tiny_config(output)))
@@ -204,7 +204,7 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trainer_exported(run_dir: Path) -> set[str]:
     """A real run's metrics.jsonl, fed through the trainer's exporter as the loop feeds it (gauges,
     and counters for the cumulative keys), scraped from its HTTP endpoint."""
-    from rlsd_trainer.metrics import COUNTERS, MetricsLogger, read_jsonl
+    from rlsd_trainer.monitoring.metrics import COUNTERS, MetricsLogger, read_jsonl
 
     logger = MetricsLogger(run_dir / "replay" / "metrics.jsonl", prometheus_port=0)
     try:

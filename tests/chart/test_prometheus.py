@@ -48,7 +48,7 @@ from test_distributed import SEED, TASK, prepare_output, run_config
 
 from rlsd_contracts.config import EmbeddedTaskSection
 from rlsd_operator import names
-from rlsd_trainer.task import build_model_dir
+from rlsd_trainer.model.embedded import build_model_dir
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
 _FIXTURES = (helm_env, kubectl, monitoring_crds)  # imported for their fixtures

@@ -12,13 +12,13 @@ import time
 
 from tiny_models import tiny_model
 
-from rlsd_trainer import weight_transfer
-from rlsd_trainer.rollout_client import RemoteRolloutEngine
+from rlsd_trainer.remote.rollout_client import RemoteRolloutEngine
+from rlsd_trainer.weights import sender as weight_sender
 
-full_broadcast = weight_transfer.BroadcastSender._broadcast
+full_broadcast = weight_sender.BroadcastSender._broadcast
 
 
-def half_then_hang(self: weight_transfer.BroadcastSender, tensors: list) -> None:
+def half_then_hang(self: weight_sender.BroadcastSender, tensors: list) -> None:
     full_broadcast(self, tensors[: len(tensors) // 2])
     print("HALF", flush=True)
     time.sleep(600)
@@ -26,6 +26,6 @@ def half_then_hang(self: weight_transfer.BroadcastSender, tensors: list) -> None
 
 if __name__ == "__main__":
     version, seed, urls = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-    weight_transfer.BroadcastSender._broadcast = half_then_hang  # type: ignore[method-assign]
+    weight_sender.BroadcastSender._broadcast = half_then_hang  # type: ignore[method-assign]
     engine = RemoteRolloutEngine(urls, "policy", "gloo", request_timeout_s=600.0)
     engine.update_weights(tiny_model(seed=seed).named_parameters(), version)

@@ -26,9 +26,9 @@ from vllm.exceptions import GenerationError
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
 
-from rlsd_trainer import rollout_server
-from rlsd_trainer.rollout import SamplingParams
-from rlsd_trainer.rollout_client import completion_request, parse_completions
+from rlsd_trainer.remote.rollout_client import completion_request, parse_completions
+from rlsd_trainer.rollout.engine import SamplingParams
+from rlsd_trainer.serving import rollout_server
 
 NAME = "policy"
 PROMPTS = [[5, 6, 7], [8, 9]]

@@ -26,11 +26,11 @@ from tiny_models import tiny_model
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo
 from vllm_engine import StandInEngineClient, build_vllm_app, starting_label
 
-from rlsd_trainer import rollout_server, teacher_server
-from rlsd_trainer.replicas import RemoteRole
-from rlsd_trainer.rollout_client import RemoteRolloutEngine
-from rlsd_trainer.teacher_client import RemoteTeacherClient
-from rlsd_trainer.weight_transfer import INCOMPLETE_WEIGHTS, STARTING_WEIGHTS, nccl_init_info
+from rlsd_trainer.remote.replicas import RemoteRole
+from rlsd_trainer.remote.rollout_client import RemoteRolloutEngine
+from rlsd_trainer.remote.teacher_client import RemoteTeacherClient
+from rlsd_trainer.serving import rollout_server, teacher_server
+from rlsd_trainer.weights.wire import INCOMPLETE_WEIGHTS, STARTING_WEIGHTS, nccl_init_info
 
 NAME = "policy"
 KINDS = ["vllm", "cpu-rollout", "cpu-teacher"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsd_trainer.checkpoint import MANIFEST, TRAINER_STATE, CheckpointManager
-from rlsd_trainer.distributed import DistContext
+from rlsd_trainer.training.checkpoint import MANIFEST, TRAINER_STATE, CheckpointManager
+from rlsd_trainer.training.distributed import DistContext
 
 
 def _sharded(step: int) -> dict:
@@ -122,8 +122,8 @@ WORKER = r"""
 import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
-from rlsd_trainer.checkpoint import CheckpointManager
-from rlsd_trainer.distributed import init_distributed
+from rlsd_trainer.training.checkpoint import CheckpointManager
+from rlsd_trainer.training.distributed import init_distributed
 
 ctx = init_distributed(60)
 mode, directory = sys.argv[1], sys.argv[2]

@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from rlsd_contracts.config import DataSourceSection, EmbeddedTaskSection
-from rlsd_trainer.data import DataError, Example, ResumableSampler, load_examples
+from rlsd_trainer.data.example import DataError, Example
+from rlsd_trainer.data.sampler import ResumableSampler
+from rlsd_trainer.data.sources import load_examples
 
 CUSTOM_FIELDS = {"question_field": "prompt", "answer_field": "solution", "reference_field": "worked"}
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from rlsd_contracts.config import EmbeddedTaskSection
 from rlsd_contracts.exit_codes import EXIT_BAD_CONFIG, EXIT_FINISHED, EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED
-from rlsd_trainer.task import build_model_dir
+from rlsd_trainer.model.embedded import build_model_dir
 
 pytestmark = pytest.mark.slow
 

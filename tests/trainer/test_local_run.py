@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlsd_contracts.config import parse_config
-from rlsd_trainer.loop import run_training as run_local
+from rlsd_trainer.training.trainer import run_training as run_local
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,8 @@ import pytest
 import torch
 from tiny_models import padded_logprobs, tiny_model
 
-from rlsd_trainer.algorithms import (
-    clipped_policy_loss,
-    kl_penalty,
-    rlsd_token_advantages,
-    token_mean,
-)
-from rlsd_trainer.logprobs import _ChunkedTokenLogprobs, pack, response_logprobs
+from rlsd_trainer.algorithms import clipped_policy_loss, kl_penalty, rlsd_token_advantages, token_mean
+from rlsd_trainer.model.logprobs import _ChunkedTokenLogprobs, pack, response_logprobs
 
 F64 = torch.float64
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsd_trainer.metrics import MetricsLogger, format_console, prometheus_name, read_jsonl
+from rlsd_trainer.monitoring.metrics import MetricsLogger, format_console, prometheus_name, read_jsonl
 
 
 @pytest.fixture

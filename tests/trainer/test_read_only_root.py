@@ -26,7 +26,7 @@ from test_distributed import SEED, TASK, final_weights, run_config
 
 from rlsd_contracts.config import EmbeddedTaskSection
 from rlsd_operator import security
-from rlsd_trainer.task import build_model_dir
+from rlsd_trainer.model.embedded import build_model_dir
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -6,9 +6,9 @@ import pytest
 import torch
 from tiny_models import padded_logprobs, tiny_model
 
-from rlsd_trainer.attention import DecodeCache
-from rlsd_trainer.logprobs import pack, response_logprobs, shared_prompt_logprobs
-from rlsd_trainer.rollout import Completion, LocalEngine, SamplingParams, sample_next
+from rlsd_trainer.model.attention import DecodeCache
+from rlsd_trainer.model.logprobs import pack, response_logprobs, shared_prompt_logprobs
+from rlsd_trainer.rollout.engine import Completion, LocalEngine, SamplingParams, sample_next
 
 PAD = 0
 # Prompts of different lengths, so the engine's left padding is exercised.

@@ -21,17 +21,17 @@ from tiny_models import EOS, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rlsd_trainer.cli import main as cli_main
-from rlsd_trainer.logprobs import shared_prompt_logprobs
-from rlsd_trainer.replicas import chunk_bounds
-from rlsd_trainer.rollout import Completion, LocalEngine, SamplingParams
-from rlsd_trainer.rollout_client import (
+from rlsd_trainer.model.logprobs import shared_prompt_logprobs
+from rlsd_trainer.remote.replicas import chunk_bounds
+from rlsd_trainer.remote.rollout_client import (
     RemoteRolloutEngine,
     RolloutError,
     chunk_seed,
     completion_request,
     parse_completions,
 )
-from rlsd_trainer.teacher_client import RemoteTeacherClient
+from rlsd_trainer.remote.teacher_client import RemoteTeacherClient
+from rlsd_trainer.rollout.engine import Completion, LocalEngine, SamplingParams
 
 NAME = "policy"
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [20], [30, 31, 32, 33]]

@@ -19,8 +19,8 @@ from rlsd_contracts.exit_codes import (
     EXIT_PREEMPTED,
     EXIT_PREEMPTED_UNSAVED,
 )
-from rlsd_trainer.distributed import DistContext, prepare_policy, share_of
 from rlsd_trainer.lifecycle import launcher_exit_code
+from rlsd_trainer.training.distributed import DistContext, prepare_policy, share_of
 
 # Builds a fixed batch of 3 groups (a prompt and 2 responses each; the prompt packed once per group),
 # takes this rank's groups, and writes the full gradient of
@@ -32,8 +32,14 @@ sys.path.insert(0, sys.argv[2])
 from tiny_models import tiny_model
 from rlsd_trainer.algorithms import token_mean
 from rlsd_contracts.config import LearnerSection
-from rlsd_trainer.distributed import all_reduce, full_parameters, init_distributed, prepare_policy, share_of
-from rlsd_trainer.logprobs import pack
+from rlsd_trainer.training.distributed import (
+    all_reduce,
+    full_parameters,
+    init_distributed,
+    prepare_policy,
+    share_of,
+)
+from rlsd_trainer.model.logprobs import pack
 
 ctx = init_distributed(60)
 generator = torch.Generator().manual_seed(0)
@@ -89,7 +95,7 @@ def test_two_fsdp_ranks_give_the_single_process_gradient(tmp_path: Path) -> None
 def test_activation_checkpointing_keeps_gradients() -> None:
     from tiny_models import tiny_model
 
-    from rlsd_trainer.logprobs import pack
+    from rlsd_trainer.model.logprobs import pack
 
     batch = pack([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]])
     grads = []

@@ -10,8 +10,8 @@ import pytest
 from test_local_run import records, tiny_config
 
 from rlsd_contracts.config import ConfigError, parse_config
-from rlsd_trainer import trackers
-from rlsd_trainer.loop import run_training
+from rlsd_trainer.monitoring import trackers
+from rlsd_trainer.training.trainer import run_training
 
 pytestmark = pytest.mark.slow
 TRACKED = ("reward_mean", "policy_loss", "lambda", "eval_accuracy")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rlsd_contracts.config import ConfigError, RewardSection
-from rlsd_trainer.verifiers import (
+from rlsd_trainer.rewards.verifiers import (
     RewardPool,
     exact_match,
     extract_answer,

@@ -16,7 +16,7 @@ from pathlib import Path
 from rlsd_contracts.config import ConfigError, RunConfig, load_config
 from rlsd_contracts.exit_codes import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED
 from rlsd_contracts.wire import SERVER_PORT, SERVER_ROLES
-from rlsd_trainer.data import DataError
+from rlsd_trainer.data.example import DataError
 from rlsd_trainer.lifecycle import (
     STATUS_DIR_ENV,
     Preempted,
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(config: RunConfig, watch: PreemptionWatch | None) -> int:
     """Run training in this process (alone, or as one torchrun rank) and map the outcome to a code."""
-    from rlsd_trainer.distributed import barrier, init_distributed, shutdown_distributed
-    from rlsd_trainer.loop import run_training
+    from rlsd_trainer.training.distributed import barrier, init_distributed, shutdown_distributed
+    from rlsd_trainer.training.trainer import run_training
 
     ctx = init_distributed(config.learner.collective_timeout_s)
     try:
@@ -204,7 +204,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rlsd_trainer.serving import check_transfer_config, serve
+    from rlsd_trainer.serving.common import check_transfer_config, serve
 
     try:
         check_transfer_config(args.weight_transfer_config)
@@ -212,9 +212,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     if args.role == "rollout":
-        from rlsd_trainer.rollout_server import build_app
+        from rlsd_trainer.serving.rollout_server import build_app
     else:
-        from rlsd_trainer.teacher_server import build_app
+        from rlsd_trainer.serving.teacher_server import build_app
     app = build_app(
         args.model, args.served_model_name, args.max_batch_size, args.dtype, args.transfer_timeout_s
     )

@@ -29,6 +29,8 @@ MAX_STEPS = 10_000_000
 MAX_TOKENS = 1_048_576
 MAX_PATH = 4096
 MAX_NAME = 256
+# Batches the planner may generate ahead of the learner (rollout.max_staleness).
+MAX_STALENESS = 8
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,9 @@ class AlgorithmSection(_Section):
     # Weight of the OPSD term in grpo+opsd.
     opsd_coef: Annotated[float, Field(ge=0.0)] = 1.0
     ppo_epochs: Annotated[int, Field(ge=1)] = 1
+    # Truncated importance weight of a stale batch (rollout.max_staleness >= 1): each token's loss is
+    # scaled by min(pi_learner / pi_rollout, importance_cap) (decoupled PPO with TIS; algorithms.py).
+    importance_cap: Annotated[float, Field(ge=1.0, le=100.0)] = 2.0
 
 
 class OptimSection(_Section):
@@ -135,7 +140,7 @@ class SamplingSection(_Section):
 
 
 class WeightTransferSection(_Section):
-    """How new policy weights reach rollout/teacher servers (vLLM's RL routes; weight_transfer.py)."""
+    """How new policy weights reach rollout/teacher servers (vLLM's RL routes; weights/wire.py)."""
 
     # nccl: vLLM's native broadcast (vLLM servers, GPU); gloo: our CPU servers' own backend (vLLM has
     # none); filesystem: safetensors in `shared_dir` plus vLLM's in-place reload (both servers), for
@@ -165,6 +170,15 @@ class ServersSection(_Section):
     weight_transfer: WeightTransferSection = WeightTransferSection()
 
 
+class DynamicSamplingSection(_Section):
+    """DAPO's dynamic sampling: groups whose rewards are all equal carry no advantage; drop them and
+    sample more prompts until the step's batch is full, for at most `max_rounds` extra rounds (then the
+    step keeps the dropped groups it needs to stay full)."""
+
+    enabled: bool = False
+    max_rounds: Annotated[int, Field(ge=1, le=64)] = 3
+
+
 class RolloutSection(_Section):
     # local: an in-process engine on learner rank 0; remote: vLLM (or our CPU server) at `servers`.
     backend: Literal["local", "remote"] = "local"
@@ -173,6 +187,11 @@ class RolloutSection(_Section):
     sampling: SamplingSection = SamplingSection()
     # Responses generated per forward batch by the local engine (bounds its memory).
     max_batch_size: Annotated[int, Field(ge=1)] = 256
+    # Batches generated ahead of the learner: 0 is on-policy (generate, then learn); k >= 1 lets the
+    # planner generate step s with the policy of step s - k while the learners train, importance
+    # weighted (algorithm.importance_cap).
+    max_staleness: Annotated[int, Field(ge=0, le=MAX_STALENESS)] = 0
+    dynamic_sampling: DynamicSamplingSection = DynamicSamplingSection()
 
     @model_validator(mode="after")
     def _servers_when_remote(self) -> RolloutSection:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from rlsd_trainer.distributed import DistContext, all_reduce, barrier, broadcast_from_main
+from rlsd_trainer.training.distributed import DistContext, all_reduce, barrier, broadcast_from_main
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlsd_contracts.config import RunConfig, ServersSection
-from rlsd_trainer.models import load_model
-from rlsd_trainer.rollout import LocalEngine, RolloutEngine
+from rlsd_trainer.model.loading import load_model
+from rlsd_trainer.rollout.engine import LocalEngine, RolloutEngine
 
 if TYPE_CHECKING:
-    from rlsd_trainer.teacher_client import RemoteTeacherClient
+    from rlsd_trainer.remote.teacher_client import RemoteTeacherClient
 
 
 def _client_args(servers: ServersSection) -> dict[str, Any]:
@@ -41,14 +41,14 @@ def build_rollout_engine(
     if config.rollout.backend == "local":
         model = load_model(initial_policy, config.model).model.to(device)
         return LocalEngine(model, stop_token_ids, config.rollout.max_batch_size)
-    from rlsd_trainer.rollout_client import RemoteRolloutEngine
+    from rlsd_trainer.remote.rollout_client import RemoteRolloutEngine
 
     return RemoteRolloutEngine(**_client_args(config.rollout.servers))
 
 
 def build_teacher_client(config: RunConfig) -> RemoteTeacherClient:
     """A client of the teacher scoring servers (`teacher.placement: remote`)."""
-    from rlsd_trainer.teacher_client import RemoteTeacherClient
+    from rlsd_trainer.remote.teacher_client import RemoteTeacherClient
 
     return RemoteTeacherClient(
         **_client_args(config.teacher.servers), chunk_tokens=config.learner.logprob_chunk_tokens

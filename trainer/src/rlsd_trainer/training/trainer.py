@@ -28,9 +28,18 @@ from tqdm.auto import tqdm
 
 from rlsd_contracts.config import ConfigError, RunConfig, dump_config
 from rlsd_trainer import algorithms
-from rlsd_trainer.checkpoint import CheckpointManager
-from rlsd_trainer.data import Example, ResumableSampler, load_examples
-from rlsd_trainer.distributed import (
+from rlsd_trainer.data.example import Example
+from rlsd_trainer.data.sampler import ResumableSampler
+from rlsd_trainer.data.sources import load_examples
+from rlsd_trainer.lifecycle import Preempted, PreemptionWatch
+from rlsd_trainer.model.loading import LoadedModel, encode_prompt, load_model
+from rlsd_trainer.model.logprobs import PackedBatch, PolicyScorer, pack
+from rlsd_trainer.monitoring.metrics import MetricsLogger, format_console
+from rlsd_trainer.monitoring.trackers import build_trackers
+from rlsd_trainer.rewards.verifiers import RewardPool
+from rlsd_trainer.rollout.engine import Completion, RolloutEngine, SamplingParams
+from rlsd_trainer.training.checkpoint import CheckpointManager
+from rlsd_trainer.training.distributed import (
     DistContext,
     all_reduce,
     barrier,
@@ -40,16 +49,9 @@ from rlsd_trainer.distributed import (
     prepare_policy,
     share_of,
 )
-from rlsd_trainer.lifecycle import Preempted, PreemptionWatch
-from rlsd_trainer.logprobs import PackedBatch, PolicyScorer, pack
-from rlsd_trainer.metrics import MetricsLogger, format_console
-from rlsd_trainer.models import LoadedModel, encode_prompt, load_model
-from rlsd_trainer.remote import build_rollout_engine, build_teacher_client
-from rlsd_trainer.rollout import Completion, RolloutEngine, SamplingParams
-from rlsd_trainer.teacher import Teacher
-from rlsd_trainer.trackers import build_trackers
-from rlsd_trainer.verifiers import RewardPool
-from rlsd_trainer.warmup import supervised_warmup
+from rlsd_trainer.training.engines import build_rollout_engine, build_teacher_client
+from rlsd_trainer.training.teacher import Teacher
+from rlsd_trainer.training.warmup import supervised_warmup
 
 log = logging.getLogger(__name__)
 CONSOLE_KEYS = ("reward_mean", "eval_accuracy", "lambda", "delta_mean", "policy_loss", "step_seconds")
@@ -107,7 +109,7 @@ def resolve_model_path(config: RunConfig) -> Path | str:
     """The starting policy: the embedded tiny model (built on first use) or the configured path."""
     if config.model.path != "embedded":
         return config.model.path
-    from rlsd_trainer.task import build_model_dir
+    from rlsd_trainer.model.embedded import build_model_dir
 
     directory = config.output_dir / "embedded-model"
     if not (directory / "config.json").exists():
@@ -638,7 +640,7 @@ class Trainer:
         barrier(self.ctx)
 
     def _plot(self) -> Path | None:
-        from rlsd_trainer.plot import plot_run
+        from rlsd_trainer.monitoring.plot import plot_run
 
         return plot_run(self.config.output_dir / "metrics.jsonl", self.config.output_dir / "training.png")
 

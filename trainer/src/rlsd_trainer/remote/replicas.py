@@ -21,8 +21,9 @@ from typing import TypeVar
 import httpx
 import torch
 
-from rlsd_trainer.httpjson import HttpCallError, call_json, fan_out
-from rlsd_trainer.weight_transfer import STARTING_WEIGHTS, TransferKind, make_sender
+from rlsd_trainer.remote.http import HttpCallError, call_json, fan_out
+from rlsd_trainer.weights.sender import make_sender
+from rlsd_trainer.weights.wire import STARTING_WEIGHTS, TransferKind
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -16,8 +16,8 @@ from typing import Literal, Protocol
 import torch
 from transformers import PreTrainedModel
 
-from rlsd_trainer.attention import DecodeCache
-from rlsd_trainer.logprobs import output_logits
+from rlsd_trainer.model.attention import DecodeCache
+from rlsd_trainer.model.logprobs import output_logits
 
 
 @dataclass(frozen=True)

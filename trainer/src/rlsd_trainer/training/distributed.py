@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from rlsd_contracts.config import LearnerSection
-from rlsd_trainer.logprobs import PolicyScorer
+from rlsd_trainer.model.logprobs import PolicyScorer
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from rlsd_trainer.attention import PackedRows, forward_packed, spans
+from rlsd_trainer.model.attention import PackedRows, forward_packed, spans
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """What the rollout and teacher servers share: the served model behind one lock, the weight-version
-label it serves, vLLM 0.33.0's RL routes (see `weight_transfer.py`), `/health`, `/v1/models`,
+label it serves, vLLM 0.33.0's RL routes (see `weights/wire.py`), `/health`, `/v1/models`,
 `/metrics`, and 4xx answers that name the offending field.
 
 Requests run one at a time (the lock), so an answer depends only on the request and the weights,
@@ -40,15 +40,9 @@ from pydantic import BaseModel, StrictStr, ValidationError
 from transformers import PreTrainedModel
 
 from rlsd_contracts.config import ModelSection
-from rlsd_trainer.models import LoadedModel, load_model
-from rlsd_trainer.weight_transfer import (
-    STARTING_WEIGHTS,
-    ReloadKwargs,
-    TransferError,
-    UpdateOrderError,
-    WeightReceiver,
-    read_policy,
-)
+from rlsd_trainer.model.loading import LoadedModel, load_model
+from rlsd_trainer.weights.receiver import WeightReceiver, read_policy
+from rlsd_trainer.weights.wire import STARTING_WEIGHTS, ReloadKwargs, TransferError, UpdateOrderError
 
 _ERROR_TYPES = {
     400: "BadRequestError",

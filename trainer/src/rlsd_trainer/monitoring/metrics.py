@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, TextIO
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 if TYPE_CHECKING:
-    from rlsd_trainer.trackers import Tracker
+    from rlsd_trainer.monitoring.trackers import Tracker
 
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from rlsd_trainer.metrics import read_jsonl
+from rlsd_trainer.monitoring.metrics import read_jsonl
 
 PANELS = (
     ("Reward", ("reward_mean",)),

@@ -1,10 +1,10 @@
 """`rlsd-trainer serve teacher`: teacher log-probs of given response tokens, over HTTP.
 
-`POST /v1/score` (see `teacher_client.py` for the JSON) runs `shared_prompt_logprobs`, the function
+`POST /v1/score` (see `remote/teacher_client.py` for the JSON) runs `shared_prompt_logprobs`, the function
 the learner's colocated `Teacher.score` runs, on the request's groups as one batch (split into
 consecutive batches of whole groups only beyond `--max-batch-size` responses), so a request's values
 equal `Teacher.score` on the same groups bit for bit. Weight-transfer routes, `/health`,
-`/v1/models` and `/metrics` (`rlsd_teacher_*`) come from `serving.py`.
+`/v1/models` and `/metrics` (`rlsd_teacher_*`) come from `common.py`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, Field, StrictInt
 
-from rlsd_trainer.logprobs import shared_prompt_logprobs
-from rlsd_trainer.serving import ModelHost, RequestError, create_app, load_host
+from rlsd_trainer.model.logprobs import shared_prompt_logprobs
+from rlsd_trainer.serving.common import ModelHost, RequestError, create_app, load_host
 
 
 class ScoreGroup(BaseModel):

@@ -13,8 +13,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from rlsd_contracts.config import TeacherSection
-from rlsd_trainer.logprobs import PolicyScorer
-from rlsd_trainer.models import encode_prompt
+from rlsd_trainer.model.loading import encode_prompt
+from rlsd_trainer.model.logprobs import PolicyScorer
 
 
 def render_teacher_prompt(template: str, question: str, reference: str) -> str:

@@ -15,10 +15,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlsd_contracts.config import WarmupSection
-from rlsd_trainer.data import Example
-from rlsd_trainer.logprobs import pack, response_logprobs
-from rlsd_trainer.models import encode_prompt
-from rlsd_trainer.teacher import render_teacher_prompt
+from rlsd_trainer.data.example import Example
+from rlsd_trainer.model.loading import encode_prompt
+from rlsd_trainer.model.logprobs import pack, response_logprobs
+from rlsd_trainer.training.teacher import render_teacher_prompt
 
 
 def direct_answer(answer: str) -> str:

@@ -19,7 +19,7 @@ vLLM's own request and response models, routers and CLI parser against this modu
   `rlsd_logprob_mismatch`. A completion's policy version is that of its weight label
   (`ReplicaSet.version_of`; the oldest if a span of it was sampled by older weights); a label that is
   none of ours (a replica that restarted between probe and request) fails the request, retried.
-- Weight pushes: see `weight_transfer.py`; `GET /health`, `GET /weight_info` (`replicas.py`).
+- Weight pushes: see `weights/wire.py`; `GET /health`, `GET /weight_info` (`replicas.py`).
 
 Prompts are cut into one contiguous chunk per configured replica, each a single request with `n`;
 its seed comes from the step's seed and the chunk's first prompt index, so a chunk yields the same
@@ -34,9 +34,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rlsd_trainer.httpjson import HttpCallError, call_json
-from rlsd_trainer.replicas import RemoteRole, ReplicaError, chunk_bounds
-from rlsd_trainer.rollout import Completion, SamplingParams
+from rlsd_trainer.remote.http import HttpCallError, call_json
+from rlsd_trainer.remote.replicas import RemoteRole, ReplicaError, chunk_bounds
+from rlsd_trainer.rollout.engine import Completion, SamplingParams
 
 
 class RolloutError(ReplicaError):

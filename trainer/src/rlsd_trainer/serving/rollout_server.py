@@ -1,7 +1,7 @@
 """`rlsd-trainer serve rollout`: the part of vLLM 0.33.0's HTTP surface the trainer uses, on CPU.
 
-Same routes and JSON as vLLM (see `rollout_client.py` for the protocol): `POST /v1/completions` with
-token-id prompts, plus the RL routes, `/health`, `/v1/models` and `/metrics` from `serving.py`.
+Same routes and JSON as vLLM (see `remote/rollout_client.py` for the protocol): `POST /v1/completions` with
+token-id prompts, plus the RL routes, `/health`, `/v1/models` and `/metrics` from `common.py`.
 
 Sampling fields a request omits are filled as vLLM fills them: from the model's generation_config
 (`GenerationConfig.to_diff_dict()`, the fields of ModelConfig.get_diff_sampling_param), else vLLM's
@@ -26,8 +26,8 @@ from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerBase
 
-from rlsd_trainer.rollout import Completion, LocalEngine, SamplingParams
-from rlsd_trainer.serving import ModelHost, RequestError, create_app, load_host
+from rlsd_trainer.rollout.engine import Completion, LocalEngine, SamplingParams
+from rlsd_trainer.serving.common import ModelHost, RequestError, create_app, load_host
 
 # vLLM's CompletionRequest._DEFAULT_SAMPLING_PARAMS: a field neither the request nor the model's
 # generation_config sets takes this value. Their neutral values are the only ones LocalEngine samples.

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from rlsd_trainer.httpjson import HttpCallError, call_json
-from rlsd_trainer.replicas import RemoteRole, ReplicaError, chunk_bounds
+from rlsd_trainer.remote.http import HttpCallError, call_json
+from rlsd_trainer.remote.replicas import RemoteRole, ReplicaError, chunk_bounds
 
 
 class TeacherError(ReplicaError):

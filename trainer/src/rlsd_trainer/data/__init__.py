@@ -1,0 +1,1 @@
+"""Training and evaluation rows: where they come from and the order the trainer visits them."""

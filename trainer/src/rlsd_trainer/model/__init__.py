@@ -1,0 +1,1 @@
+"""Loading models and computing log-probs over packed, padding-free batches."""

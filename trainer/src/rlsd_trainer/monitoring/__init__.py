@@ -1,0 +1,1 @@
+"""Metrics (JSONL, Prometheus), experiment trackers and the training plot."""

@@ -1,0 +1,1 @@
+"""Generating responses: the engine interface and the in-process sampler."""

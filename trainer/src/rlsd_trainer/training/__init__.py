@@ -1,0 +1,1 @@
+"""The training run: initial policy, planner (rollout batches), learner (the loss), checkpoints."""

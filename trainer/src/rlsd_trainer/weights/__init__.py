@@ -1,0 +1,1 @@
+"""Moving policy weights from the learner to servers: wire formats, sender, receiver."""
