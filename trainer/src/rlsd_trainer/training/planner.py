@@ -9,6 +9,7 @@ engine and the teacher servers. `PlanQueue` decides when each of these runs.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,6 @@ class _Group:
     prompt: list[int]
     completions: list[Completion]
     rewards: list[float]
-    # The verifier's errors and timeouts are counted once per call, on its first group.
-    verifier_errors: int = 0
-    verifier_timeouts: int = 0
 
     @property
     def has_signal(self) -> bool:
@@ -89,7 +87,8 @@ class Planner:
         group = cfg.algorithm.group_size
         wanted = cfg.rollout.prompts_per_step
         timer = StepTimer()
-        generated = self._sample_groups(step, wanted, 0, timer)
+        verifier: Counter[str] = Counter()  # errors and timeouts of every generation round
+        generated = self._sample_groups(step, wanted, 0, timer, verifier)
         dynamic = cfg.rollout.dynamic_sampling
         chosen, dropped, rounds = generated, [], 0
         if dynamic.enabled:
@@ -97,7 +96,7 @@ class Planner:
             dropped = [g for g in generated if not g.has_signal]
             while len(chosen) < wanted and rounds < dynamic.max_rounds:
                 rounds += 1
-                more = self._sample_groups(step, wanted - len(chosen), rounds, timer)
+                more = self._sample_groups(step, wanted - len(chosen), rounds, timer, verifier)
                 generated += more
                 chosen += [g for g in more if g.has_signal]
                 dropped += [g for g in more if not g.has_signal]
@@ -134,8 +133,8 @@ class Planner:
             "stale_rollouts": float(sum(s != 0 for s in staleness)),
             "rollout_staleness": sum(staleness) / len(staleness),
             "rollout_staleness_max": float(max(staleness)),
-            "verifier_errors": float(sum(g.verifier_errors for g in generated)),
-            "verifier_timeouts": float(sum(g.verifier_timeouts for g in generated)),
+            "verifier_errors": float(verifier["errors"]),
+            "verifier_timeouts": float(verifier["timeouts"]),
             "dynamic_sampling_dropped_groups": float(len(generated) - len(chosen)),
             "dynamic_sampling_rounds": float(rounds),
             # Prompt + response tokens of every rollout generated for the step.
@@ -157,8 +156,10 @@ class Planner:
             values=values,
         )
 
-    def _sample_groups(self, step: int, count: int, round_: int, timer: StepTimer) -> list[_Group]:
-        """`count` new prompts, G responses each, scored."""
+    def _sample_groups(
+        self, step: int, count: int, round_: int, timer: StepTimer, verifier: Counter[str]
+    ) -> list[_Group]:
+        """`count` new prompts, G responses each, scored (the verifier's failures added to `verifier`)."""
         cfg = self.config
         group = cfg.algorithm.group_size
         examples = [self.train_set[i] for i in self.sampler.next_indices(count)]
@@ -177,15 +178,14 @@ class Planner:
             responses = [c.token_ids for g in generated for c in g]
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             scored = self.rewards.score(texts, [e.answer for e in examples for _ in range(group)])
+        verifier.update(errors=scored.errors, timeouts=scored.timeouts)
         if self.metrics is not None:
             self.metrics.increment("verifier_errors", scored.errors)
             self.metrics.increment("verifier_timeouts", scored.timeouts)
-        groups = [
+        return [
             _Group(e, p, g, scored.rewards[i * group : (i + 1) * group])
             for i, (e, p, g) in enumerate(zip(examples, prompts, generated, strict=True))
         ]
-        groups[0].verifier_errors, groups[0].verifier_timeouts = scored.errors, scored.timeouts
-        return groups
 
     # ---- evaluation -----------------------------------------------------------------------------
     def evaluate(self) -> float:
