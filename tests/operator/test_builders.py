@@ -84,6 +84,19 @@ def test_local_rollout_renders_no_servers() -> None:
     assert config["rollout"] == {"prompts_per_step": 8}
 
 
+def test_asynchronous_rollout_fields_render_to_the_trainer_config() -> None:
+    config = config_of(
+        {
+            "rollout": {"maxStaleness": 2, "dynamicSampling": {"enabled": True, "maxRounds": 5}},
+            "algorithm": {"importanceCap": 3.0},
+        }
+    )
+    assert config["rollout"]["max_staleness"] == 2
+    assert config["rollout"]["dynamic_sampling"] == {"enabled": True, "max_rounds": 5}
+    assert config["algorithm"]["importance_cap"] == 3.0
+    assert parse_config(config).rollout.max_staleness == 2
+
+
 def test_trainer_config_is_merged_last() -> None:
     config = config_of(
         {"trainerConfig": {"algorithm": {"ppo_epochs": 2}, "run": {"seed": 3}, "eval": {"every": 5}}}
@@ -556,8 +569,9 @@ def test_set_condition_moves_the_transition_time_only_on_a_status_change() -> No
 def test_parse_progress_reads_the_trainer_gauges() -> None:
     text = (
         "# TYPE rlsd_policy_version gauge\nrlsd_policy_version 42.0\nrlsd_reward_mean 0.5\nrlsd_lambda 0.2\n"
+        "rlsd_rollout_staleness 0.5\nrlsd_rollout_staleness_max 1.0\n"
     )
-    assert metrics.parse_progress(text) == {"step": 42.0, "reward": 0.5}
+    assert metrics.parse_progress(text) == {"step": 42.0, "reward": 0.5, "staleness": 1.0}
 
 
 def test_the_operator_never_imports_torch_or_the_trainer() -> None:

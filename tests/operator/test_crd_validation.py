@@ -148,6 +148,14 @@ MALFORMED: list[tuple[str, Callable[[Spec], Spec], str]] = [
         ),
         "a ReadWriteOnce claim is mounted by the pods of one node only",
     ),
+    ("staleness-negative", patch({"rollout": {"maxStaleness": -1}}), "spec.rollout.maxStaleness"),
+    ("staleness-huge", patch({"rollout": {"maxStaleness": 9}}), "spec.rollout.maxStaleness"),
+    (
+        "sampling-rounds",
+        patch({"rollout": {"dynamicSampling": {"enabled": True, "maxRounds": 0}}}),
+        "spec.rollout.dynamicSampling.maxRounds",
+    ),
+    ("importance-cap", patch({"algorithm": {"importanceCap": 0.5}}), "spec.algorithm.importanceCap"),
     ("queue-name-not-a-name", patch({"queueName": "Team A"}), "spec.queueName"),
     ("queue-name-too-long", patch({"queueName": "q" * 64}), "spec.queueName"),
 ]

@@ -117,6 +117,20 @@ def test_a_new_run_creates_everything_at_once_and_records_the_launch_after() -> 
     assert events(decision) == ["AttemptStarted"]
 
 
+@pytest.mark.parametrize(
+    ("spec", "bound"),
+    [
+        ({}, 0),  # the trainer's default: on-policy
+        ({"rollout": {"maxStaleness": 2}}, 2),
+        ({"rollout": {"maxStaleness": 2}, "trainerConfig": {"rollout": {"max_staleness": 3}}}, 3),
+    ],
+)
+def test_the_launch_records_the_staleness_bound_the_attempt_runs_with(spec: Object, bound: int) -> None:
+    run = run_with(spec=spec)
+    decision = decide(run, desire(run, "cluster.local", References()), Observed(now=NOW))
+    assert decision.status["attemptLaunched"] is True and decision.status["maxStaleness"] == bound
+
+
 def test_a_restart_records_the_next_attempt_before_deleting_anything() -> None:
     run = run_with(LAUNCHED)
     pods = learners(run, 1)
@@ -147,13 +161,14 @@ def test_running_once_every_pod_runs_then_progress_is_read() -> None:
     assert first.requeue == SCRAPE_SECONDS and first.actions == [Event("Running", first.actions[0].message)]
 
     run = run_with(first.status)
-    values = {"step": 47.0, "reward": 0.625, "accuracy": 0.5, "latestCheckpointStep": 40.0}
+    values = {"step": 47.0, "reward": 0.625, "accuracy": 0.5, "latestCheckpointStep": 40.0, "staleness": 2.0}
     second = decide_for(run, {**learners(run, 1), **servers(run)}, progress=Progress("http://x", values))
     assert (second.status["step"], second.status["reward"], second.status["latestCheckpointStep"]) == (
         47,
         0.625,
         40,
     )
+    assert second.status["staleness"] == 2 and isinstance(second.status["staleness"], int)
     assert events(second) == []  # no event without a decision
     failed = decide_for(
         run, {**learners(run, 1), **servers(run)}, progress=Progress("http://x", error="refused")

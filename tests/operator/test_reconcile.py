@@ -81,6 +81,21 @@ class Cluster:
         """The pod's container exits with `code`, as a kubelet would report it."""
         exit_pod(self.core, self.namespace, pod, code, message)
 
+    def columns(self, name: str = "demo") -> dict[str, Any]:
+        """The run's row as the API server serves it to `kubectl get rlsd -o wide`: column -> cell."""
+        path = f"/apis/{names.GROUP}/{names.VERSION}/namespaces/{self.namespace}/{names.PLURAL}/{name}"
+        api = self.custom.api_client
+        accept = {"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}
+        request = api.param_serialize("GET", path, header_params=accept, auth_settings=["BearerToken"])
+        response = api.call_api(*request[:4])
+        response.read()
+        table = json.loads(response.data)
+        (row,) = table["rows"]
+        return {
+            column["name"]: cell
+            for column, cell in zip(table["columnDefinitions"], row["cells"], strict=True)
+        }
+
     def events(self, reason: str) -> list[str]:
         events = self.core.list_namespaced_event(self.namespace, field_selector=f"reason={reason}").items
         return [e.message for e in events]
@@ -160,8 +175,9 @@ def test_progress_comes_from_learner_0_metrics_and_scrape_failures_are_tolerated
     metrics_server["text"] = (
         "rlsd_policy_version 47.0\nrlsd_reward_mean 0.625\n"
         "rlsd_eval_accuracy 0.5\nrlsd_checkpoint_step 40.0\n"
+        "rlsd_rollout_staleness 1.5\nrlsd_rollout_staleness_max 2.0\n"
     )
-    manifest = run_manifest()
+    manifest = run_manifest(spec={"rollout": {"maxStaleness": 3}})
     manifest["metadata"]["annotations"] = {names.ANNOTATION_METRICS_URL: metrics_server["url"]}
     cluster.apply(manifest)
     cluster.wait_phase("Running")
@@ -169,7 +185,10 @@ def test_progress_comes_from_learner_0_metrics_and_scrape_failures_are_tolerated
         lambda: cluster.status().get("step") == 47 and cluster.status(), "step 47 in the status"
     )
     assert (status["reward"], status["accuracy"], status["latestCheckpointStep"]) == (0.625, 0.5, 40)
+    assert (status["staleness"], status["maxStaleness"]) == (2, 3)
     assert cluster.condition("MetricsAvailable")["status"] == "True"
+    columns = cluster.columns()
+    assert (columns["Step"], columns["Lag"], columns["Max Lag"]) == (47, 2, 3)
 
     cluster.custom.patch_namespaced_custom_object(
         names.GROUP, names.VERSION, cluster.namespace, names.PLURAL, "demo",

@@ -84,7 +84,7 @@ def test_a_quota_too_small_keeps_the_run_pending_until_it_is_raised(
 
     table = kubectl(control_plane, "get", "rlsd", "-n", cluster.namespace)
     assert table.split("\n")[0].split() == [
-        "NAME", "PHASE", "STEP", "REWARD", "RESTARTS", "PREEMPTIONS", "REASON", "AGE",
+        "NAME", "PHASE", "STEP", "REWARD", "RESTARTS", "PREEMPTIONS", "LAG", "REASON", "AGE",
     ]  # fmt: skip
     assert table.split("\n")[1].split()[:2] == ["demo", "Pending"] and "QuotaExceeded" in table
     assert "exceeded quota: gpus" in kubectl(

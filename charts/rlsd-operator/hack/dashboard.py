@@ -79,7 +79,45 @@ ROWS: dict[str, list[Graph]] = {
         Graph("Entropy", ((f"rlsd_entropy{LEARNER}", BY_RUN),)),
         Graph("Response length (tokens)", ((f"rlsd_response_length_mean{LEARNER}", BY_RUN),)),
         Graph("Gradient norm", ((f"rlsd_grad_norm{LEARNER}", BY_RUN),)),
+    ],
+    # rollout.max_staleness k >= 1: how old the policy behind each step's completions is, and the
+    # truncated importance weights that correct for it (at k = 0 staleness is 0 and the ratios ~1).
+    "Asynchronous rollouts": [
+        Graph(
+            "Rollout staleness (steps behind the learner)",
+            (
+                (f"rlsd_rollout_staleness{LEARNER}", "mean {{run}}"),
+                (f"rlsd_rollout_staleness_max{LEARNER}", "max {{run}}"),
+            ),
+        ),
+        Graph(
+            "Importance ratio pi_learner / pi_rollout",
+            tuple(
+                (f"rlsd_importance_ratio_{stat}{LEARNER}", f"{stat} {{{{run}}}}")
+                for stat in ("p50", "p99", "max")
+            ),
+        ),
+        Graph(
+            "Tokens at the importance cap",
+            ((f"rlsd_importance_capped_fraction{LEARNER}", BY_RUN),),
+            "percentunit",
+        ),
         Graph("Rollout vs learner log-prob mismatch", ((f"rlsd_logprob_mismatch{LEARNER}", BY_RUN),)),
+        Graph(
+            "Learner waiting for its batch",
+            (
+                (f"rlsd_time_plan_wait_seconds{LEARNER}", "wait {{run}}"),
+                (f"rlsd_step_seconds{LEARNER}", "step {{run}}"),
+            ),
+            "s",
+        ),
+        Graph(
+            "Dynamic sampling",
+            (
+                (f"rlsd_dynamic_sampling_dropped_groups{LEARNER}", "dropped groups {{run}}"),
+                (f"rlsd_dynamic_sampling_rounds{LEARNER}", "extra rounds {{run}}"),
+            ),
+        ),
     ],
     "Throughput and step time": [
         Graph("Tokens per second", ((f"rlsd_tokens_per_second{LEARNER}", BY_RUN),)),
@@ -221,7 +259,10 @@ def build() -> dashboard.Dashboard:
     board = (
         dashboard.Dashboard("RLSD training runs")
         .uid("rlsd-runs")
-        .description("RLSDRuns: reward, RLSD weights, learner, throughput, checkpoints, vLLM, operator")
+        .description(
+            "RLSDRuns: reward, RLSD weights, learner, asynchronous rollouts, throughput, checkpoints, "
+            "vLLM, operator"
+        )
         .tags(["rlsd", "llm", "training"])
         .timezone("browser")
         .editable()

@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 import yaml
 
+from rlsd_contracts.config import RolloutSection
 from rlsd_contracts.wire import (
     LEARNER,
     METRICS_PORT,
@@ -76,6 +77,14 @@ def build_config_map(run: Object, cluster_domain: str = "cluster.local") -> Obje
         )
     metadata = {"name": names.config_map_name(name), "labels": names.labels(name)}
     return _owned(run, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+
+
+def max_staleness(config_map: Object) -> int:
+    """The `rollout.max_staleness` the trainer config of `config_map` runs with: as rendered (from
+    `spec.rollout.maxStaleness` or `trainerConfig`), else the trainer's default."""
+    config = yaml.safe_load(config_map["data"][names.CONFIG_FILE])
+    default: int = RolloutSection.model_fields["max_staleness"].default
+    return int((config.get("rollout") or {}).get("max_staleness", default))
 
 
 def pod_count(spec: Object) -> int:

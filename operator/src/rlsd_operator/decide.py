@@ -110,6 +110,8 @@ class Desired:
     # Server pods by hostname (the server's slot: its DNS name, and its pod name outside Kueue).
     servers: dict[str, Object] = field(default_factory=dict)
     colocate: bool = False
+    # The rollout staleness bound of the trainer config (recorded in the status at an attempt's launch).
+    max_staleness: int = 0
 
 
 def desire(
@@ -141,6 +143,7 @@ def desire(
         network_policy=builders.build_network_policy(run, network_policy),
         servers=servers,
         colocate=colocate,
+        max_staleness=builders.max_staleness(config_map),
     )
 
 
@@ -439,6 +442,7 @@ class _Decider:
         # recorded as launched whose learners are missing would count as preempted).
         self.record_after = len(existing) < nodes
         self.status["attemptLaunched"] = True
+        self.status["maxStaleness"] = self.desired.max_staleness  # what this attempt's config says
         self.status.setdefault("startTime", timestamp(self.now))
         self.status["conditions"] = lifecycle.drop_condition(
             self.status.get("conditions") or [], "SpecChangeDeferred"
@@ -620,8 +624,8 @@ class _Decider:
         return False
 
     def _progress(self) -> None:
-        """Step, reward, accuracy and latest checkpoint from learner rank 0's metrics, when scraped;
-        a failed scrape is a condition, never an error."""
+        """Step, reward, accuracy, rollout staleness and latest checkpoint from learner rank 0's
+        metrics, when scraped; a failed scrape is a condition, never an error."""
         progress = self.observed.progress
         if progress is None:
             return
@@ -630,7 +634,7 @@ class _Decider:
                 "MetricsAvailable", False, "ScrapeFailed", f"{progress.url}: {progress.error}"[:500]
             )
             return
-        for key in ("step", "latestCheckpointStep"):
+        for key in ("step", "latestCheckpointStep", "staleness"):
             if key in progress.values:
                 self.status[key] = int(progress.values[key])
         for key in ("reward", "accuracy"):

@@ -29,7 +29,7 @@ for _kind in ("reconcile", "scrape"):
 
 # Trainer gauge -> status field.
 PROGRESS_METRICS = dict(
-    zip(PROGRESS_GAUGES, ("step", "reward", "accuracy", "latestCheckpointStep"), strict=True)
+    zip(PROGRESS_GAUGES, ("step", "reward", "accuracy", "latestCheckpointStep", "staleness"), strict=True)
 )
 
 
@@ -41,7 +41,7 @@ def publish_phases(phases: dict[object, str]) -> None:
 
 
 def parse_progress(text: str) -> dict[str, float]:
-    """Step, reward, accuracy and latest checkpoint step from a learner's Prometheus text (those present)."""
+    """The PROGRESS_METRICS status fields a learner's Prometheus text has (step, reward, ...)."""
     progress: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

@@ -23,4 +23,10 @@ SERVED_MODEL_NAME = "policy"
 SERVER_TRANSFER_BACKEND: dict[str, str | None] = {"nccl": "nccl", "gloo": "gloo", "filesystem": None}
 
 # Gauges of learner rank 0 (metrics key `k` is served as `rlsd_k`) that a run's status shows.
-PROGRESS_GAUGES = ("rlsd_policy_version", "rlsd_reward_mean", "rlsd_eval_accuracy", "rlsd_checkpoint_step")
+PROGRESS_GAUGES = (
+    "rlsd_policy_version",
+    "rlsd_reward_mean",
+    "rlsd_eval_accuracy",
+    "rlsd_checkpoint_step",
+    "rlsd_rollout_staleness_max",
+)
