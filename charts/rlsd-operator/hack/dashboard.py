@@ -32,7 +32,11 @@ VARIABLES = {
     "run": ("Run", 'label_values(rlsd_policy_version{job="rlsd-learner", namespace=~"$namespace"}, run)'),
 }
 BY_RUN = "{{namespace}}/{{run}}"
-PHASES = ("rollout", "reward", "teacher", "learn", "sync", "checkpoint")
+# A step on the learners: waiting for its batch (on-policy: the planner's rollout, reward and remote
+# teacher phases; ahead: only what generation did not hide), colocated teacher, learning, weight
+# push, checkpoint. They add up to the step time; the planner's own phases are drawn apart.
+PHASES = ("plan_wait", "teacher", "learn", "sync", "checkpoint")
+PLANNER_PHASES = ("rollout", "reward")
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,13 @@ ROWS: dict[str, list[Graph]] = {
             tuple((f"rlsd_time_{phase}_seconds{LEARNER}", f"{phase} {{{{run}}}}") for phase in PHASES),
             "s",
             "stacked",
+        ),
+        Graph(
+            "Planner time per batch",
+            tuple(
+                (f"rlsd_time_{phase}_seconds{LEARNER}", f"{phase} {{{{run}}}}") for phase in PLANNER_PHASES
+            ),
+            "s",
         ),
         Graph("Step time", ((f"rlsd_step_seconds{LEARNER}", BY_RUN),), "s"),
     ],

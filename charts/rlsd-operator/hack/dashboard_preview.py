@@ -17,9 +17,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from dashboard import PHASES  # the panels it draws: one list
 
 CHART = Path(__file__).resolve().parents[1]
-PHASES = ("rollout", "reward", "teacher", "learn", "sync", "checkpoint")
 # (dashboard panel title, [(jsonl key = rlsd_<key>, legend)])
 PANELS = [
     ("Reward", [("reward_mean", "rlsd_reward_mean"), ("reward_std", "rlsd_reward_std")]),
