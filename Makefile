@@ -71,7 +71,7 @@ vllm-venv-start:
 VLLM_TRAINER_TESTS := tests/trainer/test_algorithms.py tests/trainer/test_loss_gradients.py \
 	tests/trainer/test_config.py tests/trainer/test_data.py tests/trainer/test_rollout.py \
 	tests/trainer/test_metrics.py tests/trainer/test_checkpoint.py tests/trainer/test_verifiers.py \
-	tests/trainer/test_servers.py tests/trainer/test_sharding.py
+	tests/trainer/test_servers.py tests/trainer/test_sharding.py tests/trainer/test_loss.py
 
 test-vllm:
 	@venv=$$(tests/conformance/build-vllm-venv.sh) && \

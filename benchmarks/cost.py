@@ -21,7 +21,6 @@ import yaml
 
 from rlsd_contracts.config import parse_config
 from rlsd_trainer.cli import quiet_libraries
-from rlsd_trainer.rewards.verifiers import RewardPool
 from rlsd_trainer.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,12 +64,13 @@ def main() -> None:
     trainers = {"grpo": grpo, "rlsd": rlsd}
 
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in trainers}
-    with RewardPool(grpo.config.reward) as rewards:
-        for step in range(args.skip + args.steps):
-            for name, trainer in trainers.items():
-                values = trainer.train_step(rewards)
-                if step >= args.skip:
-                    samples[name].append(values)
+    for step in range(args.skip + args.steps):
+        for name, trainer in trainers.items():
+            values = trainer.train_step()
+            if step >= args.skip:
+                samples[name].append(values)
+    for trainer in trainers.values():
+        trainer.close()
 
     def mean(name: str, key: str) -> float:
         return statistics.fmean(v.get(key, 0.0) for v in samples[name])

@@ -28,7 +28,7 @@ first alternates, so a change in the machine's load falls on both alike)
       `algorithms.token_mean`; TRL: `loss_type="dapo"`); clip 0.2 / 0.28 (on-policy, so the ratio is
       1 and clipping does not act). Reward: `rlsd_trainer.rewards.verifiers.numeric_match` on both sides.
     * Ours: `rlsd_trainer.training.trainer.Trainer` (algorithm `grpo`, eval off, no checkpoints, no
-      Prometheus), stepped with `trainer.train_step(rewards)` inside `RewardPool`, as `run()` does.
+      Prometheus), stepped with `trainer.train_step()`, as `run()` does.
       A step = rollout (our KV-cache sampler on its own copy of the weights) + reward + log-probs,
       loss, backward, optimizer step + weight push to the sampler.
     * TRL: `GRPOTrainer`/`GRPOConfig` with `per_device_train_batch_size = prompts x group`,
@@ -251,7 +251,6 @@ class OursSide:
 
     def __init__(self, args: argparse.Namespace, model_dir: Path, jsonl: Path, work: Path) -> None:
         from rlsd_contracts.config import MAX_STEPS, parse_config
-        from rlsd_trainer.rewards.verifiers import RewardPool
         from rlsd_trainer.training.trainer import Trainer
 
         self.args = args
@@ -284,7 +283,9 @@ class OursSide:
         self.side = SideResult("ours", notes={"micro_batch_tokens": config.learner.micro_batch_tokens})
         # Count the tokens of every rollout from what the engine was given and returned.
         self.counts = {"prompt": 0, "completion": 0, "learner": 0, "pairs": 0}
-        generate = self.trainer.engine.generate
+        assert self.trainer.plans is not None
+        engine = self.trainer.plans.planner.engine
+        generate = engine.generate
 
         def counting_generate(prompts, params):  # type: ignore[no-untyped-def]
             groups = generate(prompts, params)
@@ -298,14 +299,13 @@ class OursSide:
             )
             return groups
 
-        self.trainer.engine.generate = counting_generate  # type: ignore[method-assign]
-        self.rewards = RewardPool(config.reward).__enter__()
+        engine.generate = counting_generate  # type: ignore[method-assign]
         self.side.setup_seconds = time.perf_counter() - setup_started
 
     def step(self, index: int) -> StepRecord:
         self.counts.update(prompt=0, completion=0, learner=0, pairs=0)
         started = time.perf_counter()
-        values = self.trainer.train_step(self.rewards)
+        values = self.trainer.train_step()
         seconds = time.perf_counter() - started
         return StepRecord(
             seconds=seconds,
@@ -316,15 +316,18 @@ class OursSide:
             phases={
                 key.removeprefix("time_").removesuffix("_seconds"): value
                 for key, value in values.items()
-                if key.startswith("time_")
+                # The wait for the planner (on-policy: its rollout, reward and teacher phases) is not
+                # a phase of its own.
+                if key.startswith("time_") and key != "time_plan_wait_seconds"
             },
             learner_tokens=self.counts["learner"],
             attention_pairs=self.counts["pairs"],
         )
 
     def finish(self) -> None:
-        self.side.notes["profile"] = profile_step(lambda: self.trainer.train_step(self.rewards))
-        self.rewards.__exit__(None, None, None)
+        self.side.notes["profile"] = profile_step(self.trainer.train_step)
+        self.trainer.close()
+        assert self.trainer.metrics is not None
         self.trainer.metrics.close()
 
 
@@ -339,7 +342,7 @@ def profile_step(step: Any) -> dict[str, Any]:
     (the rest being elementwise ops, copies and Python between ops)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from rlsd_trainer.training.trainer import StepTimer
+    from rlsd_trainer.training.timing import StepTimer
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         step()

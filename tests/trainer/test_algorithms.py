@@ -23,6 +23,7 @@ from rlsd_trainer.algorithms import (
     rlsd_weight_stats,
     token_advantages_for,
     token_mean,
+    truncated_importance_weights,
 )
 
 ATOL = 2e-6
@@ -506,3 +507,45 @@ def test_rlsd_weight_stats_by_hand() -> None:
     # Clipped share over informative tokens (A != 0, real): only exp(0.3) is outside [0.8, 1.2];
     # the masked Delta = -0.5 and the A = 0 row's Delta = 1.0 do not count -> 1 / 4 = 0.25
     assert stats.clipped_fraction == pytest.approx(0.25, abs=1e-9)
+
+
+# ---- truncated importance weights (decoupled PPO with TIS) ------------------------------------------
+def test_truncated_importance_weights_by_hand() -> None:
+    # Row 0 is stale: log-ratios 0, ln 1.5, ln 3 -> ratios 1, 1.5, 3; cap 2 -> weights 1, 1.5, 2.
+    # Row 1 is fresh: weights are exactly 1 whatever the ratio (ln 0.5 -> 0.5, ln 4 -> 4).
+    proximal = torch.tensor([[0.0, math.log(1.5), math.log(3.0)], [math.log(0.5), math.log(4.0), 0.0]])
+    behaviour = torch.zeros(2, 3)
+    out = truncated_importance_weights(proximal, behaviour, cap=2.0, stale=torch.tensor([True, False]))
+    assert torch.allclose(out.weight, torch.tensor([[1.0, 1.5, 2.0], [1.0, 1.0, 1.0]]), atol=ATOL)
+    assert torch.allclose(out.ratio, torch.tensor([[1.0, 1.5, 3.0], [0.5, 4.0, 1.0]]), atol=ATOL)
+    # Only a stale token above the cap counts as capped.
+    assert out.capped.tolist() == [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+
+
+def test_truncated_importance_weights_unknown_behaviour_logprob_is_weight_one() -> None:
+    # The engine could not report the log-prob (NaN): no correction for that token.
+    proximal = torch.tensor([[-1.0, -2.0]])
+    behaviour = torch.tensor([[float("nan"), -2.5]])  # second: ratio e^0.5 = 1.6487
+    out = truncated_importance_weights(proximal, behaviour, cap=2.0, stale=torch.tensor([True]))
+    assert out.weight[0, 0] == 1.0
+    assert out.weight[0, 1] == pytest.approx(math.exp(0.5), abs=ATOL)
+
+
+def test_truncated_importance_weights_carry_no_gradient() -> None:
+    proximal = torch.tensor([[0.3, -0.2]], requires_grad=True)
+    out = truncated_importance_weights(proximal, torch.zeros(1, 2), cap=2.0, stale=torch.tensor([True]))
+    assert not out.weight.requires_grad
+
+
+def test_truncated_importance_weight_scales_the_clipped_surrogate() -> None:
+    # A stale token with A = 1, pi/pi_prox = 1 (first epoch), pi_prox/pi_behav = 1.5: L = -1.5.
+    logprobs = torch.tensor([[-1.0]], requires_grad=True)
+    terms = clipped_policy_loss(logprobs, logprobs.detach(), torch.tensor([[1.0]]))
+    weights = truncated_importance_weights(
+        logprobs, torch.tensor([[-1.0 - math.log(1.5)]]), cap=2.0, stale=torch.tensor([True])
+    )
+    loss = (terms.loss * weights.weight).sum()
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(-1.5, abs=ATOL)
+    # d/dlogp of -w * exp(logp - logp_old) * A at logp = logp_old: -w * A = -1.5.
+    assert float(logprobs.grad) == pytest.approx(-1.5, abs=ATOL)

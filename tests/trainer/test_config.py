@@ -94,6 +94,10 @@ def test_invalid_enum_lists_allowed_values() -> None:
         ({"algorithm": {"dual_clip": 0.5}}, "algorithm.dual_clip"),
         ({"rollout": {"sampling": {"top_p": 0}}}, "rollout.sampling.top_p"),
         ({"rollout": {"sampling": {"temperature": 2.5}}}, "rollout.sampling.temperature"),  # vLLM's max
+        ({"rollout": {"max_staleness": 9}}, "rollout.max_staleness"),
+        ({"rollout": {"max_staleness": -1}}, "rollout.max_staleness"),
+        ({"rollout": {"dynamic_sampling": {"max_rounds": 0}}}, "rollout.dynamic_sampling.max_rounds"),
+        ({"algorithm": {"importance_cap": 0.5}}, "algorithm.importance_cap"),
     ],
 )
 def test_out_of_range_names_the_field(raw: dict, field: str) -> None:

@@ -3,7 +3,8 @@
 
 The chaos test interrupts one run at random moments with SIGTERM (graceful preemption) and SIGKILL
 (a node lost), corrupts its newest checkpoint once, and requires the final weights to be bitwise
-equal to those of an uninterrupted run with the same seed.
+equal to those of an uninterrupted run with the same seed; on-policy and with rollouts generated one
+batch ahead (`rollout.max_staleness: 1`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -128,16 +129,24 @@ def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def reference(
+def references(
     servers: dict[str, list[Server]], model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, torch.Tensor]:
-    """Final weights of the uninterrupted run."""
-    output = tmp_path_factory.mktemp("reference")
-    prepare_output(output, model_dir)
-    log = output / "learner.log"
-    code = run_to_end(run_config(output, servers), log)
-    assert code == 0, log.read_text()[-5000:]
-    return final_weights(output)
+) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Final weights of the uninterrupted run with `rollout.max_staleness` k (each run once)."""
+    runs: dict[int, dict[str, torch.Tensor]] = {}
+
+    def reference(max_staleness: int) -> dict[str, torch.Tensor]:
+        if max_staleness not in runs:
+            output = tmp_path_factory.mktemp(f"reference-k{max_staleness}")
+            prepare_output(output, model_dir)
+            log = output / "learner.log"
+            config = run_config(output, servers, rollout={"max_staleness": max_staleness})
+            code = run_to_end(config, log)
+            assert code == 0, log.read_text()[-5000:]
+            runs[max_staleness] = final_weights(output)
+        return runs[max_staleness]
+
+    return reference
 
 
 def newest_checkpoint(output_dir: Path) -> Path | None:
@@ -152,14 +161,16 @@ def corrupt(checkpoint: Path) -> None:
     shard.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("max_staleness", [0, 1])
 def test_chaos_sigterm_and_sigkill_resume_bitwise(
     servers: dict[str, list[Server]],
     model_dir: Path,
-    reference: dict[str, torch.Tensor],
+    references: Callable[[int], dict[str, torch.Tensor]],
     tmp_path: Path,
+    max_staleness: int,
 ) -> None:
     prepare_output(tmp_path, model_dir)
-    config = run_config(tmp_path, servers)
+    config = run_config(tmp_path, servers, rollout={"max_staleness": max_staleness})
     log = tmp_path / "learner.log"
     chance = random.Random(20261126)
     signals = [signal.SIGTERM, signal.SIGKILL] * 6
@@ -207,13 +218,13 @@ def test_chaos_sigterm_and_sigkill_resume_bitwise(
     text = log.read_text()
     assert "failed verification; falling back" in text
     assert "resumed from" in text
-    assert_bitwise_equal(final_weights(tmp_path), reference)
+    assert_bitwise_equal(final_weights(tmp_path), references(max_staleness))
 
 
 def test_lost_rollout_server_is_routed_around(
     servers: dict[str, list[Server]],
     model_dir: Path,
-    reference: dict[str, torch.Tensor],
+    references: Callable[[int], dict[str, torch.Tensor]],
     tmp_path: Path,
 ) -> None:
     prepare_output(tmp_path, model_dir)
@@ -232,7 +243,7 @@ def test_lost_rollout_server_is_routed_around(
     assert code == 0, log.read_text()[-5000:]
     # Requests are split by the configured replica count, so the surviving replica serves exactly
     # what the lost one would have: the run is unchanged.
-    assert_bitwise_equal(final_weights(tmp_path), reference)
+    assert_bitwise_equal(final_weights(tmp_path), references(0))
 
 
 def test_config_error_found_by_the_ranks_exits_3(model_dir: Path, tmp_path: Path) -> None:

@@ -27,36 +27,33 @@ def truncate_reference(tokenizer: PreTrainedTokenizerBase, reference: str, max_t
     return reference if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
+def teacher_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, config: TeacherSection, question: str, reference: str
+) -> list[int]:
+    """The privileged prompt: the question and the (truncated) reference solution in the template."""
+    reference = truncate_reference(tokenizer, reference, config.max_reference_tokens)
+    return encode_prompt(tokenizer, render_teacher_prompt(config.template, question, reference))
+
+
 class Teacher:
-    """Builds privileged prompts, scores colocated, and keeps the frozen snapshot in sync.
+    """Scores colocated and keeps the frozen snapshot in sync (on every learner rank).
 
     `policy` and `snapshot` are `PolicyScorer`s (sharded alike across learner ranks); `snapshot`
-    is given in `frozen` mode. A remote teacher (`teacher_server`) scores instead when configured;
-    this object still owns the prompts and the sync schedule.
+    is given in `frozen` mode. A remote teacher (`serving.teacher_server`) scores instead when
+    configured; this object still owns the weights it is sent and the sync schedule.
     """
 
-    def __init__(
-        self,
-        config: TeacherSection,
-        policy: PolicyScorer,
-        tokenizer: PreTrainedTokenizerBase,
-        snapshot: PolicyScorer | None,
-    ) -> None:
+    def __init__(self, config: TeacherSection, policy: PolicyScorer, snapshot: PolicyScorer | None) -> None:
         if (config.mode == "frozen") != (snapshot is not None):
             raise ValueError("a snapshot is needed exactly in frozen mode")
         self.config = config
         self.policy = policy
-        self.tokenizer = tokenizer
         self.snapshot = snapshot.eval().requires_grad_(False) if snapshot is not None else None
         self.last_sync_step = 0
 
     @property
     def scorer(self) -> PolicyScorer:
         return self.snapshot if self.snapshot is not None else self.policy
-
-    def prompt_ids(self, question: str, reference: str) -> list[int]:
-        reference = truncate_reference(self.tokenizer, reference, self.config.max_reference_tokens)
-        return encode_prompt(self.tokenizer, render_teacher_prompt(self.config.template, question, reference))
 
     def maybe_sync(self, step: int) -> bool:
         """Overwrite the frozen snapshot with the policy when `sync_interval` steps have passed."""
