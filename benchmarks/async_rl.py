@@ -30,8 +30,10 @@ first steps that fill the pipeline and the last one, which writes the final chec
       wall time per optimizer step, whatever overlaps within it); `step_seconds` (the trainer's own
       measure) and every `time_<phase>_seconds` median are reported beside it;
     * tokens/s: prompt + response tokens of the timed steps' rollouts / the timed window's wall time;
-    * busy share: CPU seconds of the learner process and of each server over the timed window
-      (sampled from /proc every 0.2 s) / the window: how well each core is used;
+    * busy share: CPU seconds over the timed window / the window (sampled from /proc every 0.2 s) of
+      the learner's main thread (the learning), its other threads (planner, HTTP clients, weight
+      pushes) and its reward workers, all on core 0, and of each server (core 1): where each core's
+      time goes;
     * ratios: step time at k over k = 0 per algorithm (target: k = 1 <= 0.6), and RLSD over GRPO at
       each k (target at k = 1: <= 1.10).
 
@@ -44,6 +46,7 @@ Output: a table on stdout, `benchmarks/results/async_rl.json` and `async_rl.png`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -74,6 +77,8 @@ from harness import (
     start_server,
     wait_healthy,
 )
+
+from rlsd_trainer.lifecycle import child_pids
 
 CONFIG = ROOT / "trainer/src/rlsd_trainer/configs/embedded.yaml"
 NAME = "policy"
@@ -182,19 +187,27 @@ def run_overrides(
     return overrides
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as handle:
+def cpu_seconds(stat: str) -> float:
+    """User + system CPU seconds from a /proc `stat` file (a process's: all its threads)."""
+    with open(stat) as handle:
         fields = handle.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-class CpuSampler:
-    """Samples the CPU seconds of named processes every `interval` s in a thread of its own."""
+# Where the CPU goes, by core: the learner's main thread (the learning itself), its other threads
+# (planner, HTTP clients, weight pushes) and its reward workers on core 0; the servers on core 1.
+CPU_USERS = ("learner", "planner", "rewards", "rollout", "teacher")
 
-    def __init__(self, pids: dict[str, int], interval: float = 0.2) -> None:
-        self.pids = pids
+
+class CpuSampler:
+    """Samples the CPU seconds of the learner (split as `CPU_USERS`) and the servers every
+    `interval` s, in a thread of its own."""
+
+    def __init__(self, learner: int, servers: dict[str, int], interval: float = 0.2) -> None:
+        self.learner = learner
+        self.servers = servers
         self.samples: list[tuple[float, dict[str, float]]] = []
+        self._workers: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
 
@@ -206,10 +219,22 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
 
+    def _read(self) -> dict[str, float]:
+        process = cpu_seconds(f"/proc/{self.learner}/stat")
+        main = cpu_seconds(f"/proc/{self.learner}/task/{self.learner}/stat")
+        if len(self.samples) % 25 == 0:  # the reward pool starts with the run: look again now and then
+            self._workers = child_pids(self.learner)
+        workers = 0.0
+        for pid in self._workers:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                workers += cpu_seconds(f"/proc/{pid}/stat")
+        servers = {name: cpu_seconds(f"/proc/{pid}/stat") for name, pid in self.servers.items()}
+        return {"learner": main, "planner": process - main, "rewards": workers, **servers}
+
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
-                self.samples.append((time.time(), {n: process_cpu_seconds(p) for n, p in self.pids.items()}))
+                self.samples.append((time.time(), self._read()))
             except (FileNotFoundError, ProcessLookupError):
                 return  # the learner has exited
 
@@ -222,7 +247,7 @@ class CpuSampler:
         wall = last[0] - first[0]
         if wall <= 0:
             return {}
-        return {name: (last[1][name] - first[1][name]) / wall for name in self.pids}
+        return {name: max(0.0, last[1][name] - first[1][name]) / wall for name in CPU_USERS}
 
 
 def run_one(
@@ -247,8 +272,7 @@ def run_one(
     started = time.perf_counter()
     with (output / "cli.log").open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=one_thread_env())
-        pids = {"learner": process.pid, **{role: s.process.pid for role, s in servers.items()}}
-        with CpuSampler(pids) as sampler:
+        with CpuSampler(process.pid, {role: s.process.pid for role, s in servers.items()}) as sampler:
             code = process.wait()
     if code != 0:
         raise RuntimeError(f"{setting.label} exited {code}: {(output / 'cli.log').read_text()[-3000:]}")
@@ -307,7 +331,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         }
         entry["busy_share"] = {
             name: statistics.fmean(r["busy_share"][name] for r in pooled if name in r["busy_share"])
-            for name in ("learner", "rollout", "teacher")
+            for name in CPU_USERS
             if any(name in r["busy_share"] for r in pooled)
         }
         entry["rollout_staleness_mean"] = statistics.fmean(r["rollout_staleness_mean"] for r in pooled)
@@ -341,7 +365,9 @@ def print_table(summary: dict[str, dict[str, Any]], found: dict[str, float]) -> 
     short = [p.removeprefix("time_").removesuffix("_seconds") for p in phases]
     header = (
         f"{'setting':<12}{'s/step':>8}{'metric':>8}{'tokens/s':>10}{'stale':>7}{'resp':>6}"
-        f"{'learner':>9}{'rollout':>9}{'teacher':>9}  " + " ".join(f"{s:>9}" for s in short)
+        + "".join(f"{n:>9}" for n in CPU_USERS)
+        + "  "
+        + " ".join(f"{s:>9}" for s in short)
     )
     print("\n" + header)
     print("-" * len(header))
@@ -350,14 +376,16 @@ def print_table(summary: dict[str, dict[str, Any]], found: dict[str, float]) -> 
         print(
             f"{label:<12}{e['step_time']:>8.2f}{e['step_seconds_metric']:>8.2f}{e['tokens_per_second']:>10.0f}"
             f"{e['rollout_staleness_mean']:>7.2f}{e['response_length_mean']:>6.1f}"
-            + "".join(f"{busy.get(n, float('nan')):>9.2f}" for n in ("learner", "rollout", "teacher"))
+            + "".join(f"{busy.get(n, float('nan')):>9.2f}" for n in CPU_USERS)
             + "  "
             + " ".join(f"{e['phases'].get(p, 0.0):>9.2f}" for p in phases)
         )
     print(
-        "s/step: median interval between step records; metric: median step_seconds; tokens/s: rollout "
-        "tokens / timed wall time;\nstale: mean rollout_staleness; resp: mean response length; "
-        "learner/rollout/teacher: CPU seconds per wall second; then median seconds per phase"
+        "s/step: median interval between step records; metric: median step_seconds; tokens/s: rollout\n"
+        "tokens / timed wall time; stale: mean rollout_staleness; resp: mean response length; then CPU\n"
+        "seconds per wall second on core 0 (learner: main thread; planner: its other threads, i.e. planner,\n"
+        "HTTP, weight push; rewards: its reward workers) and core 1 (rollout, teacher servers); then median\n"
+        "seconds per phase"
     )
     print()
     for name, value in found.items():
@@ -380,7 +408,7 @@ def plot(summary: dict[str, dict[str, Any]], found: dict[str, float], path: Path
     )
     bars.set_ylabel("median seconds per step")
     bars.set_title("Step time, learner on core 0, servers on core 1")
-    bars.set_ylim(0, max(times) * 1.25)
+    bars.set_ylim(0, max(times) * 2.0)  # room for the ratios above the bars
     bars.text(
         0.02,
         0.97,
