@@ -6,8 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= trainer/src/rlsd_trainer/configs/embedded.yaml
 
-.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue test-tools bench-learning bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
-	bench-checkpoint bench-scaling bench-rollout bench-gpu bench-operator clean
+.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue test-tools bench-learning bench-learning-async bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
+	bench-checkpoint bench-scaling bench-rollout bench-async bench-gpu bench-operator clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,10 @@ test: vllm-venv-start lint test-tools $(VENV)/.chart-installed
 bench-learning: $(VENV)/.trainer-installed
 	$(BIN)/python benchmarks/learning.py
 
+# Learning parity of asynchronous RL: the embedded default on-policy and one step off-policy.
+bench-learning-async: $(VENV)/.trainer-installed
+	$(BIN)/python benchmarks/learning.py --algorithms rlsd --max-staleness 0 1 --name learning_async
+
 bench-cost: $(VENV)/.trainer-installed
 	$(BIN)/python benchmarks/cost.py
 
@@ -116,6 +120,10 @@ bench-scaling: $(VENV)/.trainer-installed
 
 bench-rollout: $(VENV)/.trainer-installed
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/rollout_throughput.py
+
+# Learner pinned to core 0, rollout + teacher servers to core 1: rollout.max_staleness 0 / 1 / 2.
+bench-async: $(VENV)/.trainer-installed
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/async_rl.py
 
 # On a GPU machine (torchrun over all GPUs); `$(BIN)/python benchmarks/gpu_learner.py --tiny` on CPU.
 bench-gpu: $(VENV)/.trainer-installed

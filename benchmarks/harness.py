@@ -26,9 +26,9 @@ MB = 1e6
 
 # The multi-process tests' launcher: `rlsd-trainer serve ...` on a free loopback port, one thread.
 sys.path.insert(0, str(ROOT / "tests/trainer"))
-from processes import CLI, Server, start_server, wait_healthy  # noqa: E402
+from processes import CLI, Server, one_thread_env, start_server, wait_healthy  # noqa: E402
 
-__all__ = ["CLI", "Server", "start_server", "wait_healthy"]
+__all__ = ["CLI", "Server", "one_thread_env", "start_server", "wait_healthy"]
 
 # Qwen3-architecture shapes of about 5M, 25M, 100M and 400M parameters (tied embeddings, float32).
 # The largest is Qwen3-0.6B's layer shape with 24 layers and a 32k vocabulary.
@@ -279,11 +279,18 @@ def median(values: Sequence[float]) -> float:
 
 @contextmanager
 def servers_running(
-    role: str, model_dir: Path, log_dir: Path, count: int, name: str, backend: str
+    role: str,
+    model_dir: Path,
+    log_dir: Path,
+    count: int,
+    name: str,
+    backend: str,
+    cpus: set[int] | None = None,
 ) -> Iterator[list[Server]]:
-    """`count` servers of `role` (each OMP_NUM_THREADS=1), healthy, stopped on exit."""
+    """`count` servers of `role` (each OMP_NUM_THREADS=1, pinned to `cpus` when given), healthy,
+    stopped on exit."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    started = [start_server(role, model_dir, log_dir, name, backend) for _ in range(count)]
+    started = [start_server(role, model_dir, log_dir, name, backend, cpus) for _ in range(count)]
     try:
         wait_healthy(started)
         yield started

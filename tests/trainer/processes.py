@@ -50,15 +50,24 @@ class Server:
                 self.kill()
 
 
-def start_server(role: str, model_dir: Path, log_dir: Path, name: str, backend: str = "gloo") -> Server:
-    """`rlsd-trainer serve <role>` on a free loopback port (not yet healthy: see `wait_healthy`)."""
+def start_server(
+    role: str, model_dir: Path, log_dir: Path, name: str, backend: str = "gloo", cpus: set[int] | None = None
+) -> Server:
+    """`rlsd-trainer serve <role>` on a free loopback port (not yet healthy: see `wait_healthy`),
+    pinned to `cpus` when given (as `taskset -c` would)."""
     port = free_port()
     log = log_dir / f"{role}-{backend}-{port}.log"
     command = [CLI, "serve", role, "--model", str(model_dir), "--port", str(port)]
     command += ["--served-model-name", name, "--weight-transfer-config", f'{{"backend": "{backend}"}}']
     command += ["--transfer-timeout-s", "60"]
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=one_thread_env())
+        process = subprocess.Popen(
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=one_thread_env(),
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
     return Server(process, f"http://127.0.0.1:{port}", log)
 
 
