@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,10 +202,13 @@ class Trainer:
         (anyone,) = all_reduce([flag], self.ctx, op="max")
         return anyone > 0
 
-    def _evaluate(self) -> Future[float] | None:
-        return self.plans.evaluate() if self.plans is not None else None
-
     def run(self) -> RunSummary:
+        try:
+            return self._run()
+        finally:
+            self.close()  # the planner's worker, reward processes and server clients, whatever happened
+
+    def _run(self) -> RunSummary:
         cfg, ctx = self.config, self.ctx
         resumed = self.restore()
         self.push_weights(teacher_too=True)
@@ -226,11 +228,9 @@ class Trainer:
         with progress:
             while self.step < cfg.run.total_steps:
                 values = self.train_step()
-                evaluation = None
-                if self.step % cfg.eval.every == 0 or self.step == cfg.run.total_steps:
-                    evaluation = self._evaluate()
-                if evaluation is not None:
-                    values["eval_accuracy"] = final_accuracy = evaluation.result()
+                due = self.step % cfg.eval.every == 0 or self.step == cfg.run.total_steps
+                if due and self.plans is not None:
+                    values["eval_accuracy"] = final_accuracy = self.plans.evaluate().result()
                 values["step"] = self.step
                 self._log(self.step, values)
                 progress.update(1)
@@ -262,6 +262,7 @@ class Trainer:
     def close(self) -> None:
         if self.plans is not None:
             self.plans.close()
+            self.plans = None
 
     def _save_for_preemption(self) -> None:
         self.checkpoints.wait()
