@@ -13,6 +13,7 @@ import torch
 
 from rlsd_trainer.training.checkpoint import MANIFEST, TRAINER_STATE, CheckpointManager
 from rlsd_trainer.training.distributed import DistContext
+from rlsd_trainer.training.trainer import by_component
 
 
 def _sharded(step: int) -> dict:
@@ -167,3 +168,25 @@ def test_sharded_async_save_on_two_ranks_resumes_on_one_and_three(tmp_path: Path
         # Ranks that existed in the saved run get their own RNG state back; new ranks get none.
         assert "rank 0 of" in loaded.stdout and "rank_state={'rank': 0}" in loaded.stdout
     assert "rank_state=None" in loaded.stdout
+
+
+def test_trainer_state_from_before_the_planner_learner_split_resumes_by_component() -> None:
+    # rank 0's trainer.pt as the trainer wrote it before the split (components side by side)
+    old = {
+        "step": 4,
+        "scheduler": {"last_epoch": 4},
+        "sampler": {"epoch": 0, "position": 12},
+        "teacher_last_sync_step": 2,
+        "start_accuracy": 0.25,
+        "python_rng": (3, (1, 2), None),
+    }
+    state = by_component(old, step=4)
+    assert state["learner"] == {"scheduler": {"last_epoch": 4}, "teacher_last_sync_step": 2}
+    # On-policy: nothing was generated ahead, and the next batch to make is step 4's.
+    assert state["plans"] == {
+        "planner": {"sampler": {"epoch": 0, "position": 12}},
+        "pending": [],
+        "next_unsubmitted": 4,
+    }
+    assert state["start_accuracy"] == 0.25 and state["python_rng"] == (3, (1, 2), None)
+    assert by_component(state, step=4) is state  # today's layout is left as it is

@@ -152,7 +152,7 @@ class Trainer:
         if restored is None:
             return False
         self.learner.load_sharded_state_dict(sharded)
-        state = restored.trainer_state
+        state = by_component(restored.trainer_state, restored.step)
         self.step = self.last_checkpoint_step = restored.step
         self.learner.load_state_dict(state["learner"])
         if self.plans is not None:
@@ -280,6 +280,22 @@ class Trainer:
         from rlsd_trainer.monitoring.plot import plot_run
 
         return plot_run(self.config.output_dir / "metrics.jsonl", self.config.output_dir / "training.png")
+
+
+def by_component(state: dict[str, Any], step: int) -> dict[str, Any]:
+    """Rank 0's checkpoint state with each component's part under its name. A checkpoint written
+    before the planner/learner split kept those parts side by side; it resumes as it was (on-policy:
+    no batch was generated ahead)."""
+    if "learner" in state:
+        return state
+    return {
+        **state,
+        "learner": {
+            "scheduler": state["scheduler"],
+            "teacher_last_sync_step": state["teacher_last_sync_step"],
+        },
+        "plans": {"planner": {"sampler": state["sampler"]}, "pending": [], "next_unsubmitted": step},
+    }
 
 
 def run_training(
