@@ -114,10 +114,7 @@ def micro_batch_loss(
         metrics.add_importance(importance, rollout, proximal, mask, global_tokens)
         if teacher is not None:
             stats = algorithms.rlsd_weight_stats(advantages, teacher, proximal, algo.eps_w, mask)
-            share = float(mask.sum()) / global_tokens
-            metrics.sums["delta_mean"] += stats.mean_delta * share
-            metrics.sums["weight_mean"] += stats.mean_weight * share
-            metrics.sums["weight_clipped_fraction"] += stats.clipped_fraction * share
+            metrics.add_weight_stats(stats, float(mask.sum()) / global_tokens)
     return MicroBatchLoss(loss, kl)
 
 
@@ -139,6 +136,12 @@ class StepMetrics:
         self.sums["policy_loss"] += float(algorithms.token_mean(terms.loss.detach(), mask, global_tokens))
         self.sums["clip_ratio"] += float(algorithms.token_mean(terms.clipped, mask, global_tokens))
         self.sums["entropy"] += float(algorithms.token_mean(entropy.detach(), mask, global_tokens))
+
+    def add_weight_stats(self, stats: algorithms.WeightStats, share: float) -> None:
+        """RLSD's evidence-weight statistics of a micro-batch holding `share` of the step's tokens."""
+        self.sums["delta_mean"] += stats.mean_delta * share
+        self.sums["weight_mean"] += stats.mean_weight * share
+        self.sums["weight_clipped_fraction"] += stats.clipped_fraction * share
 
     def add_importance(
         self,

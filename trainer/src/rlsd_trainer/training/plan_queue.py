@@ -40,14 +40,8 @@ class PlanQueue:
         self._history: list[Future[Any]] = []  # every call not known to be done
 
     def _submit(self, call: Callable[..., T], *args: Any) -> Future[T]:
-        future: Future[T] = Future()
         if self._worker is None:
-            try:
-                future.set_result(call(*args))
-            except BaseException as exc:
-                future.set_exception(exc)
-                raise
-            return future
+            return _done(call(*args))
         future = self._worker.submit(call, *args)
         self._history = [f for f in self._history if not f.done()] + [future]
         return future
@@ -104,14 +98,17 @@ class PlanQueue:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.planner.load_state_dict(state["planner"])
-        self._submitted.clear()
-        for plan in state["pending"]:
-            future: Future[StepPlan] = Future()
-            future.set_result(plan)
-            self._submitted.append(future)
+        self._submitted = deque(_done(plan) for plan in state["pending"])
         self._next_unsubmitted = state["next_unsubmitted"]
 
     def close(self) -> None:
         if self._worker is not None:
             self._worker.shutdown(wait=True, cancel_futures=True)
         self.planner.close()
+
+
+def _done(value: T) -> Future[T]:
+    """A future that already holds `value`."""
+    future: Future[T] = Future()
+    future.set_result(value)
+    return future

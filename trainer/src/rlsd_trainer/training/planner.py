@@ -10,6 +10,7 @@ engine and the teacher servers. `PlanQueue` decides when each of these runs.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,10 +206,10 @@ class Planner:
         return sum(r >= 1.0 for r in scored.rewards) / len(self.eval_set)
 
     # ---- weights --------------------------------------------------------------------------------
-    def update_policy(self, named: Any, version: int) -> None:
+    def update_policy(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         self.engine.update_weights(named, version=version)
 
-    def update_teacher(self, named: Any, version: int) -> None:
+    def update_teacher(self, named: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         assert self.teacher_client is not None
         self.teacher_client.update_weights(named, version=version)
 

@@ -244,7 +244,6 @@ class Trainer:
             final_accuracy = self.plans.evaluate().result()
         self.checkpoints.wait()
         self.learner.export(cfg.output_dir / "final-policy", self.tokenizer)
-        self.close()
         plot_path = None
         if self.metrics is not None:
             self.metrics.close()
@@ -269,7 +268,6 @@ class Trainer:
         if self.last_checkpoint_step != self.step:
             self.save_checkpoint(blocking=True)
         log.warning("preempted: checkpoint of step %d committed; exiting", self.step)
-        self.close()
         raise Preempted(self.step)
 
     def _log(self, step: int, values: dict[str, float]) -> None:
