@@ -7,7 +7,12 @@
 #
 # Bases are pinned by version (pass --build-arg PYTHON_IMAGE=...@sha256:... to pin by digest).
 # Nothing secret is built in: a Hugging Face token reaches the pods from a Secret (RLSDRun
-# spec.huggingFaceTokenSecret), never from the image.
+# spec.huggingFaceTokenSecret), never from the image. pip keeps its downloads in a build cache
+# (`RUN --mount=type=cache`), not in the images.
+#
+# Build arguments for builders without Docker Hub or the PyTorch index: PYTHON_IMAGE (any Debian-like
+# image with python, python -m venv and pip; tests/k8s/build-images.sh makes one with debootstrap) and
+# TORCH_INDEX_URL (default: PyTorch's CPU wheels; PyPI's torch works too, with CUDA libraries on board).
 
 ARG PYTHON_IMAGE=python:3.12.12-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
@@ -15,14 +20,15 @@ ARG VERSION=0.1.0
 
 # ---- operator ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS operator-build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY trainer/contracts/pyproject.toml trainer/contracts/
 COPY trainer/contracts/src trainer/contracts/src
 COPY operator/pyproject.toml operator/
 COPY operator/src operator/src
 # rlsd-contracts (what the operator and the trainer agree on) is not on PyPI: installed from here.
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install ./trainer/contracts ./operator
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -m venv /opt/venv && /opt/venv/bin/pip install ./trainer/contracts ./operator
 
 FROM ${PYTHON_IMAGE} AS operator
 ARG VERSION
@@ -40,28 +46,29 @@ ENTRYPOINT ["rlsd-operator"]
 CMD ["--metrics-port", "9090", "--liveness-port", "8080"]
 
 # ---- trainer, CPU -------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS trainer-cpu-build
-ARG TORCH_VERSION=2.15.0
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-WORKDIR /src
-COPY trainer/contracts/pyproject.toml trainer/contracts/
-COPY trainer/contracts/src trainer/contracts/src
-COPY trainer/pyproject.toml trainer/
-COPY trainer/src trainer/src
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
- && /opt/venv/bin/pip install ./trainer/contracts "./trainer[trackers]"
-
+# One stage (nothing is compiled), torch in a layer of its own below the trainer's: a new trainer
+# version rebuilds, pushes and pulls only the layers above it.
 FROM ${PYTHON_IMAGE} AS trainer-cpu
 ARG VERSION
+ARG TORCH_VERSION=2.15.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 LABEL org.opencontainers.image.title="rlsd-trainer-cpu" \
       org.opencontainers.image.description="RLSD trainer on CPU: learners and CPU rollout/teacher servers" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://rlsd.io"
-COPY --from=trainer-cpu-build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HOME=/tmp/hf-home
-RUN useradd --uid 1000 --create-home rlsd
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HF_HOME=/tmp/hf-home
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY trainer/contracts/pyproject.toml trainer/contracts/
+COPY trainer/contracts/src trainer/contracts/src
+COPY trainer/pyproject.toml trainer/
+COPY trainer/src trainer/src
+RUN --mount=type=cache,target=/root/.cache/pip \
+    /opt/venv/bin/pip install ./trainer/contracts "./trainer[trackers]" \
+ && useradd --uid 1000 --create-home rlsd
 USER 1000:1000
 WORKDIR /home/rlsd
 # The operator sets each pod's command (rlsd-trainer learner | serve rollout | serve teacher).
@@ -70,7 +77,7 @@ CMD ["--help"]
 
 # ---- trainer, GPU (CUDA, torch, vLLM) -----------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS trainer-build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
 # The distribution's packages follow the pinned base image (their versions change with its updates).
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -84,7 +91,8 @@ COPY trainer/src trainer/src
 # The project's one vLLM pin (trainer/requirements-vllm.txt; tests/conformance runs that version's
 # code). vLLM pins the torch and transformers it was built against; the trainer accepts them, and
 # `make test` runs the trainer's fast tests under them.
-RUN python3.12 -m venv /opt/venv \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python3.12 -m venv /opt/venv \
  && /opt/venv/bin/pip install -r trainer/requirements-vllm.txt \
  && /opt/venv/bin/pip install ./trainer/contracts "./trainer[trackers]"
 

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= trainer/src/rlsd_trainer/configs/embedded.yaml
 
-.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue test-tools bench-learning bench-learning-async bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
+.PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue node images test-tools bench-learning bench-learning-async bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
 	bench-checkpoint bench-scaling bench-rollout bench-async bench-gpu bench-operator clean
 
 $(BIN)/python:
@@ -46,10 +46,21 @@ chart-tools:
 kueue: | k8s-assets
 	nice -n 19 tests/k8s/build-kueue.sh
 
-# Every Go tool of the test bed, side by side (module downloads and single-threaded links overlap
-# the other builds' compiles).
+# The real node of tests/e2e: kubelet and kube-proxy (from the control plane's module, after it, whose
+# packages they share in the Go build cache), CoreDNS, the pause binary, and containerd, runc, the CNI
+# plugins and iptables from Debian's packages (tests/k8s/build-node.sh; a no-op once built).
+node: | k8s-assets
+	nice -n 19 tests/k8s/build-node.sh
+
+# The images tests/e2e runs, built from the Dockerfile with buildah (operator, trainer-cpu; a local
+# debootstrap base and the wheels from PyPI, cached; tests/k8s/build-images.sh; a no-op once built).
+images:
+	nice -n 19 tests/k8s/build-images.sh
+
+# Every tool and image of the test bed, side by side (module downloads, single-threaded links and the
+# images' I/O overlap the other builds' compiles).
 test-tools:
-	@$(MAKE) --no-print-directory -j3 k8s-assets chart-tools kueue
+	@$(MAKE) --no-print-directory -j3 k8s-assets chart-tools images kueue node
 
 # The environment of the vLLM conformance suite (tests/conformance/build-vllm-venv.sh): the vLLM of
 # trainer/requirements-vllm.txt with its torch and transformers, plus the trainer and the operator,

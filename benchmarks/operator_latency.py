@@ -7,8 +7,9 @@ What is measured
     the operator as its console script, `rlsd-operator`, in a subprocess with the admin's kubeconfig
     (its own Python process, as in the chart's Deployment; nothing of it is patched). Every run is a
     small valid RLSDRun from `tests/operator/rlsdrun_samples.py` (default 2 learner pods x 4 GPUs
-    and 2 vLLM rollout pods), with learner rank 0's metrics URL pointed at a local HTTP server that
-    answers like a healthy learner. Runs go one at a time; each is deleted, and its pods gone, before
+    and 2 vLLM rollout pods). The operator scrapes learner rank 0 at its pod's address, where nothing
+    listens on a kwok node: those scrapes fail in the background, as a wedged learner's would, and
+    never hold a reconcile up. Runs go one at a time; each is deleted, and its pods gone, before
     the next is applied. This process watches pods and runs (one watch each, raw JSON) and stamps
     every event with `time.perf_counter()` as it arrives.
 
@@ -64,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import http.server
 import itertools
 import json
 import math
@@ -75,9 +75,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +103,6 @@ STOPS = ("kubelet", "kwok")
 FINALIZER = "benchmarks.rlsd.io/kubelet"
 EXIT_PREEMPTED = 75
 WAIT_SECONDS = 60.0
-LEARNER_METRICS = "rlsd_policy_version 10\nrlsd_reward_mean 0.5\nrlsd_eval_accuracy 0.25\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,30 +317,6 @@ def make_namespace(core: client.CoreV1Api) -> str:
     return namespace
 
 
-@contextmanager
-def learner_metrics() -> Iterator[str]:
-    """A local /metrics answering like a healthy learner rank 0 (what the operator scrapes)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = LEARNER_METRICS.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
-    finally:
-        server.shutdown()
-
-
 def reconciles(operator: OperatorProcess) -> tuple[float, float]:
     """(count, total seconds) of `rlsd_operator_reconcile_duration_seconds` so far."""
     count = total = 0.0
@@ -367,13 +341,12 @@ class Bench:
         self.timeline = timeline
         self.args = args
 
-    def create(self, name: str, metrics_url: str) -> tuple[float, dict[str, float]]:
+    def create(self, name: str) -> tuple[float, dict[str, float]]:
         """Applies run `name` and waits until its pods run and its phase is Running; returns the
         moment the create call returned and the latencies (s) from it."""
         manifest = run_manifest(
             name, {"learner": {"nodes": self.args.learners}, "rollout": {"replicas": self.args.rollouts}}
         )
-        manifest["metadata"]["annotations"] = {names.ANNOTATION_METRICS_URL: metrics_url}
         called = time.perf_counter()
         self.custom.create_namespaced_custom_object(
             names.GROUP, names.VERSION, self.namespace, names.PLURAL, manifest
@@ -473,7 +446,7 @@ class Bench:
                 self.core.patch_namespaced_pod_status(pod, self.namespace, {"status": status})
                 self.core.patch_namespaced_pod(pod, self.namespace, {"metadata": {"finalizers": None}})
 
-    def burst(self, count: int, preempt: int, metrics_url: str) -> dict[str, Any]:
+    def burst(self, count: int, preempt: int) -> dict[str, Any]:
         """`count` runs (1 learner + 1 vLLM pod each, no GPUs) created at once from 16 threads; once
         all run, the learners of `preempt` of them deleted at once (kwok removes a deleted pod at
         once). Latencies from each run's create / delete call returning, and from the burst's start."""
@@ -489,7 +462,6 @@ class Bench:
                 run, {"learner": {"nodes": 1, "nprocPerNode": 1}, "rollout": {"replicas": 1}}
             )
             manifest["spec"]["learner"]["resources"] = manifest["spec"]["rollout"]["resources"] = {}
-            manifest["metadata"]["annotations"] = {names.ANNOTATION_METRICS_URL: metrics_url}
             self.custom.create_namespaced_custom_object(
                 names.GROUP, names.VERSION, self.namespace, names.PLURAL, manifest
             )
@@ -713,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     watchers: list[Watcher] = []
     try:
         plane.start()
-        with plane.api_client() as api, learner_metrics() as metrics_url:
+        with plane.api_client() as api:
             apply_crd(api)
             core = client.CoreV1Api(api)
             namespace = make_namespace(core)
@@ -734,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
             version = client.VersionApi(api).get_code().git_version
             print(f"kube-apiserver {version}, {gpu_nodes} kwok GPU nodes, rlsd-operator up", flush=True)
             for i, combo in zip(range(args.warmup), itertools.cycle(combos), strict=False):
-                bench.create(f"warmup-{i}", metrics_url)
+                bench.create(f"warmup-{i}")
                 bench.preempt(f"warmup-{i}", *combo.split("/"))
                 bench.delete(f"warmup-{i}")
             round_trip = bench.api_round_trip()
@@ -743,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, combo in zip(range(args.runs), itertools.cycle(combos), strict=False):
                 name = f"lat-{i:03d}"
                 kind, stop = combo.split("/")
-                _, created = bench.create(name, metrics_url)
+                _, created = bench.create(name)
                 preempted = bench.preempt(name, kind, stop)
                 bench.delete(name)
                 samples.append({"run": name, "combo": combo, "create": created, "preemption": preempted})
@@ -757,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             reconciles_after = reconciles(operator)
             pids = {**plane.pids(), "rlsd-operator": operator.proc.pid, "benchmark": os.getpid()}
             cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            burst = bench.burst(args.burst, args.burst_preempt, metrics_url) if args.burst else None
+            burst = bench.burst(args.burst, args.burst_preempt) if args.burst else None
             if burst:
                 # Where the burst's CPU went: what bounds it on 2 cores.
                 burst["cpu_seconds"] = {

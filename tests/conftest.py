@@ -5,7 +5,9 @@ tests/k8s and tests/operator (`controlplane` is importable through pytest's `pyt
 with fake GPU nodes, all on 127.0.0.1; `kueue` (session): a Kueue manager on it
 (k8s/kueue_manager.py); `kubeconfig` (session): the admin's kubeconfig path; `api_client`
 (session): a kubernetes ApiClient for the admin; `namespace`: a fresh namespace whose default
-service account exists, deleted after the test.
+service account exists, deleted after the test. The real node of tests/e2e (k8s/realnode.py) is
+a control plane of its own, started by tests/e2e/conftest.py; its binaries and images are built
+here too, before the first test.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-from controlplane import ControlPlane, build_assets, wait_until
+from charttools import chart_tools
+from controlplane import BUILD_ERRORS, ControlPlane, build_assets, raise_build_error, wait_until
 from kubernetes import client
 from kueue_manager import Kueue, build_kueue
+from realnode import build_images, build_node
 
 # tests/conformance runs in the vLLM environment (`make test-vllm`, part of `make test`), which does
 # not load this file (--confcutdir); the main environment never holds vLLM.
 collect_ignore = ["conformance"]
 
 _running: ControlPlane | None = None
-_build_error: Exception | None = None
-_kueue_build_error: Exception | None = None
 
 
 def pytest_report_header() -> str:
@@ -35,20 +37,21 @@ def pytest_report_header() -> str:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Builds the binaries (when not cached) before the first test, where neither the per-test
     timeout nor output capture applies: a cold build takes many minutes."""
-    global _build_error, _kueue_build_error
-    if session.config.option.collectonly or not any(i.get_closest_marker("k8s") for i in session.items):
+    if session.config.option.collectonly:
         return
+    builds = {
+        "k8s": build_assets,
+        "kueue": build_kueue,
+        "realnode": lambda: (build_node(), build_images(), chart_tools()),
+    }
+    wanted = [name for name in builds if any(i.get_closest_marker(name) for i in session.items)]
     capture = session.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        try:
-            build_assets()
-        except Exception as exc:  # reported by the fixture, so every k8s test fails with it
-            _build_error = exc
-        if any(i.get_closest_marker("kueue") for i in session.items):
+        for name in wanted:
             try:
-                build_kueue()
-            except Exception as exc:  # reported by the kueue fixture
-                _kueue_build_error = exc
+                builds[name]()
+            except Exception as exc:  # reported by the fixture, so every test that needs it fails with it
+                BUILD_ERRORS[name] = exc
 
 
 @pytest.hookimpl(wrapper=True)
@@ -62,8 +65,7 @@ def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestR
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
     global _running
-    if _build_error is not None:
-        raise _build_error
+    raise_build_error("k8s")
     plane = ControlPlane(build_assets(), tmp_path_factory.mktemp("k8s"))
     try:
         plane.start()
@@ -77,8 +79,7 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 @pytest.fixture(scope="session")
 def kueue(control_plane: ControlPlane, api_client: client.ApiClient) -> Kueue:
     """A Kueue manager on the control plane (tests/k8s/kueue.py), until the session ends."""
-    if _kueue_build_error is not None:
-        raise _kueue_build_error
+    raise_build_error("kueue")
     manager = Kueue(build_kueue(), control_plane)
     manager.start(api_client)
     return manager

@@ -1,18 +1,23 @@
-"""A real Prometheus server (built by build-chart-tools.sh) for tests/chart/test_prometheus.py.
+"""A real Prometheus server (built by build-chart-tools.sh) for tests/chart/test_prometheus.py and
+tests/e2e.
 
 `scrape_configs` turns the chart's ServiceMonitor and PodMonitors, as the API server holds them, into
 Prometheus scrape jobs the way the prometheus-operator generates them (v0.95: Kubernetes service
 discovery of pods or EndpointSlices, a `keep` per selector label and for the port, the default
 `namespace` / `pod` / `container` / `endpoint` labels, then the monitor's own relabelings verbatim).
 Discovery runs against the test's real API server, so the targets are the pods the real operator
-created, with their real labels and ports. Only the address differs: those pods run on kwok nodes,
-so their processes run here on loopback, and a last relabeling per job points each pod at its
-stand-in (pods without one are dropped).
+created, with their real labels and ports. On kwok nodes only the address differs: those pods'
+processes run here on loopback, and a last relabeling per job points each pod at its stand-in (pods
+without one are dropped). On the real node of tests/e2e, Prometheus runs in the node's network
+namespace and scrapes the pods themselves.
+
+`dashboard`, `substitute` and `query_problems` check the chart's Grafana dashboard against it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import time
@@ -21,9 +26,12 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from netns import NetNs
 
 Object = dict[str, Any]
 
@@ -175,22 +183,25 @@ def scrape_configs(
     service_monitors: list[Object],
     pod_monitors: list[Object],
     api_server: Object,
-    addresses: dict[tuple[str, str], str],
+    addresses: dict[tuple[str, str], str] | None = None,
 ) -> list[Object]:
     """Prometheus scrape jobs for the monitors; `api_server` is the kubernetes_sd connection (server
-    and TLS files: what in-cluster configuration gives a Prometheus pod)."""
+    and TLS files: what in-cluster configuration gives a Prometheus pod); `addresses`: the stand-ins
+    of pods on kwok nodes (None: the pods are real)."""
     jobs = [job for m in service_monitors for job in service_monitor_jobs(m)]
     jobs += [job for m in pod_monitors for job in pod_monitor_jobs(m)]
     for job in jobs:
         for sd in job["kubernetes_sd_configs"]:
             sd.update(api_server)
-        job["relabel_configs"] += stand_ins(addresses)
+        if addresses is not None:
+            job["relabel_configs"] += stand_ins(addresses)
     return jobs
 
 
 @dataclass
 class Prometheus:
-    """`prometheus` on a loopback port with a config and rule file; its HTTP API."""
+    """`prometheus` on a loopback port (or, given `netns`, on its address inside) with a config and
+    rule file; its HTTP API (at `url`, a loopback port of this machine either way)."""
 
     url: str
     process: subprocess.Popen[bytes]
@@ -198,7 +209,13 @@ class Prometheus:
 
     @classmethod
     def start(
-        cls, binary: Path, workdir: Path, port: int, scrape: list[Object], rule_groups: list[Object]
+        cls,
+        binary: Path,
+        workdir: Path,
+        port: int,
+        scrape: list[Object],
+        rule_groups: list[Object],
+        netns: NetNs | None = None,
     ) -> Prometheus:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "rules.yaml").write_text(yaml.safe_dump({"groups": rule_groups}))
@@ -213,12 +230,14 @@ class Prometheus:
             str(binary),
             f"--config.file={workdir / 'prometheus.yml'}",
             f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.listen-address={netns.address if netns else '127.0.0.1'}:{port}",
             "--log.level=warn",
         ]
         with log.open("wb") as sink:
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        server = cls(f"http://127.0.0.1:{port}", process, log)
+            process = subprocess.Popen(
+                netns.command(*command) if netns else command, stdout=sink, stderr=subprocess.STDOUT
+            )
+        server = cls(f"http://127.0.0.1:{netns.forward(port) if netns else port}", process, log)
         deadline = time.monotonic() + 60
         while True:
             assert process.poll() is None, log.read_text()[-3000:]
@@ -252,3 +271,52 @@ class Prometheus:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+# -- the dashboard ----------------------------------------------------------------------------------
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "charts/rlsd-operator/dashboards/rlsd.json"
+# vLLM's own series: only a real vLLM (GPUs) exports them, never our CPU rollout server.
+VLLM = re.compile(r"\bvllm:")
+
+
+def dashboard() -> Object:
+    return json.loads(DASHBOARD.read_text())
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    """A query with the template variables set to the run under test (one value each)."""
+    for name, value in variables.items():
+        expr = expr.replace(f"${name}", value)
+    return expr
+
+
+def query_problems(
+    prometheus: Prometheus, template: str, legend: str, variables: dict[str, str]
+) -> list[str]:
+    """What is wrong with one panel target's answers, variables set to the run (empty: no PromQL
+    warning or info, a non-empty matrix over the last minute and a non-empty vector now, each series
+    finite somewhere, labelled as its legend needs, and of the run under test where it selects one)."""
+    expr, now = substitute(template, variables), time.time()
+    answers = [
+        prometheus.get("query_range", query=expr, start=str(now - 60), end=str(now), step="1"),
+        prometheus.get("query", query=expr, time=str(now)),
+    ]
+    matrix, vector = (answer["data"] for answer in answers)
+    # PromQL's own complaints, e.g. "metric might not be a counter" for a rate() over a gauge.
+    problems = [note for answer in answers for note in answer.get("warnings", []) + answer.get("infos", [])]
+    if matrix["resultType"] != "matrix" or not matrix["result"]:
+        problems.append(f"range query: {matrix['resultType']} with {len(matrix['result'])} series")
+    if vector["resultType"] != "vector" or not vector["result"]:
+        problems.append(f"instant query: {vector['resultType']} with {len(vector['result'])} series")
+    needed = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+    for series in matrix["result"]:
+        labels = series["metric"]
+        if not any(math.isfinite(float(v)) for _, v in series["values"]):
+            problems.append(f"no finite value in {labels}")
+        if missing := needed - set(labels):
+            problems.append(f"legend {legend!r} needs {sorted(missing)}, series has {labels}")
+        selected = {k: v for k, v in labels.items() if k in variables}
+        if "$run" in template and selected != {k: variables[k] for k in selected}:
+            problems.append(f"not the run under test: {labels}")
+    return problems

@@ -161,9 +161,12 @@ def test_samples_pass_a_server_side_dry_run_and_render_valid_trainer_configs(
     from rlsd_contracts.config import parse_config
     from rlsd_operator.trainer_config import build_trainer_config
 
+    runs = []
     for path in sorted((ROOT / "manifests/samples").glob("*.yaml")):
-        result = kubectl("create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", str(path))
-        run_object = json.loads(result.stdout)
+        result = kubectl("create", "--dry-run=server", "-n", namespace, "-o", "yaml", "-f", str(path))
+        runs += [obj for obj in yaml.safe_load_all(result.stdout) if obj and obj["kind"] == "RLSDRun"]
+    assert len(runs) >= 3
+    for run_object in runs:
         config = build_trainer_config(run_object["spec"], run_object["metadata"]["name"], namespace)
         parse_config(config)
 

@@ -202,7 +202,13 @@ def leaves(values: dict, prefix: str = "") -> set[str]:
     for key, value in values.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and value and not path.endswith(("Labels", "labels", "Annotations")):
-            if key in ("resources", "podSecurityContext", "securityContext", "livenessProbe"):
+            if key in (
+                "resources",
+                "podSecurityContext",
+                "securityContext",
+                "livenessProbe",
+                "readinessProbe",
+            ):
                 keys.add(path)
             else:
                 keys |= leaves(value, path + ".")
@@ -227,9 +233,19 @@ def test_rendered_manifests_are_what_kubectl_users_apply() -> None:
 
 
 def test_samples_are_valid_runs() -> None:
-    """Each sample is one RLSDRun with the fields the CRD requires (the k8s tests apply them)."""
+    """Each sample of a run is one RLSDRun with the fields the CRD requires (the k8s tests apply them);
+    the quick start's volume is the claim its run names."""
     samples = sorted((ROOT / "manifests/samples").glob("*.yaml"))
-    assert [p.name for p in samples] == ["qwen3-8b-gpu.yaml", "tiny-cpu.yaml"]
+    assert [p.name for p in samples] == [
+        "quickstart-cpu.yaml", "quickstart-volume.yaml", "qwen3-8b-gpu.yaml", "tiny-cpu.yaml",
+    ]  # fmt: skip
     for path in samples:
+        if path.name == "quickstart-volume.yaml":
+            continue
         (run_manifest,) = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "RLSDRun"]
         assert {"model", "dataset", "steps", "learner", "checkpoint"} <= set(run_manifest["spec"])
+    volume, claim = yaml.safe_load_all((ROOT / "manifests/samples/quickstart-volume.yaml").read_text())
+    quickstart = yaml.safe_load((ROOT / "manifests/samples/quickstart-cpu.yaml").read_text())
+    assert quickstart["spec"]["checkpoint"]["volume"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["volumeName"] == volume["metadata"]["name"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]  # the run's 5 pods share it

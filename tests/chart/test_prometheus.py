@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import signal
@@ -42,7 +41,7 @@ from controlplane import (
 )
 from kubernetes import client
 from processes import CLI, Server, one_thread_env, start_server, wait_healthy
-from prometheus_bed import Prometheus, scrape_configs
+from prometheus_bed import VLLM, Prometheus, dashboard, query_problems, scrape_configs, substitute
 from test_chart_install import Kubectl, helm_env, kubectl, monitoring_crds, token_kubeconfig
 from test_distributed import SEED, TASK, prepare_output, run_config
 
@@ -81,8 +80,6 @@ VALUES = (
 )
 # What the dashboard's template variables are set to.
 VARIABLES = {"namespace": RUNS, "run": RUN}
-# vLLM's own series: only a real vLLM (GPUs) exports them, never the CPU rollout server of this bed.
-VLLM = re.compile(r"\bvllm:")
 # The alerts caused here, and those that promtool's rule tests cover (tests/chart/test_monitoring.py):
 # a reward collapse needs a policy that first learns for a whole window and then diverges, which a
 # tiny model trained from scratch on 2 shared CPU cores does not do reliably within minutes.
@@ -213,10 +210,6 @@ def bed(
             rollout={"backend": "cpu", "image": "rlsd/trainer:cpu", "replicas": 2},
             teacher={"placement": "remote", "replicas": 1, "image": "rlsd/trainer:cpu"},
         )
-        # The operator reads the run's progress from the real trainer.
-        manifest["metadata"]["annotations"] = {
-            names.ANNOTATION_METRICS_URL: f"http://127.0.0.1:{metrics_port}/metrics"
-        }
         custom.create_namespaced_custom_object(GROUP, VERSION, RUNS, PLURAL, manifest)
         pods = ["demo-learner-a1-0", "demo-rollout-0", "demo-rollout-1", "demo-teacher-0"]
 
@@ -276,51 +269,11 @@ def bed(
 # -- the dashboard ----------------------------------------------------------------------------------
 
 
-def dashboard() -> dict[str, Any]:
-    return json.loads((CHART / "dashboards/rlsd.json").read_text())
-
-
-def substitute(expr: str) -> str:
-    """A query with the template variables set to the run under test (one value each)."""
-    for name, value in VARIABLES.items():
-        expr = expr.replace(f"${name}", value)
-    return expr
-
-
 def wait_for(bed: Bed, what: str, check: Callable[[], Any], timeout: float) -> Any:
     try:
         return wait_until(check, what, timeout=timeout, retry_on=(AssertionError,))
     except TimeoutError as exc:
         raise AssertionError(f"{exc}\n{bed.diagnostics()}") from exc
-
-
-def query_problems(bed: Bed, template: str, legend: str) -> list[str]:
-    """What is wrong with one panel target's answers, variables set to the run (empty: no PromQL
-    warning or info, a non-empty matrix over the last minute and a non-empty vector now, each series
-    finite somewhere, labelled as its legend needs, and of the run under test where it selects one)."""
-    expr, now = substitute(template), time.time()
-    answers = [
-        bed.prometheus.get("query_range", query=expr, start=str(now - 60), end=str(now), step="1"),
-        bed.prometheus.get("query", query=expr, time=str(now)),
-    ]
-    matrix, vector = (answer["data"] for answer in answers)
-    # PromQL's own complaints, e.g. "metric might not be a counter" for a rate() over a gauge.
-    problems = [note for answer in answers for note in answer.get("warnings", []) + answer.get("infos", [])]
-    if matrix["resultType"] != "matrix" or not matrix["result"]:
-        problems.append(f"range query: {matrix['resultType']} with {len(matrix['result'])} series")
-    if vector["resultType"] != "vector" or not vector["result"]:
-        problems.append(f"instant query: {vector['resultType']} with {len(vector['result'])} series")
-    needed = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
-    for series in matrix["result"]:
-        labels = series["metric"]
-        if not any(math.isfinite(float(v)) for _, v in series["values"]):
-            problems.append(f"no finite value in {labels}")
-        if missing := needed - set(labels):
-            problems.append(f"legend {legend!r} needs {sorted(missing)}, series has {labels}")
-        selected = {k: v for k, v in labels.items() if k in VARIABLES}
-        if "$run" in template and selected != {k: VARIABLES[k] for k in selected}:
-            problems.append(f"not the run under test: {labels}")
-    return problems
 
 
 def test_every_dashboard_query_returns_data_for_the_run(bed: Bed) -> None:
@@ -348,8 +301,8 @@ def test_every_dashboard_query_returns_data_for_the_run(bed: Bed) -> None:
         for title, target in targets:
             if VLLM.search(target["expr"]):
                 continue
-            if problems := query_problems(bed, target["expr"], target["legendFormat"]):
-                failures[f"{title} / {target['refId']}: {substitute(target['expr'])}"] = problems
+            if problems := query_problems(bed.prometheus, target["expr"], target["legendFormat"], VARIABLES):
+                failures[f"{title} / {target['refId']}: {substitute(target['expr'], VARIABLES)}"] = problems
         assert not failures, json.dumps(failures, indent=1)
         return True
 
@@ -363,7 +316,7 @@ def test_every_template_variable_lists_the_run(bed: Bed) -> None:
     assert {v["name"] for v in variables} == set(VARIABLES)
     for variable in variables:
         selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]).groups()
-        values = bed.prometheus.api(f"label/{label}/values", **{"match[]": substitute(selector)})
+        values = bed.prometheus.api(f"label/{label}/values", **{"match[]": substitute(selector, VARIABLES)})
         assert VARIABLES[variable["name"]] in values, (variable["name"], values)
 
 
@@ -394,7 +347,9 @@ def test_rules_are_loaded_and_silent_on_the_healthy_run(bed: Bed) -> None:
         assert not firing, f"{firing}\n{bed.diagnostics()}"
         time.sleep(1)
     status = bed.custom.get_namespaced_custom_object(GROUP, VERSION, RUNS, PLURAL, RUN)["status"]
-    assert status["phase"] == "Running" and status["step"] >= 4, status
+    assert status["phase"] == "Running", status
+    version = f'rlsd_policy_version{{namespace="{RUNS}", run="{RUN}"}}'
+    assert float(bed.prometheus.api("query", query=version)["result"][0]["value"][1]) >= 4
 
 
 def test_each_alert_goes_pending_then_firing_when_caused_for_real(bed: Bed) -> None:

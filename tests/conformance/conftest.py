@@ -3,7 +3,7 @@ CPU against our client, our CPU servers and the operator's `vllm serve` commands
 
 It runs in the environment tests/conformance/build-vllm-venv.sh builds (`make test-vllm`, part of
 `make test`), never in the main .venv, which holds no vLLM. Importing vLLM needs no GPU; nothing
-here starts a vLLM engine (see README.md: what this suite proves and what it does not).
+here starts a vLLM engine (see docs/distributed.md: what this suite proves and what it does not).
 """
 
 from __future__ import annotations

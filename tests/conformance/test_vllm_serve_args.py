@@ -29,7 +29,13 @@ from rlsd_contracts.wire import SERVED_MODEL_NAME, SERVER_PORT
 from rlsd_operator import builders, names
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = sorted((ROOT / "manifests/samples").glob("*.yaml"))
+# The RLSDRuns of manifests/samples/ (a file may hold other objects too, e.g. the quick start's volume).
+SAMPLES = {
+    path.stem: run
+    for path in sorted((ROOT / "manifests/samples").glob("*.yaml"))
+    for run in yaml.safe_load_all(path.read_text())
+    if run and run["kind"] == names.KIND
+}
 # The least a vLLM run needs; the CRD defaults everything else.
 MINIMAL_VLLM_RUN = {
     "apiVersion": names.API_VERSION,
@@ -73,7 +79,7 @@ def defaulted(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def runs() -> list[tuple[str, dict[str, Any]]]:
-    found = [(path.stem, yaml.safe_load(path.read_text())) for path in SAMPLES]
+    found = list(SAMPLES.items())
     found.append(("crd-defaults", MINIMAL_VLLM_RUN))
     for name, run in list(found):
         rollout = run["spec"].get("rollout") or {}
@@ -123,7 +129,7 @@ def test_the_samples_and_defaults_render_vllm_servers() -> None:
     rendered = {name: len(vllm_pods(run)) for name, run in RUNS}
     assert rendered["qwen3-8b-gpu"] == 4 and rendered["crd-defaults"] == 1
     assert rendered["qwen3-8b-gpu+filesystem"] == 4 and rendered["crd-defaults+filesystem"] == 1
-    assert {path.stem for path in SAMPLES} <= set(rendered)
+    assert set(SAMPLES) <= set(rendered)
 
 
 @pytest.mark.parametrize(("name", "run"), RUNS, ids=[name for name, _ in RUNS])

@@ -42,26 +42,8 @@ exec 9>"$out/.lock"
 flock 9 # one build at a time per cache directory
 
 go_version=$(go env GOVERSION)
-stamp_of() { # stamp_of <version> [module dir]
-  local hash=none
-  [[ -n "${2:-}" ]] && hash=$(cat "$2/go.mod" "$2/go.sum" | sha256sum | cut -c1-16)
-  echo "$1 $go_version $hash"
-}
-up_to_date() { # up_to_date <stamp> <binaries...>
-  local stamp=$1 name
-  shift
-  for name in "$@"; do
-    [[ -f "$out/$name" && "$(cat "$out/.stamps/$name" 2>/dev/null)" == "$stamp" ]] || return 1
-  done
-}
-install_built() { # install_built <tmp dir> <stamp> <binaries...>: move into place, then stamp
-  local tmp=$1 stamp=$2 name
-  shift 2
-  for name in "$@"; do
-    mv -f "$tmp/$name" "$out/$name"
-    echo "$stamp" >"$out/.stamps/$name"
-  done
-}
+# shellcheck source=build-lib.sh
+source "$here/build-lib.sh"
 
 tmp=$(mktemp -d "$out/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
@@ -70,13 +52,7 @@ kube=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
 stamp=$(stamp_of "$K8S_VERSION" "$here/tools/kube")
 if ! up_to_date "$stamp" "${kube[@]}"; then
   log "building ${kube[*]} $K8S_VERSION (slow the first time)"
-  minor=${K8S_VERSION#v1.}
-  minor=${minor%%.*}
-  ldflags="-s -w"
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
-    ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-  done
+  ldflags=$(kube_ldflags "$K8S_VERSION")
   SECONDS=0
   (cd "$here/tools/kube" && go build -trimpath -ldflags="$ldflags" -o "$tmp/" \
     "${kube[@]/#/k8s.io/kubernetes/cmd/}")

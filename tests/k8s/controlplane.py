@@ -4,6 +4,11 @@ etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok run as ch
 test session, with certificates made here. kwok plays the kubelet of a few fake GPU nodes, so pods
 that the real scheduler binds to them become Running. The binaries come from
 build-control-plane.sh (or from KUBEBUILDER_ASSETS, see README.md).
+
+Given a network namespace (netns.py), the same control plane runs inside it instead, without kwok:
+the API server on the namespace's node address (the `kubernetes` Service's endpoint, which pods reach
+through kube-proxy), clients of this process through a forwarded loopback port. realnode.py joins a
+real node to it.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client, config
+
+if TYPE_CHECKING:
+    from netns import NetNs
 
 BUILD_SCRIPT = Path(__file__).with_name("build-control-plane.sh")
 SERVICE_CIDR = "10.0.0.0/24"
@@ -52,6 +60,16 @@ KWOK_TAINT = {"key": "kwok.x-k8s.io/node", "value": "fake", "effect": "NoSchedul
 KWOK_TOLERATION = {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
 T = TypeVar("T")
 GPU_NODE_CAPACITY = {GPU: "8", "cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1Ti"}
+
+
+# What a build before the first test raised (tests/conftest.py), by the marker of the tests that need
+# it: the fixtures raise it, so every such test fails with it (none is skipped).
+BUILD_ERRORS: dict[str, Exception] = {}
+
+
+def raise_build_error(marker: str) -> None:
+    if marker in BUILD_ERRORS:
+        raise BUILD_ERRORS[marker]
 
 
 def run_build(script: Path) -> Path:
@@ -197,21 +215,36 @@ class ControlPlane:
 
     `start()` returns once all are healthy and the nodes are Ready; `stop()` ends them all (it is
     safe to call after a failed start). Logs stay in `workdir`/logs.
+
+    With `netns`, every component runs inside that network namespace (the well-known ports are free
+    there), the API server listens on the namespace's address, and `server` is a loopback port of the
+    host forwarded to it; `internal_server` is the address components inside use.
     """
 
-    def __init__(self, assets: Path, workdir: Path, gpu_nodes: int = 2) -> None:
+    def __init__(self, assets: Path, workdir: Path, gpu_nodes: int = 2, netns: NetNs | None = None) -> None:
         self.assets = assets
         self.workdir = workdir
+        self.netns = netns
         self.gpu_nodes = [f"kwok-gpu-{i}" for i in range(gpu_nodes)]
         self.logdir = workdir / "logs"
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.pki = Pki(workdir / "pki")
-        self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.address = netns.address if netns else "127.0.0.1"
+        self.port = 6443 if netns else free_port()
+        self.internal_server = f"https://{self.address}:{self.port}"
+        self.server = f"https://127.0.0.1:{netns.forward(self.port) if netns else self.port}"
         self.kubeconfig = workdir / "admin.kubeconfig"
-        self.etcd_url = f"http://127.0.0.1:{free_port()}"
+        self.etcd_url = f"http://127.0.0.1:{self._port(2379)}"
         self._sa_key, self._sa_pub = self.pki.signing_key("service-account")
         self._procs: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
+
+    def _port(self, well_known: int) -> int:
+        """`well_known` inside a namespace of the test's own, else a free port of the host."""
+        return well_known if self.netns else free_port()
+
+    def http_ok(self, url: str, context: ssl.SSLContext | None = None) -> bool:
+        """`http_ok` from where the components listen (inside the namespace, if any)."""
+        return self.netns.call(http_ok, url, context) if self.netns else http_ok(url, context)
 
     # -- life cycle -------------------------------------------------------------------------------
 
@@ -223,24 +256,32 @@ class ControlPlane:
         with self.api_client() as api:
             core = client.CoreV1Api(api)
             self._start_controllers(core, deadline)
-            self._start_kwok(core, deadline)
+            if self.gpu_nodes:
+                self._start_kwok(core, deadline)
 
     def stop(self) -> None:
         for name in reversed(list(self._procs)):
-            proc, log = self._procs.pop(name)
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            log.close()
+            self.stop_component(name)
         shutil.rmtree(self.workdir / "etcd", ignore_errors=True)  # keep the logs only
+
+    def stop_component(self, name: str) -> None:
+        """SIGTERM to one component, SIGKILL 15 s later; a no-op for one that is not running."""
+        entry = self._procs.pop(name, None)
+        if entry is None:
+            return
+        proc, log = entry
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
 
     def _start_etcd(self, deadline: float) -> None:
         client_url = self.etcd_url
-        peer_url = f"http://127.0.0.1:{free_port()}"
+        peer_url = f"http://127.0.0.1:{self._port(2380)}"
         self.spawn(
             "etcd",
             f"--data-dir={self.workdir / 'etcd'}",
@@ -253,22 +294,33 @@ class ControlPlane:
             "--unsafe-no-fsync",
             "--log-level=warn",
         )
-        self.wait("etcd /health", lambda: http_ok(f"{client_url}/health"), deadline)
+        self.wait("etcd /health", lambda: self.http_ok(f"{client_url}/health"), deadline)
 
     def _start_apiserver(self, deadline: float) -> None:
         cert, key = self.pki.issue(
             "apiserver",
             "kube-apiserver",
-            hosts=["localhost", "127.0.0.1", "10.0.0.1", *KUBERNETES_SERVICE_NAMES],
+            hosts=["localhost", "127.0.0.1", self.address, "10.0.0.1", *KUBERNETES_SERVICE_NAMES],
         )
+        # What the API server shows kubelets (logs, exec), which ask it whether that user may: as
+        # kubeadm's certificate of old, in system:masters.
+        kubelet_cert, kubelet_key = self.pki.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ["system:masters"]
+        )
+        if self.netns:  # pods reach it as the `kubernetes` Service, whose endpoint is this address
+            endpoints = [f"--bind-address={self.address}", f"--advertise-address={self.address}"]
+            # Nothing resolves node names for the API server itself: kubelets are reached by address.
+            endpoints.append("--kubelet-preferred-address-types=InternalIP")
+        else:  # a loopback address is no valid endpoint
+            endpoints = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"]
+            endpoints.append("--endpoint-reconciler-type=none")
         # The aggregation layer's front proxy has a CA of its own, as in kubeadm clusters.
         front_proxy = Pki(self.workdir / "front-proxy")
         proxy_cert, proxy_key = front_proxy.issue("front-proxy-client", "front-proxy-client")
         self.spawn(
             "kube-apiserver",
             f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            *endpoints,
             f"--secure-port={self.port}",
             f"--cert-dir={self.workdir / 'apiserver'}",
             f"--tls-cert-file={cert}",
@@ -286,14 +338,16 @@ class ControlPlane:
             "--requestheader-extra-headers-prefix=X-Remote-Extra-",
             f"--proxy-client-cert-file={proxy_cert}",
             f"--proxy-client-key-file={proxy_key}",
-            "--endpoint-reconciler-type=none",  # a loopback address is no valid endpoint
+            f"--kubelet-client-certificate={kubelet_cert}",
+            f"--kubelet-client-key={kubelet_key}",
             "--allow-privileged=true",
             "--profiling=false",
         )
         context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
         admin_cert, admin_key = self.pki.dir / "admin.crt", self.pki.dir / "admin.key"
         context.load_cert_chain(str(admin_cert), str(admin_key))
-        self.wait("kube-apiserver /readyz", lambda: http_ok(f"{self.server}/readyz", context), deadline)
+        readyz = f"{self.internal_server}/readyz"
+        self.wait("kube-apiserver /readyz", lambda: self.http_ok(readyz, context), deadline)
 
     def _start_controllers(self, core: client.CoreV1Api, deadline: float) -> None:
         insecure = ssl.create_default_context()  # their serving certificates are self-signed
@@ -314,8 +368,8 @@ class ControlPlane:
             ),
             ("kube-scheduler", "system:kube-scheduler", []),
         ]:
-            kubeconfig = self.kubeconfig_for(user)
-            port = free_port()
+            kubeconfig = self.kubeconfig_for(user, inside=True)
+            port = self._port({"kube-controller-manager": 10257, "kube-scheduler": 10259}[name])
             self.spawn(
                 name,
                 f"--kubeconfig={kubeconfig}",
@@ -328,7 +382,7 @@ class ControlPlane:
                 *extra,
             )
             url = f"https://127.0.0.1:{port}/healthz"
-            self.wait(f"{name} /healthz", lambda url=url: http_ok(url, insecure), deadline)
+            self.wait(f"{name} /healthz", lambda url=url: self.http_ok(url, insecure), deadline)
         # The service-account controller at work: pods can't be created in a namespace before.
         default_sa = functools.partial(core.read_namespaced_service_account, "default", "default")
         self.wait("the default service account", default_sa, deadline)
@@ -356,11 +410,16 @@ class ControlPlane:
 
     # -- clients ----------------------------------------------------------------------------------
 
-    def kubeconfig_for(self, user: str, groups: Sequence[str] = (), path: Path | None = None) -> Path:
-        """A kubeconfig for `user` in `groups`, authenticated by a client certificate."""
-        cert, key = self.pki.issue(user.replace(":", "-"), user, groups)
-        path = path or self.workdir / f"{user.replace(':', '-')}.kubeconfig"
-        return write_kubeconfig(path, self.server, self.pki.ca_cert, cert, key, user)
+    def kubeconfig_for(
+        self, user: str, groups: Sequence[str] = (), path: Path | None = None, inside: bool = False
+    ) -> Path:
+        """A kubeconfig for `user` in `groups`, authenticated by a client certificate; for this process
+        (through the forwarded port, if any), or `inside` the components' network."""
+        stem = user.replace(":", "-")
+        cert, key = self.pki.issue(stem, user, groups)
+        server = self.internal_server if inside else self.server
+        path = path or self.workdir / f"{stem}{'-inside' if inside else ''}.kubeconfig"
+        return write_kubeconfig(path, server, self.pki.ca_cert, cert, key, user)
 
     def api_client(self, kubeconfig: Path | None = None) -> client.ApiClient:
         """A kubernetes ApiClient for `kubeconfig` (the cluster admin by default)."""
@@ -374,8 +433,9 @@ class ControlPlane:
         """Starts `binary` (the asset `name` by default) as one more component: its log beside the
         others', stopped with them."""
         log = (self.logdir / f"{name}.log").open("wb")
+        command = [str(binary or self.assets / name), *args]
         proc = subprocess.Popen(
-            [str(binary or self.assets / name), *args],
+            self.netns.command(*command) if self.netns else command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

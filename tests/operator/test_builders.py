@@ -10,6 +10,7 @@ import pytest
 import yaml
 from rlsdrun_samples import defaulted_run
 
+from rlsd_contracts import wire
 from rlsd_contracts.config import parse_config
 from rlsd_operator import admission, builders, lifecycle, metrics, names
 from rlsd_operator.lifecycle import Verdict
@@ -263,6 +264,9 @@ def test_learner_pod() -> None:
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     assert env["NCCL_DEBUG"]["value"] == "INFO" and env["RLSD_ATTEMPT"]["value"] == "3"
     assert container["resources"] == {"limits": {"nvidia.com/gpu": "4"}}
+    # Why a learner failed: written by the trainer where the kubelet reads it, else the log's tail.
+    termination_log = env[wire.TERMINATION_LOG_ENV]["value"]
+    assert termination_log == container["terminationMessagePath"] == "/dev/termination-log"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["checkpoints"]["persistentVolumeClaim"] == {"claimName": "checkpoints"}
@@ -309,6 +313,29 @@ def test_cpu_rollout_and_teacher_pods_run_the_trainer_servers() -> None:
     assert [p["metadata"]["name"] for p in builders.build_server_pods(run)] == [
         "demo-rollout-0", "demo-rollout-1", "demo-teacher-0",
     ]  # fmt: skip
+
+
+def test_servers_of_the_embedded_model_build_it_from_the_runs_config() -> None:
+    """`model.path: embedded` exists nowhere to load from: rlsd-trainer's servers build it from the
+    run's config file, mounted as the learners have it (the learners push their weights first)."""
+    run = defaulted_run(
+        spec={
+            "model": {"path": "embedded"},
+            "dataset": {"train": {"kind": "embedded"}},
+            "rollout": {"backend": "cpu"},
+            "teacher": {"placement": "remote", "replicas": 1, "image": "t", "weightTransfer": "gloo"},
+        }
+    )
+    for pod in builders.build_server_pods(run):
+        container = pod["spec"]["containers"][0]
+        command = container["command"]
+        assert command[command.index("--model") + 1] == "embedded"
+        assert command[command.index("--config") + 1] == "/etc/rlsd/config.yaml"
+        assert {"name": "config", "mountPath": "/etc/rlsd", "readOnly": True} in container["volumeMounts"]
+        assert {"name": "config", "configMap": {"name": "demo-config"}} in pod["spec"]["volumes"]
+    served = builders.build_server_pod(defaulted_run(spec={"rollout": {"backend": "cpu"}}), "rollout", 0)
+    assert "--config" not in served["spec"]["containers"][0]["command"]  # a model directory needs none
+    assert "config" not in {v["name"] for v in served["spec"]["volumes"]}
 
 
 def test_claim_template_makes_an_owned_claim_that_pods_mount() -> None:
@@ -522,7 +549,7 @@ DISRUPTION = {
         ([learner(0), learner(1, **DISRUPTION)], Verdict.PREEMPTED, "PreemptionByScheduler"),
         ([learner(0), learner(1, "Failed", reason="Evicted")], Verdict.PREEMPTED, "Evicted"),
         ([learner(0, "Failed", 3), learner(1)], Verdict.BAD_CONFIG, "data.train.path: no such file"),
-        ([learner(0, "Failed", 1), learner(1)], Verdict.FAILED, "exit code 1"),
+        ([learner(0, "Failed", 1), learner(1)], Verdict.FAILED, "exit code 1 (Error): data.train.path"),
         ([learner(0, "Failed", 1), learner(1, "Failed", 75)], Verdict.PREEMPTED, "exit code 75"),
         ([learner(0, "Failed", 3), learner(1, "Failed", 75)], Verdict.BAD_CONFIG, "exit code 3"),
     ],

@@ -26,6 +26,7 @@ from rlsd_operator.decide import (
     Replace,
     decide,
     desire,
+    progress_source,
 )
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, 0, tzinfo=datetime.UTC)
@@ -205,6 +206,31 @@ def test_a_learner_exit_restarts_the_whole_gang(observed: dict[str, int], verdic
         assert status["preemptions"] == 1 and status.get("restarts", 0) == 0 and status["restartAfter"] == T0
     else:
         assert status["restarts"] == 1 and status["restartAfter"] == "2026-01-01T12:00:10Z"
+
+
+def test_a_learner_that_exited_stays_for_its_logs_before_the_kubelet_ends_its_pod() -> None:
+    """A real kubelet reports a container's exit before the pod's terminal phase (which waits for the
+    sandbox to go): the failed learner is not deleted meanwhile, so `kubectl logs` still has it."""
+    run = run_with(LAUNCHED)
+    pods = learners(run, 1)
+    pods["demo-learner-a1-0"] = pod(pods["demo-learner-a1-0"], "Running", 3)
+    decision = decide_for(run, {**pods, **servers(run)})
+    assert decision.status["phase"] == "Failed"
+    assert deletes(decision) == ["demo-learner-a1-1", "demo-rollout-0", "demo-rollout-1"]
+
+
+def test_progress_is_read_from_rank_0_of_the_current_attempt_once_it_runs() -> None:
+    run = run_with(LAUNCHED)
+    old = learners(run, 1, "Failed")
+    current = learners(run, 2)
+    for name in current:
+        current[name]["status"]["podIP"] = f"10.244.0.{name[-1]}"
+    assert progress_source({**old, **current}, 2)["metadata"]["name"] == "demo-learner-a2-0"
+    assert progress_source({**old, **current}, 3) is None
+    current["demo-learner-a2-0"]["status"]["phase"] = "Pending"
+    assert progress_source({**old, **current}, 2) is None
+    assert names.metrics_url("10.244.0.7") == "http://10.244.0.7:9400/metrics"
+    assert names.metrics_url("fd00::7") == "http://[fd00::7]:9400/metrics"
 
 
 def test_the_next_attempt_waits_for_the_old_learners_to_stop_then_for_the_back_off() -> None:
@@ -419,6 +445,8 @@ def test_success_frees_the_servers_and_the_ttl_deletes_the_run() -> None:
     decision = decide_for(run, {**done, **servers(run)})
     assert decision.status["phase"] == "Succeeded" and decision.requeue == 60.0
     assert deletes(decision) == ["demo-rollout-0", "demo-rollout-1"]
+    # Exit 0 means the config's every step ran, though the last scrape (if any) saw fewer.
+    assert decision.status["step"] == run["spec"]["steps"]
     later = {**decision.status, "completionTime": "2026-01-01T11:58:00Z"}
     after_ttl = decide_for(run_with(later, spec={"ttlSecondsAfterFinished": 60}), done)
     assert any(isinstance(a, DeleteRun) for a in after_ttl.actions)

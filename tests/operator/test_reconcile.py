@@ -147,12 +147,13 @@ def test_create_makes_owned_pods_config_and_services(cluster: Cluster, operator:
 
 
 @pytest.fixture
-def metrics_server() -> Iterator[dict[str, str]]:
+def metrics_server() -> Iterator[dict[str, Any]]:
     """A local HTTP server answering /metrics with `served["text"]`."""
-    served = {"text": ""}
+    served: dict[str, Any] = {"text": "", "requests": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            served["requests"] += 1
             body = served["text"].encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -169,33 +170,31 @@ def metrics_server() -> Iterator[dict[str, str]]:
     server.shutdown()
 
 
-def test_progress_comes_from_learner_0_metrics_and_scrape_failures_are_tolerated(
-    cluster: Cluster, operator: Any, metrics_server: dict[str, str]
+def test_progress_is_read_from_learner_0s_own_address_only(
+    cluster: Cluster, operator: Any, metrics_server: dict[str, Any]
 ) -> None:
-    metrics_server["text"] = (
-        "rlsd_policy_version 47.0\nrlsd_reward_mean 0.625\n"
-        "rlsd_eval_accuracy 0.5\nrlsd_checkpoint_step 40.0\n"
-        "rlsd_rollout_staleness 1.5\nrlsd_rollout_staleness_max 2.0\n"
-    )
-    manifest = run_manifest(spec={"rollout": {"maxStaleness": 3}})
-    manifest["metadata"]["annotations"] = {names.ANNOTATION_METRICS_URL: metrics_server["url"]}
+    """The operator reads a run's progress from the address of the current attempt's rank-0 learner
+    pod, and from nowhere a run's author could name: an annotation pointing at a server that answers
+    (what the operator once honoured) changes nothing. On kwok nodes nothing listens at a pod's
+    address, so the scrape fails, which is a condition, never an error; tests/e2e reads real progress
+    from a real learner."""
+    metrics_server["text"] = "rlsd_policy_version 47.0\nrlsd_reward_mean 0.625\n"
+    manifest = run_manifest()
+    manifest["metadata"]["annotations"] = {"rlsd.io/metrics-url": metrics_server["url"]}
     cluster.apply(manifest)
     cluster.wait_phase("Running")
-    status = wait_until(
-        lambda: cluster.status().get("step") == 47 and cluster.status(), "step 47 in the status"
+    rank0 = cluster.core.read_namespaced_pod(LEARNERS_A1[0], cluster.namespace)
+    failed = wait_until(
+        lambda: (
+            cluster.condition("MetricsAvailable").get("reason") == "ScrapeFailed"
+            and cluster.condition("MetricsAvailable")
+        ),
+        "a failed scrape in the status",
     )
-    assert (status["reward"], status["accuracy"], status["latestCheckpointStep"]) == (0.625, 0.5, 40)
-    assert (status["staleness"], status["maxStaleness"]) == (2, 3)
-    assert cluster.condition("MetricsAvailable")["status"] == "True"
-    columns = cluster.columns()
-    assert (columns["Step"], columns["Lag"], columns["Max Lag"]) == (47, 2, 3)
-
-    cluster.custom.patch_namespaced_custom_object(
-        names.GROUP, names.VERSION, cluster.namespace, names.PLURAL, "demo",
-        {"metadata": {"annotations": {names.ANNOTATION_METRICS_URL: "http://127.0.0.1:1/metrics"}}},
-    )  # fmt: skip
-    wait_until(lambda: cluster.condition("MetricsAvailable").get("reason") == "ScrapeFailed", "ScrapeFailed")
-    assert cluster.status()["phase"] == "Running" and cluster.status()["step"] == 47
+    assert failed["message"].startswith(f"http://{rank0.status.pod_ip}:{names.METRICS_PORT}/metrics: ")
+    assert metrics_server["requests"] == 0
+    status = cluster.status()
+    assert status["phase"] == "Running" and "step" not in status and "reward" not in status
 
 
 def disrupt(cluster: Cluster, how: str) -> None:

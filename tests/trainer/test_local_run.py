@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlsd_contracts.config import parse_config
+from rlsd_contracts.wire import TERMINATION_LOG_ENV
 from rlsd_trainer.lifecycle import Preempted
 from rlsd_trainer.training.trainer import Trainer
 from rlsd_trainer.training.trainer import run_training as run_local
@@ -92,16 +94,21 @@ def test_baselines_run_through_the_same_pipeline(tmp_path: Path, algorithm: str)
 
 
 def test_cli_reports_a_bad_config_with_exit_code_3(tmp_path: Path) -> None:
+    """On stderr, and in a pod's termination log too (where the operator reads why a learner failed)."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("algorithm:\n  name: ppo\n")
+    termination_log = tmp_path / "termination-log"
     result = subprocess.run(
         [sys.executable, "-m", "rlsd_trainer.cli", "local", "--config", str(bad)],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, TERMINATION_LOG_ENV: str(termination_log)},
     )
     assert result.returncode == 3
     assert "algorithm.name" in result.stderr and "'rlsd'" in result.stderr
+    written = termination_log.read_text()
+    assert written.startswith(f"{bad}: invalid configuration") and "algorithm.name" in written
 
 
 def test_optional_terms_live_teacher_and_several_epochs(tmp_path: Path) -> None:

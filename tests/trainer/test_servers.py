@@ -16,11 +16,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import yaml
 from processes import Server, start_server, wait_healthy
 from tiny_models import EOS, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from rlsd_contracts.config import load_config
+from rlsd_trainer.cli import _served_model
 from rlsd_trainer.cli import main as cli_main
+from rlsd_trainer.model.embedded import build_model_dir
 from rlsd_trainer.model.logprobs import shared_prompt_logprobs
 from rlsd_trainer.remote.replicas import chunk_bounds
 from rlsd_trainer.remote.rollout_client import (
@@ -301,6 +305,22 @@ def test_one_update_session_at_a_time_as_vllm(servers: dict[str, Server]) -> Non
 def test_serve_rejects_a_backend_it_cannot_receive(backend: str) -> None:
     config = f'{{"backend": "{backend}"}}'
     assert cli_main(["serve", "rollout", "--model", "unused", "--weight-transfer-config", config]) == 3
+
+
+def test_the_embedded_model_is_served_as_the_learners_build_it(tmp_path: Path) -> None:
+    """`--model embedded` (model.path on Kubernetes) is built from the run's config: the same files
+    as the learners' (the weights are pushed before use, the tokenizer must match); without the
+    config, a clear error and exit 3."""
+    assert cli_main(["serve", "rollout", "--model", "embedded"]) == 3
+    config = tmp_path / "run.yaml"
+    task = {"num_train": 50, "max_terms": 3}
+    data = {"train": {"kind": "embedded"}, "embedded": task}
+    run = {"run": {"seed": 5}, "model": {"path": "embedded"}, "data": data}
+    config.write_text(yaml.safe_dump(run))
+    served = Path(_served_model("embedded", str(config)))
+    learners = build_model_dir(tmp_path / "learner", load_config(config).data.embedded, 5)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        assert (served / name).read_bytes() == (learners / name).read_bytes(), name
 
 
 def test_chunks_are_contiguous_and_depend_only_on_the_configured_replica_count() -> None:

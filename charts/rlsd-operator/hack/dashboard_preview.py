@@ -4,7 +4,7 @@ metrics.jsonl: the same series, as Prometheus would have scraped them, against t
 
     .venv/bin/python charts/rlsd-operator/hack/dashboard_preview.py runs/embedded-rlsd/metrics.jsonl
 
-writes charts/rlsd-operator/dashboard-preview.png (shown in the chart's and the main README).
+writes charts/rlsd-operator/dashboard-preview.png (shown in the chart's README and docs/kubernetes.md).
 """
 
 from __future__ import annotations

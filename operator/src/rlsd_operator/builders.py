@@ -26,6 +26,8 @@ from rlsd_contracts.wire import (
     SERVER_PORT,
     SERVER_TRANSFER_BACKEND,
     TEACHER,
+    TERMINATION_LOG_ENV,
+    TERMINATION_LOG_PATH,
 )
 from rlsd_operator import names, security
 from rlsd_operator.trainer_config import (
@@ -85,6 +87,13 @@ def max_staleness(config_map: Object) -> int:
     config = yaml.safe_load(config_map["data"][names.CONFIG_FILE])
     default: int = RolloutSection.model_fields["max_staleness"].default
     return int((config.get("rollout") or {}).get("max_staleness", default))
+
+
+def total_steps(config_map: Object) -> int:
+    """The `run.total_steps` the trainer config of `config_map` runs with (always rendered: from
+    `spec.steps`, or `trainerConfig`)."""
+    config = yaml.safe_load(config_map["data"][names.CONFIG_FILE])
+    return int(config["run"]["total_steps"])
 
 
 def pod_count(spec: Object) -> int:
@@ -326,7 +335,13 @@ def _pod(
     if colocate:
         scheduling["affinity"] = _on_one_node(_run_name(run), scheduling.get("affinity") or {})
     volumes, mounts = _volumes(run, with_config)
-    container = {"terminationMessagePolicy": "FallbackToLogsOnError", "volumeMounts": mounts, **container}
+    container = {
+        # The learner writes why it failed there (rlsd_contracts.wire); else the log's tail is kept.
+        "terminationMessagePath": TERMINATION_LOG_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+        **container,
+    }
     pod_spec: Object = {
         "hostname": hostname,
         "subdomain": subdomain,
@@ -391,7 +406,12 @@ def build_learner_pod(
     name = _run_name(run)
     spec = run["spec"]
     learner = spec["learner"]
-    extra_env = [{"name": "RLSD_ATTEMPT", "value": str(attempt)}, *tracker_env(spec)]
+    extra_env = [
+        {"name": "RLSD_ATTEMPT", "value": str(attempt)},
+        # Why it failed, where the kubelet reads it: the run's status shows it (see lifecycle).
+        {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG_PATH},
+        *tracker_env(spec),
+    ]
     container = {
         "name": LEARNER,
         "image": learner["image"],
@@ -443,7 +463,16 @@ def server_command(spec: Object, role: str) -> list[str]:
         command = ["vllm", "serve", model, *common]
     else:
         command = ["rlsd-trainer", "serve", role, "--model", model, *common]
+        if serves_embedded_model(spec, role):  # built from the run's config, as the learners build it
+            command += ["--config", f"{names.CONFIG_DIR}/{names.CONFIG_FILE}"]
     return command + list(section.get("extraArgs") or [])
+
+
+def serves_embedded_model(spec: Object, role: str) -> bool:
+    """Whether the `role` server is rlsd-trainer's with the embedded task's model (`model.path:
+    embedded`), which it builds from the run's config file (mounted as the learners have it)."""
+    vllm = role == ROLLOUT and spec[role].get("backend") == "vllm"
+    return spec["model"]["path"] == "embedded" and not vllm
 
 
 def build_server_pod(run: Object, role: str, index: int, colocate: bool = False) -> Object:
@@ -463,7 +492,8 @@ def build_server_pod(run: Object, role: str, index: int, colocate: bool = False)
         "readinessProbe": {"httpGet": {"path": "/health", "port": SERVER_PORT}, "periodSeconds": 5},
     }
     subdomain = names.service_name(name, role)
-    pod = _pod(run, pod_name, names.labels(name, role), container, pod_name, subdomain, colocate)
+    with_config = serves_embedded_model(spec, role)
+    pod = _pod(run, pod_name, names.labels(name, role), container, pod_name, subdomain, colocate, with_config)
     pod["metadata"]["annotations"] = {names.ANNOTATION_SPEC_HASH: spec_hash(pod["spec"])}
     return pod
 

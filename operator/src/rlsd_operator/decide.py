@@ -220,6 +220,23 @@ def attempt_of(pod: Object) -> int:
     return int(pod["metadata"]["labels"].get(names.LABEL_ATTEMPT, "0"))
 
 
+def progress_source(pods: dict[str, Object], attempt: int | None) -> Object | None:
+    """The pod whose metrics are the run's progress: learner rank 0 of the current attempt, once it
+    runs and has an address (the operator reads only pods it made, never an address a user gives)."""
+    for pod in pods.values():
+        labels = pod["metadata"]["labels"]
+        if (
+            role(pod) == LEARNER
+            and labels.get(names.LABEL_RANK) == "0"
+            and attempt_of(pod) == attempt
+            and (pod.get("status") or {}).get("phase") == "Running"
+            and (pod.get("status") or {}).get("podIP")
+            and not _deleting(pod)
+        ):
+            return pod
+    return None
+
+
 def _spec_hash(obj: Object) -> str | None:
     return (obj["metadata"].get("annotations") or {}).get(names.ANNOTATION_SPEC_HASH)
 
@@ -293,9 +310,14 @@ class _Decider:
         return kueue.grouped(pod, self.run, self.queue, group, builders.pod_count(self.spec))
 
     def _delete_live(self, pods: list[Object]) -> None:
-        """Delete the pods that still run (their learners get SIGTERM and save a checkpoint)."""
+        """Delete the pods that still run (their learners get SIGTERM and save a checkpoint); those that
+        exited stay, with their logs."""
         for pod in pods:
-            if not _deleting(pod) and not lifecycle.is_terminated(pod):
+            if (
+                not _deleting(pod)
+                and not lifecycle.is_terminated(pod)
+                and not lifecycle.containers_exited(pod)
+            ):
                 self._delete_pod(pod)
 
     # -- the decision -----------------------------------------------------------------------------
@@ -555,6 +577,11 @@ class _Decider:
         if gang.verdict is Verdict.SUCCEEDED:
             self._phase("Succeeded", gang.message)
             self.status["completionTime"] = timestamp(self.now)
+            # Exit 0 means every step ran (rlsd_contracts.exit_codes), whatever the last scrape saw.
+            config_map = self.desired.config_map
+            ran = self.observed.config_maps.get(config_map["metadata"]["name"]) if config_map else None
+            if ran is not None:
+                self.status["step"] = builders.total_steps(ran)
             self._condition("Ready", False, "Succeeded", gang.message)
             self._condition("Completed", True, "AllLearnersExited0", gang.message)
             self._event("Succeeded", gang.message)

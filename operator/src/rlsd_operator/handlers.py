@@ -99,6 +99,9 @@ class RunReconciler:
         self.refused_retries = 0
         self.just_refused: dict[str, tuple[str, str]] = {}
         self.last_scrape = 0.0
+        # The scrape under way, and the latest one's result with the attempt it read.
+        self.scraping: asyncio.Task[None] | None = None
+        self.progress: tuple[int, Progress] | None = None
 
     # -- observing --------------------------------------------------------------------------------
 
@@ -182,24 +185,42 @@ class RunReconciler:
             workloads=self.runs.cache.workloads_of(self.key),
         )
 
-    async def _scrape(self, run: Object) -> Progress | None:
-        """Learner rank 0's progress, every SCRAPE_SECONDS while the run is Running."""
-        if (run.get("status") or {}).get("phase") != "Running":
+    def _scrape(self, run: Object) -> Progress | None:
+        """The latest scrape of this attempt's learner rank 0 (None before the first), and the next
+        one started in the background when SCRAPE_SECONDS have passed: a reconcile never waits on the
+        network, and a scrape that ends wakes the run. Read from the pod's own address, never from a
+        name or URL a run's author could point elsewhere."""
+        status = run.get("status") or {}
+        if status.get("phase") != "Running":
             return None
-        if time.monotonic() - self.last_scrape < decide.SCRAPE_SECONDS:
-            return None
-        self.last_scrape = time.monotonic()
-        annotations = run["metadata"].get("annotations") or {}
-        default = names.learner_metrics_url(self.name, self.namespace, CLUSTER_DOMAIN)
-        url = annotations.get(names.ANNOTATION_METRICS_URL, default)
+        attempt = status.get("attempt")
+        idle = self.scraping is None or self.scraping.done()
+        if idle and time.monotonic() - self.last_scrape >= decide.SCRAPE_SECONDS:
+            pods = self.runs.cache.of_run(self.key).get("Pod", {})
+            mine = {n: pod for n, pod in pods.items() if (controller_owner(pod) or {}).get("uid") == self.uid}
+            source = decide.progress_source(mine, attempt)
+            if source is not None:
+                self.last_scrape = time.monotonic()
+                url = names.metrics_url(source["status"]["podIP"])
+                self.scraping = asyncio.create_task(self._fetch_progress(url, attempt))
+        return self.progress[1] if self.progress and self.progress[0] == attempt else None
+
+    async def _fetch_progress(self, url: str, attempt: int) -> None:
         try:
             timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)
             async with self.runs.http().get(url, timeout=timeout) as response:
                 response.raise_for_status()
-                return Progress(url, metrics.parse_progress(await response.text()))
+                progress = Progress(url, metrics.parse_progress(await response.text()))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             metrics.ERRORS.labels("scrape").inc()
-            return Progress(url, error=repr(exc))
+            progress = Progress(url, error=repr(exc))
+        self.progress = (attempt, progress)
+        if self.key in self.runs.bodies:
+            self.runs.wake(self.key)
+
+    def close(self) -> None:
+        if self.scraping is not None:
+            self.scraping.cancel()
 
     # -- the loop body ----------------------------------------------------------------------------
 
@@ -210,12 +231,12 @@ class RunReconciler:
             return None
         if body["metadata"]["uid"] != self.uid:  # a new run of the same name
             self.uid, self.status, self.desired, self.refusals = body["metadata"]["uid"], None, None, {}
-            self.references, self.refused_retries = None, 0
+            self.references, self.refused_retries, self.progress = None, 0, None
         run = {**body, "status": self.status if self.status is not None else body.get("status") or {}}
         with metrics.RECONCILE_SECONDS.time():
             references = await self._references(run)
             desired = await self._desired(run, references)
-            progress = await self._scrape(run)
+            progress = self._scrape(run)
             due = {what for what, refusal in self.refusals.items() if refusal.until <= time.monotonic()}
             decision = decide.decide(run, desired, self._observed(run, references, progress))
             if not decision.record_after and not await self._record(run, decision):
@@ -476,6 +497,7 @@ class Runs:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wakeup.wait(), timeout=delay)
         finally:
+            reconciler.close()
             if self.reconcilers.get(key) is reconciler:
                 del self.reconcilers[key]
             self.phases.pop(key, None)

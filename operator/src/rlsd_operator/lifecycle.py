@@ -1,8 +1,9 @@
 """Pure decisions of the run life cycle: what the learner pods' state means, back-off, conditions.
 
-The learner's exit code says what happened (README's exit-code table); the operator never reads
-logs. A pod that is being deleted, was evicted, lost its node or carries the `DisruptionTarget`
-condition was preempted, whatever its code.
+The learner's exit code says what happened (rlsd_contracts.exit_codes; docs/distributed.md's
+table); the operator never reads logs, only what a failed learner wrote to its termination log. A
+pod that is being deleted, was evicted, lost its node or carries the `DisruptionTarget` condition
+was preempted, whatever its code.
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ def is_terminated(pod: Object) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def containers_exited(pod: Object) -> bool:
+    """Whether every container of the pod has exited, phase terminal or not: a real kubelet reports
+    the exit codes first and the terminal phase only once it has torn the pod's sandbox down."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    containers = (pod.get("spec") or {}).get("containers") or []
+    return (
+        bool(statuses)
+        and len(statuses) >= len(containers)
+        and all((s.get("state") or {}).get("terminated") for s in statuses)
+    )
+
+
 def stopped(pod: Object) -> bool:
     """Whether nothing runs in the pod any more: its containers stopped, or it was deleted before it
     was scheduled (a pod Kueue still held back, say; its object may stay a while)."""
@@ -105,12 +118,11 @@ def assess_gang(pods: list[Object], nodes: int) -> GangState:
         elif code in exit_codes.PREEMPTED:
             preempted.append(f"{pod_name}: exit code {code} (preempted)")
         elif code == exit_codes.EXIT_BAD_CONFIG:
-            detail = (terminated.get("message") or "").strip()
-            bad_config.append(
-                f"{pod_name}: exit code 3 (bad configuration or dataset){': ' + detail if detail else ''}"
-            )
+            bad_config.append(f"{pod_name}: exit code 3 (bad configuration or dataset){_detail(terminated)}")
         elif code not in (None, 0):
-            failed.append(f"{pod_name}: exit code {code} ({terminated.get('reason') or 'Error'})")
+            failed.append(
+                f"{pod_name}: exit code {code} ({terminated.get('reason') or 'Error'}){_detail(terminated)}"
+            )
     # A lost node makes the other ranks' collectives fail too: preemption explains those failures.
     for verdict, found in (
         (Verdict.BAD_CONFIG, bad_config),
@@ -125,6 +137,12 @@ def assess_gang(pods: list[Object], nodes: int) -> GangState:
     if all(phase in ("Running", "Succeeded") for phase in phases):
         return GangState(Verdict.RUNNING)
     return GangState(Verdict.STARTING, f"{phases.count('Pending')} of {nodes} learner pods pending")
+
+
+def _detail(terminated: Object) -> str:
+    """': <the termination message>' (what the learner wrote, else its log's tail), or nothing."""
+    message = (terminated.get("message") or "").strip()
+    return f": {message}" if message else ""
 
 
 def backoff_seconds(policy: Object, restarts: int) -> float:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 
 import kopf
 from prometheus_client import start_http_server
@@ -20,7 +22,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_port:
         start_http_server(args.metrics_port)
     kopf.configure(verbose=False)
+    # kopf's default identity asks for the user's name, which the chart's uid 65532 does not have (no
+    # passwd entry in the image): the pod's name (kopf's POD_ID, else the hostname) names it instead.
+    identity = os.environ.get("POD_ID") or socket.gethostname()
     kopf.run(
+        identity=identity,
         registry=kopf.get_default_registry(),
         standalone=True,
         clusterwide=not args.namespace,

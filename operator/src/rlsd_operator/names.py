@@ -33,8 +33,6 @@ LABEL_ATTEMPT = "rlsd.io/attempt"
 LABEL_RANK = "rlsd.io/rank"
 # Hash of a server pod's rendered spec: a server is replaced when its spec changed, at an attempt start.
 ANNOTATION_SPEC_HASH = "rlsd.io/spec-hash"
-# Overrides where the operator scrapes learner rank 0's Prometheus metrics (tests serve their own).
-ANNOTATION_METRICS_URL = "rlsd.io/metrics-url"
 
 CONFIG_DIR = "/etc/rlsd"
 CONFIG_FILE = "config.yaml"
@@ -122,6 +120,7 @@ def server_url(run: str, role: str, index: int, namespace: str, cluster_domain: 
     return f"http://{host}:{SERVER_PORT}"
 
 
-def learner_metrics_url(run: str, namespace: str, cluster_domain: str) -> str:
-    """Learner rank 0's Prometheus endpoint: the progress in a run's status comes from there."""
-    return f"http://{learner_dns(run, namespace, cluster_domain)}:{METRICS_PORT}/metrics"
+def metrics_url(pod_ip: str) -> str:
+    """A learner pod's Prometheus endpoint, by its IP (rank 0's: the progress in a run's status)."""
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"http://{host}:{METRICS_PORT}/metrics"

@@ -24,6 +24,7 @@ from rlsd_trainer.lifecycle import (
     child_pids,
     launcher_exit_code,
     record_exit,
+    report_error,
     watch_for_preemption,
 )
 
@@ -68,6 +69,8 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # httpx logs every request at INFO: a line per completion, score and weight-transfer call.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # transformers >= 5.2x renames the `past_key_values` argument to `cache`; we keep the old name,
     # which every supported version (pinned below 5.40, where it goes) understands.
     warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(str(exc))
         record_exit(EXIT_BAD_CONFIG)
         return EXIT_BAD_CONFIG
     if args.command == "validate":
@@ -122,13 +125,14 @@ def _train(config: RunConfig, watch: PreemptionWatch | None) -> int:
         # still open when the other side goes away.
         barrier(ctx)
     except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report_error(str(exc))
         return EXIT_BAD_CONFIG
     except Preempted as exc:
         log.warning("%s", exc)
         return EXIT_PREEMPTED
-    except Exception:
+    except Exception as exc:
         log.exception("learner rank %d failed", ctx.rank)
+        report_error(f"learner rank {ctx.rank} failed: {type(exc).__name__}: {exc}")
         return EXIT_FAILED
     finally:
         shutdown_distributed()
@@ -184,7 +188,15 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "serve", help="serve the policy over HTTP as a rollout or teacher replica (vLLM's routes, on CPU)"
     )
     serve.add_argument("role", choices=SERVER_ROLES)
-    serve.add_argument("--model", required=True, help="Hugging Face model directory: the initial policy")
+    serve.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face model directory: the initial policy; 'embedded': the embedded task's tiny model, "
+        "built here from --config as the learners build it (the learners push their weights before use)",
+    )
+    serve.add_argument(
+        "--config", default=None, help="the run's config file (with --model embedded: the task and seed)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=SERVER_PORT)
     serve.add_argument(
@@ -208,18 +220,31 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         check_transfer_config(args.weight_transfer_config)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        model = _served_model(args.model, args.config)
+    except (ValueError, ConfigError) as exc:
+        report_error(str(exc))
         return EXIT_BAD_CONFIG
     if args.role == "rollout":
         from rlsd_trainer.serving.rollout_server import build_app
     else:
         from rlsd_trainer.serving.teacher_server import build_app
-    app = build_app(
-        args.model, args.served_model_name, args.max_batch_size, args.dtype, args.transfer_timeout_s
-    )
+    app = build_app(model, args.served_model_name, args.max_batch_size, args.dtype, args.transfer_timeout_s)
     serve(app, args.host, args.port)
     return EXIT_FINISHED
+
+
+def _served_model(model: str, config_path: str | None) -> str:
+    """The model directory to serve: `model`, or for `embedded` the embedded task's model built from the
+    run's config (the same function and inputs as the learners': the same architecture and tokenizer)."""
+    if model != "embedded":
+        return model
+    if config_path is None:
+        raise ValueError("--model embedded: the model is built from the run's config; pass --config FILE")
+    from rlsd_trainer.model.embedded import build_model_dir
+
+    config = load_config(config_path)
+    directory = Path(tempfile.mkdtemp(prefix="rlsd-embedded-model-"))
+    return str(build_model_dir(directory, config.data.embedded, config.run.seed))
 
 
 if __name__ == "__main__":

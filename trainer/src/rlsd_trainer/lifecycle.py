@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -20,6 +21,7 @@ from rlsd_contracts.exit_codes import (
     EXIT_PREEMPTED,
     EXIT_PREEMPTED_UNSAVED,
 )
+from rlsd_contracts.wire import TERMINATION_LOG_ENV, TERMINATION_LOG_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,21 @@ def record_exit(code: int) -> None:
         path = os.path.join(directory, f"rank-{os.environ.get('RANK', '0')}")
         with open(path, "w") as handle:
             handle.write(str(code))
+
+
+def report_error(message: str) -> None:
+    """`error: <message>` on stderr and, in a pod, in its termination log (RLSD_TERMINATION_LOG), which
+    the operator copies into the run's status; the first lines are kept when it is too long."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    path = os.environ.get(TERMINATION_LOG_ENV)
+    if not path:
+        return
+    data = message.encode()[:TERMINATION_LOG_MAX_BYTES].decode(errors="ignore")
+    try:
+        with open(path, "w") as handle:
+            handle.write(data)
+    except OSError as exc:
+        log.warning("could not write the termination log %s: %s", path, exc)
 
 
 def launcher_exit_code(torchrun_code: int, worker_codes: list[int], terminated: bool) -> int:

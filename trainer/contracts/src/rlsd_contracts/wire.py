@@ -22,6 +22,13 @@ SERVED_MODEL_NAME = "policy"
 # and needs none.
 SERVER_TRANSFER_BACKEND: dict[str, str | None] = {"nccl": "nccl", "gloo": "gloo", "filesystem": None}
 
+# Where a learner writes why it failed (exit 1 or 3), for the operator to show in the run's status: the
+# operator sets it to the container's termination-message path (Kubernetes' /dev/termination-log).
+TERMINATION_LOG_ENV = "RLSD_TERMINATION_LOG"
+TERMINATION_LOG_PATH = "/dev/termination-log"
+# Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_LOG_MAX_BYTES = 4096
+
 # Gauges of learner rank 0 (metrics key `k` is served as `rlsd_k`) that a run's status shows.
 PROGRESS_GAUGES = (
     "rlsd_policy_version",
