@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONFIG ?= trainer/src/rlsd_trainer/configs/embedded.yaml
 
 .PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue node images test-tools bench-learning bench-learning-async bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
-	bench-checkpoint bench-scaling bench-rollout bench-async bench-gpu bench-operator clean
+	bench-checkpoint bench-scaling bench-rollout bench-async bench-gpu bench-operator stress-multirank clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -144,6 +144,17 @@ bench-gpu: $(VENV)/.trainer-installed
 # of tests/k8s with kwok GPU nodes; `rlsd-operator` runs as a subprocess. The PNG needs matplotlib.
 bench-operator: $(VENV)/.operator-installed k8s-assets
 	$(BIN)/python benchmarks/operator_latency.py
+
+# The tests' multi-rank jobs (FSDP sharding; checkpoint save on 2 ranks, resume on 1 and 3; the learner
+# to the end, preempted and with a bad config, at rollout.max_staleness 0 and 1) ROUNDS times each while
+# LOAD cores are kept busy, counting every run's and every rank's exit code: aborts at exit, unexpected
+# codes (benchmarks/stress_multirank.py; a table, and benchmarks/results/stress_multirank.json).
+# STRESS_ARGS adds options, e.g. --cores (gdb backtraces of aborting ranks) or --scenarios exit-race.
+ROUNDS ?= 6
+LOAD ?= 1
+STRESS_ARGS ?=
+stress-multirank: $(VENV)/.trainer-installed
+	nice -n 10 $(BIN)/python benchmarks/stress_multirank.py --rounds $(ROUNDS) --load $(LOAD) $(STRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -500,8 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if "RANK" not in os.environ:
         return launch(args, argv)
+    from rlsd_trainer.lifecycle import end_process
+
     run_worker(args)
-    return 0
+    end_process(0)  # as a learner rank ends: no interpreter finalization while torch's threads run
 
 
 if __name__ == "__main__":

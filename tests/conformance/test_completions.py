@@ -11,7 +11,10 @@ parses; our CPU server's answers must validate as vLLM's CompletionResponse.
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,11 @@ from vllm.entrypoints.generate.base.protocol import RequestResponseMetadata
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VllmRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.exceptions import GenerationError
 from vllm.logprobs import Logprob
-from vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
+from vllm.outputs import CompletionOutput, RequestError, RequestOutput, WeightVersionSpan
+from vllm.v1.engine.core import EngineCoreProc
 
 from rlsd_trainer.remote.rollout_client import completion_request, parse_completions
 from rlsd_trainer.rollout.engine import SamplingParams
@@ -242,3 +247,33 @@ def test_our_cpu_servers_answer_is_a_vllm_completion_response(model_dir: Path) -
         assert choice.weight_versions == [WeightVersionSpan("default", 0, len(choice.token_ids or []))]
     groups = parse_completions(answer.json(), len(PROMPTS), 2, {"default": 0}.__getitem__)
     assert all(len(c.token_ids) == len(c.logprobs) for group in groups for c in group)
+
+
+def paused_engine_error() -> RequestError:
+    """The error vLLM's engine core gives a request added while paused (`pause_generation` in mode
+    `wait` or `abort`), read from `EngineCoreProc._reject_add_while_paused`'s source."""
+    source = textwrap.dedent(inspect.getsource(EngineCoreProc._reject_add_while_paused))
+    (call,) = [
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "RequestError"
+    ]
+    return RequestError(**{keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords})
+
+
+def test_a_paused_cpu_server_turns_requests_away_as_vllm_does(model_dir: Path) -> None:
+    """While paused, vLLM answers a new completion with the HTTP status and body its exception
+    handling makes of that error (503, retryable: our client waits and sends it again); our CPU
+    server, paused the way our client pauses vLLM, answers the same, and serves again on /resume."""
+    error = paused_engine_error()
+    assert error.retryable
+    refusal = error.to_exception()
+    expected = create_error_response(refusal).model_dump(mode="json")
+    app = rollout_server.build_app(str(model_dir), NAME, 64, "float32", 60.0)
+    client = TestClient(app)
+    body = completion_request(NAME, PROMPTS, SamplingParams(n=1, max_new_tokens=4, seed=5), seed=5)
+    assert client.post("/pause", params={"mode": "wait", "clear_cache": True}).status_code == 200
+    answer = client.post("/v1/completions", json=body)
+    assert (answer.status_code, answer.json()) == (refusal.status_code, expected)
+    assert client.post("/resume").status_code == 200
+    assert client.post("/v1/completions", json=body).status_code == 200

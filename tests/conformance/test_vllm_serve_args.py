@@ -27,6 +27,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from rlsd_contracts.wire import SERVED_MODEL_NAME, SERVER_PORT
 from rlsd_operator import builders, names
+from rlsd_operator.trainer_config import model_length
 
 ROOT = Path(__file__).resolve().parents[2]
 # The RLSDRuns of manifests/samples/ (a file may hold other objects too, e.g. the quick start's volume).
@@ -166,3 +167,11 @@ def test_a_backend_vllm_lacks_passes_its_parser_but_no_engine_has_it(backend: st
     assert transfer is not None and transfer.backend == backend
     assert backend not in WeightTransferEngineFactory._registry
     assert {"nccl", "ipc"} <= set(WeightTransferEngineFactory._registry)
+
+
+@pytest.mark.parametrize("value", ["32768", "32k", "32K", "25.6k", "1M", "2g", "auto", "-1"])
+def test_the_operators_max_model_len_reading_is_vllms(value: str) -> None:
+    """The operator checks --max-model-len against prompt + response lengths at apply time
+    (trainer_config.model_length): it reads the flag as vLLM's own parser does."""
+    parsed = parse_vllm_serve(["serve", "m", "--max-model-len", value]).max_model_len
+    assert model_length(value) == (None if parsed == -1 else parsed)

@@ -76,7 +76,8 @@ if [[ "$(cat "$out/wheels/.stamp" 2>/dev/null)" != "$wheels_key" ]]; then
   echo "$wheels_key" >"$out/wheels/.stamp"
   log "downloaded the wheels in ${SECONDS}s"
 fi
-printf '[global]\nno-index = true\nfind-links = /wheels\n' >"$tmp/pip.conf"
+# At a fixed path: buildah's layer cache keys a RUN step on its mounts too.
+printf '[global]\nno-index = true\nfind-links = /wheels\n' >"$out/pip.conf"
 
 # -- the images --------------------------------------------------------------------------------------
 version=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$root/charts/rlsd-operator/Chart.yaml")
@@ -93,7 +94,7 @@ for target in "${TARGETS[@]}"; do
   log "building $target (${tags[$target]})"
   SECONDS=0
   buildah bud --quiet --layers --pull-never --target "$target" "${build_args[@]}" \
-    --volume "$out/wheels:/wheels:ro" --volume "$tmp/pip.conf:/etc/pip.conf:ro" \
+    --volume "$out/wheels:/wheels:ro" --volume "$out/pip.conf:/etc/pip.conf:ro" \
     --tag "${tags[$target]}" "$root" >/dev/null
   # Uncompressed: containerd unpacks it at once, and gzip on 2 cores costs minutes for torch.
   buildah push --quiet --disable-compression "${tags[$target]}" \
@@ -102,4 +103,21 @@ for target in "${TARGETS[@]}"; do
   mv "$tmp/$target.tar" "$archive"
   log "built $target in ${SECONDS}s ($(du -h "$archive" | cut -f1))"
 done
+# What older builds left in buildah's storage: every image that none of the current ones descends from
+# (its layers are not a prefix of theirs), and stray working containers. The layer cache of the
+# current images stays (torch's layer above all).
+buildah rm --all >/dev/null 2>&1 || true
+python3 - "$base_tag" "${tags[@]}" <<'PRUNE'
+import json, subprocess, sys
+
+def layers(ref):
+    info = json.loads(subprocess.run(["buildah", "inspect", "--type", "image", ref], capture_output=True, check=True).stdout)
+    return info["OCIv1"]["rootfs"]["diff_ids"]
+
+current = [layers(tag) for tag in sys.argv[1:]]
+images = json.loads(subprocess.run(["buildah", "images", "--all", "--json"], capture_output=True, check=True).stdout or "[]")
+stale = [i["id"] for i in images if not any(chain[: len(layers(i["id"]))] == layers(i["id"]) for chain in current)]
+for image in stale:
+    subprocess.run(["buildah", "rmi", "--force", image], capture_output=True)
+PRUNE
 echo "$out"

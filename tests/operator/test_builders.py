@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -273,7 +274,12 @@ def test_learner_pod() -> None:
     assert volumes["shm"]["emptyDir"] == {"medium": "Memory"}
     assert volumes["config"]["configMap"] == {"name": "demo-config"}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    own = {"checkpoints": "/checkpoints", "shm": "/dev/shm", "config": "/etc/rlsd"}
+    own = {
+        "checkpoints": "/checkpoints",
+        "shm": "/dev/shm",
+        "config": "/etc/rlsd",
+        "run-token": "/var/run/secrets/rlsd",
+    }
     assert mounts == {**own, "tmp": "/tmp", "home": "/home/rlsd", "hf-cache": "/var/cache/huggingface"}
 
 
@@ -286,8 +292,8 @@ def test_vllm_rollout_pod() -> None:
     assert pod["spec"]["subdomain"] == "demo-rollout"
     assert container["command"] == [
         "vllm", "serve", "Qwen/Qwen3-0.6B", "--served-model-name", "policy", "--host", "0.0.0.0",
-        "--port", "8000", "--weight-transfer-config", '{"backend": "nccl"}', "--dtype", "bfloat16",
-        "--max-model-len", "8192",
+        "--port", "8000", "--middleware", "rlsd_trainer.serving.auth.RunTokenMiddleware",
+        "--weight-transfer-config", '{"backend": "nccl"}', "--dtype", "bfloat16", "--max-model-len", "8192",
     ]  # fmt: skip
     assert {"name": "VLLM_SERVER_DEV_MODE", "value": "1"} in container["env"]
     assert pod["metadata"]["labels"]["rlsd.io/role"] == "rollout"
@@ -313,6 +319,41 @@ def test_cpu_rollout_and_teacher_pods_run_the_trainer_servers() -> None:
     assert [p["metadata"]["name"] for p in builders.build_server_pods(run)] == [
         "demo-rollout-0", "demo-rollout-1", "demo-teacher-0",
     ]  # fmt: skip
+
+
+def test_the_runs_token_is_an_owned_immutable_secret_never_in_the_config() -> None:
+    run = defaulted_run()
+    secret = builders.build_run_token(run, "s3cret")
+    assert secret["metadata"]["name"] == "demo-run-token" and secret["immutable"] is True
+    assert secret["stringData"] == {"token": "s3cret"} and secret["type"] == "Opaque"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "1234-5678"
+    assert "s3cret" not in json.dumps(builders.build_config_map(run))
+
+
+@pytest.mark.parametrize(
+    ("args", "refused"),
+    [
+        (["--max-model-len", "4096"], "4096 (4096 tokens) cannot hold"),  # 512 + 4096 by default
+        (["--max-model-len=4k"], "4k (4000 tokens) cannot hold"),
+        (["--max-model-len", "5K"], None),  # 5120 >= 4608
+        (["--max-model-len", "auto"], None),  # the model's own: not known here
+        (["--max-model-len", "lots"], "is not a number of tokens"),
+        ([], None),
+    ],
+)
+def test_a_max_model_len_that_cannot_hold_prompt_and_response_is_refused(
+    args: list, refused: str | None
+) -> None:
+    """vLLM answers 400 to every request that could outgrow --max-model-len: refused at apply time,
+    naming both lengths and the bound that would do."""
+    spec = defaulted_run(spec={"rollout": {"extraArgs": args}})["spec"]
+    if refused is None:
+        build_trainer_config(spec, "demo", "team-a")
+        return
+    with pytest.raises(InvalidSpec, match=re.escape(refused)) as error:
+        build_trainer_config(spec, "demo", "team-a")
+    if "cannot hold" in refused:
+        assert "dataset.maxPromptTokens (512)" in str(error.value) and "at least 4608" in str(error.value)
 
 
 def test_servers_of_the_embedded_model_build_it_from_the_runs_config() -> None:
@@ -389,8 +430,11 @@ def test_every_pod_runs_non_root_without_privileges_token_or_writable_root(index
     }  # fmt: skip
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert {kind for v in volumes.values() for kind in v if kind != "name"} <= {
-        "emptyDir", "persistentVolumeClaim", "configMap",
+        "emptyDir", "persistentVolumeClaim", "configMap", "secret",
     }  # fmt: skip
+    # The one Secret is the run's token: read-only for the pods' group, named to the processes.
+    (token,) = [v for v in volumes.values() if "secret" in v]
+    assert token["secret"] == {"secretName": "demo-run-token", "defaultMode": 0o440}
     (container,) = spec["containers"]
     assert container["securityContext"] == {
         "allowPrivilegeEscalation": False,
@@ -403,6 +447,10 @@ def test_every_pod_runs_non_root_without_privileges_token_or_writable_root(index
         path for path, volume in mounts.items() if "emptyDir" in volume or "persistentVolumeClaim" in volume
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env[wire.RUN_TOKEN_FILE_ENV] == "/var/run/secrets/rlsd/token"
+    assert {"name": token["name"], "mountPath": "/var/run/secrets/rlsd", "readOnly": True} in container[
+        "volumeMounts"
+    ]
     for variable in ("HOME", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "HF_HOME"):
         assert any(env[variable] == path or env[variable].startswith(path + "/") for path in writable), (
             variable
@@ -446,6 +494,10 @@ def test_the_metrics_ports_admit_the_operator_and_the_scrapers() -> None:
     scrapes = policy["spec"]["ingress"][1]
     assert scrapes["from"] == [operator, prometheus]
     assert scrapes["ports"] == [{"protocol": "TCP", "port": 9400}, {"protocol": "TCP", "port": 8000}]
+    # torch's stores (rendezvous, weight transfer) have no credential: only the run's own pods reach them.
+    torch_ports = {wire.RENDEZVOUS_PORT, wire.ROLLOUT_TRANSFER_PORT, wire.TEACHER_TRANSFER_PORT}
+    assert not torch_ports & {p["port"] for p in scrapes["ports"]}
+    assert policy["spec"]["ingress"][0] == {"from": [{"podSelector": {"matchLabels": names.labels("demo")}}]}
     own = {"podSelector": {"matchLabels": {"app": "grafana-agent"}}}
     mine = builders.build_network_policy(
         defaulted_run(spec={"networkPolicy": {"metricsFrom": [own]}}), defaults

@@ -10,9 +10,11 @@ saving a checkpoint on SIGTERM; servers exit 0).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from controlplane import KWOK_NODE_SELECTOR, KWOK_TOLERATION, kubelet_stops_deleted_pods, wait_until
 from kubernetes import client
 from kueue_manager import GROUP, MANAGED_NAMESPACE_LABEL, VERSION, Kueue, cluster_queue
@@ -27,6 +29,7 @@ from rlsd_operator import kueue, names
 pytestmark = [pytest.mark.k8s, pytest.mark.kueue]
 FLAVOR, CLUSTER_QUEUE, QUEUE, HIGH = "kwok-gpu", "rlsd-gpus", "gpus", "rlsd-high"
 LEARNERS = ("learner-a1-0", "learner-a1-1")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +264,47 @@ def test_a_lost_server_is_replaced_inside_the_admitted_group_without_queueing(
     status = wait_until(running_again, "the run Running again with the replacement")
     assert status["attempt"] == 1 and status.get("preemptions", 0) == 0 and status.get("restarts", 0) == 0
     assert queued.admitted("solo")["status"] == "True"
+
+
+def test_the_example_queues_admit_the_gpu_sample(
+    kueue: Kueue, api_client: client.ApiClient, namespace: str, operator: Any
+) -> None:
+    """charts/rlsd-operator/examples/kueue-queues.yaml as an admin applies it (its LocalQueue in this
+    test's namespace) admits manifests/samples/qwen3-8b-gpu.yaml, which requests CPU and memory as
+    well as GPUs: a ClusterQueue that covered GPUs only would hold it forever."""
+    cluster = Queued(api_client, namespace)
+    cluster.core.patch_namespace(namespace, {"metadata": {"labels": dict(MANAGED_NAMESPACE_LABEL)}})
+    cluster.core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "hf"}, "stringData": {"token": "x"}}
+    )
+    made: list[tuple[str, str]] = []
+    try:
+        for obj in yaml.safe_load_all((ROOT / "charts/rlsd-operator/examples/kueue-queues.yaml").read_text()):
+            plural = obj["kind"].lower() + ("es" if obj["kind"].endswith("s") else "s")
+            if obj["kind"] == "LocalQueue":
+                obj["metadata"]["namespace"] = namespace
+                cluster.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, plural, obj)
+            else:
+                cluster.custom.create_cluster_custom_object(GROUP, VERSION, plural, obj)
+                made.append((plural, obj["metadata"]["name"]))
+        (run,) = yaml.safe_load_all((ROOT / "manifests/samples/qwen3-8b-gpu.yaml").read_text())
+        run["spec"]["queueName"] = "gpu-queue"
+        cluster.apply(run)
+        name = run["metadata"]["name"]
+        admitted = wait_until(
+            lambda: cluster.admitted(name).get("status") == "True" and cluster.admitted(name),
+            "Kueue to admit the GPU sample",
+            timeout=120,
+        )
+        assert "ClusterQueue 'gpus'" in admitted["message"], admitted
+        (workload,) = cluster.workloads().values()
+        containers = [c for s in workload["spec"]["podSets"] for c in s["template"]["spec"]["containers"]]
+        requested = {r for c in containers for r in (c.get("resources") or {}).get("requests", {})}
+        assert {"cpu", "memory"} <= requested  # what a GPU-only queue would never admit
+    finally:
+        cluster.custom.delete_namespaced_custom_object(
+            names.GROUP, names.VERSION, namespace, names.PLURAL, "qwen3-8b-gsm8k"
+        )
+        wait_until(lambda: not cluster.workloads(), "the run's Workloads to go", timeout=120)
+        for plural, obj_name in reversed(made):
+            cluster.custom.delete_cluster_custom_object(GROUP, VERSION, plural, obj_name)

@@ -515,7 +515,7 @@ def test_truncated_importance_weights_by_hand() -> None:
     # Row 1 is fresh: weights are exactly 1 whatever the ratio (ln 0.5 -> 0.5, ln 4 -> 4).
     proximal = torch.tensor([[0.0, math.log(1.5), math.log(3.0)], [math.log(0.5), math.log(4.0), 0.0]])
     behaviour = torch.zeros(2, 3)
-    out = truncated_importance_weights(proximal, behaviour, cap=2.0, stale=torch.tensor([True, False]))
+    out = truncated_importance_weights(proximal, behaviour, cap=2.0, weighted=torch.tensor([True, False]))
     assert torch.allclose(out.weight, torch.tensor([[1.0, 1.5, 2.0], [1.0, 1.0, 1.0]]), atol=ATOL)
     assert torch.allclose(out.ratio, torch.tensor([[1.0, 1.5, 3.0], [0.5, 4.0, 1.0]]), atol=ATOL)
     # Only a stale token above the cap counts as capped.
@@ -526,14 +526,14 @@ def test_truncated_importance_weights_unknown_behaviour_logprob_is_weight_one() 
     # The engine could not report the log-prob (NaN): no correction for that token.
     proximal = torch.tensor([[-1.0, -2.0]])
     behaviour = torch.tensor([[float("nan"), -2.5]])  # second: ratio e^0.5 = 1.6487
-    out = truncated_importance_weights(proximal, behaviour, cap=2.0, stale=torch.tensor([True]))
+    out = truncated_importance_weights(proximal, behaviour, cap=2.0, weighted=torch.tensor([True]))
     assert out.weight[0, 0] == 1.0
     assert out.weight[0, 1] == pytest.approx(math.exp(0.5), abs=ATOL)
 
 
 def test_truncated_importance_weights_carry_no_gradient() -> None:
     proximal = torch.tensor([[0.3, -0.2]], requires_grad=True)
-    out = truncated_importance_weights(proximal, torch.zeros(1, 2), cap=2.0, stale=torch.tensor([True]))
+    out = truncated_importance_weights(proximal, torch.zeros(1, 2), cap=2.0, weighted=torch.tensor([True]))
     assert not out.weight.requires_grad
 
 
@@ -542,7 +542,7 @@ def test_truncated_importance_weight_scales_the_clipped_surrogate() -> None:
     logprobs = torch.tensor([[-1.0]], requires_grad=True)
     terms = clipped_policy_loss(logprobs, logprobs.detach(), torch.tensor([[1.0]]))
     weights = truncated_importance_weights(
-        logprobs, torch.tensor([[-1.0 - math.log(1.5)]]), cap=2.0, stale=torch.tensor([True])
+        logprobs, torch.tensor([[-1.0 - math.log(1.5)]]), cap=2.0, weighted=torch.tensor([True])
     )
     loss = (terms.loss * weights.weight).sum()
     loss.backward()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import torchrun
 
 from rlsd_trainer.training.checkpoint import MANIFEST, TRAINER_STATE, CheckpointManager
 from rlsd_trainer.training.distributed import DistContext
@@ -123,6 +121,7 @@ WORKER = r"""
 import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
+from rlsd_trainer.lifecycle import end_process
 from rlsd_trainer.training.checkpoint import CheckpointManager
 from rlsd_trainer.training.distributed import init_distributed
 
@@ -141,16 +140,13 @@ else:
     assert restored is not None and restored.step == 3
     assert torch.equal(state["model"]["w"].full_tensor(), full), "resharded values differ"
     print(f"rank {ctx.rank} of {ctx.world_size}: rank_state={restored.rank_state}")
-dist.barrier()  # as the trainer does: no rank tears its groups down while a peer still uses them
+# As a learner rank ends (rlsd_trainer.cli): no rank tears its groups down while a peer still uses
+# them, and the process ends without finalizing the interpreter while gloo's threads run (a rank
+# otherwise aborts at exit now and then: see rlsd_trainer.lifecycle.end_process).
+dist.barrier()
 dist.destroy_process_group()
+end_process(0)
 """
-
-
-def _torchrun(nproc: int, script: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    command += ["--standalone", str(script), *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -158,12 +154,12 @@ def test_sharded_async_save_on_two_ranks_resumes_on_one_and_three(tmp_path: Path
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     directory = tmp_path / "ckpt"
-    saved = _torchrun(2, script, "save", str(directory))
+    saved = torchrun(2, script, "save", str(directory))
     assert saved.returncode == 0, saved.stderr[-3000:]
     manifest = json.loads((directory / "step-00000003" / MANIFEST).read_text())
     assert {"rank-0.pt", "rank-1.pt", TRAINER_STATE} <= set(manifest["files"])
     for nproc in (1, 3):
-        loaded = _torchrun(nproc, script, "load", str(directory))
+        loaded = torchrun(nproc, script, "load", str(directory))
         assert loaded.returncode == 0, loaded.stderr[-3000:]
         # Ranks that existed in the saved run get their own RNG state back; new ranks get none.
         assert "rank 0 of" in loaded.stdout and "rank_state={'rank': 0}" in loaded.stdout

@@ -4,7 +4,9 @@
 The chaos test interrupts one run at random moments with SIGTERM (graceful preemption) and SIGKILL
 (a node lost), corrupts its newest checkpoint once, and requires the final weights to be bitwise
 equal to those of an uninterrupted run with the same seed; on-policy and with rollouts generated one
-batch ahead (`rollout.max_staleness: 1`).
+batch ahead (`rollout.max_staleness: 1`). Each interruption is timed from the moment its attempt is
+past start-up, in units of this machine's step time, so however slow start-ups are (a loaded
+machine), every interruption lands within the first steps of its attempt.
 """
 
 from __future__ import annotations
@@ -12,27 +14,37 @@ from __future__ import annotations
 import random
 import shutil
 import signal
+import statistics
 import subprocess
-import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from processes import Server, kill_session, start_learners, start_server, wait_healthy
+from processes import (
+    RUN_TIMEOUT_S,
+    Server,
+    kill_session,
+    start_learners,
+    start_server,
+    wait_for,
+    wait_healthy,
+    wait_past_startup,
+)
 from safetensors.torch import load_file
 
 from rlsd_contracts.config import EmbeddedTaskSection
 from rlsd_contracts.exit_codes import EXIT_BAD_CONFIG, EXIT_FINISHED, EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED
 from rlsd_trainer.model.embedded import build_model_dir
+from rlsd_trainer.monitoring.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
 
 SEED = 3
 TASK = {"num_train": 200, "num_eval": 8, "min_terms": 2, "max_terms": 3}
 TOTAL_STEPS = 12
-RUN_TIMEOUT_S = 600
 
 
 def run_config(output_dir: Path, servers: dict[str, list[Server]], **changes: dict) -> Path:
@@ -128,14 +140,20 @@ def servers(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             server.stop()
 
 
+@dataclass
+class Reference:
+    weights: dict[str, torch.Tensor]
+    step_seconds: float  # the median step of the run: how long a step takes on this machine, now
+
+
 @pytest.fixture(scope="module")
 def references(
     servers: dict[str, list[Server]], model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[[int], dict[str, torch.Tensor]]:
-    """Final weights of the uninterrupted run with `rollout.max_staleness` k (each run once)."""
-    runs: dict[int, dict[str, torch.Tensor]] = {}
+) -> Callable[[int], Reference]:
+    """The uninterrupted run with `rollout.max_staleness` k (each run once)."""
+    runs: dict[int, Reference] = {}
 
-    def reference(max_staleness: int) -> dict[str, torch.Tensor]:
+    def reference(max_staleness: int) -> Reference:
         if max_staleness not in runs:
             output = tmp_path_factory.mktemp(f"reference-k{max_staleness}")
             prepare_output(output, model_dir)
@@ -143,7 +161,9 @@ def references(
             config = run_config(output, servers, rollout={"max_staleness": max_staleness})
             code = run_to_end(config, log)
             assert code == 0, log.read_text()[-5000:]
-            runs[max_staleness] = final_weights(output)
+            records = read_jsonl(output / "metrics.jsonl")
+            seconds = statistics.median(r["step_seconds"] for r in records if "step_seconds" in r)
+            runs[max_staleness] = Reference(final_weights(output), seconds)
         return runs[max_staleness]
 
     return reference
@@ -165,10 +185,11 @@ def corrupt(checkpoint: Path) -> None:
 def test_chaos_sigterm_and_sigkill_resume_bitwise(
     servers: dict[str, list[Server]],
     model_dir: Path,
-    references: Callable[[int], dict[str, torch.Tensor]],
+    references: Callable[[int], Reference],
     tmp_path: Path,
     max_staleness: int,
 ) -> None:
+    reference = references(max_staleness)  # first: its step time sets the interruptions' timing
     prepare_output(tmp_path, model_dir)
     config = run_config(tmp_path, servers, rollout={"max_staleness": max_staleness})
     log = tmp_path / "learner.log"
@@ -178,29 +199,34 @@ def test_chaos_sigterm_and_sigkill_resume_bitwise(
     outcomes: list[tuple[str, float, int]] = []
     corrupted = False
     for index, sent in enumerate(signals):
+        since = log.stat().st_size if log.exists() else 0
+        # Timed from the moment this attempt is past start-up (its ranks loaded the model, restored
+        # the checkpoint and are about to step), however long that took: a SIGTERM within its first
+        # step (it saves that step and stops: one step of progress per preemption, so the 12 steps
+        # outlast the interruptions), a SIGKILL within its first two (often mid-checkpoint).
+        steps = chance.uniform(0.0, 1.0 if sent == signal.SIGTERM else 2.0)
         process = start_learners(config, log)
-        # From start-up (a few seconds) to a few steps in, so that nearly every interruption lands
-        # before the end; a faster machine may finish the run first, which ends the interruptions.
-        delay = chance.uniform(1.0, 8.0)
         try:
-            process.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            if sent == signal.SIGTERM:
-                process.send_signal(sent)  # the pod is being deleted: the launcher forwards it
-            else:
-                kill_session(process)  # the node is gone: every process dies at once
             try:
-                code = process.wait(timeout=120)
-            finally:
-                kill_session(process)
-            outcomes.append((sent.name, round(delay, 1), code))
-        else:
-            assert process.returncode == EXIT_FINISHED, f"interruption {index + 1}: {outcomes}"
-            break  # the run ended before this interruption
+                if wait_past_startup(process, log, since):
+                    process.wait(timeout=steps * reference.step_seconds)
+            except subprocess.TimeoutExpired:
+                if sent == signal.SIGTERM:
+                    process.send_signal(sent)  # the pod is being deleted: the launcher forwards it
+                else:
+                    kill_session(process)  # the node is gone: every process dies at once
+                code = process.wait(timeout=RUN_TIMEOUT_S)
+                outcomes.append((sent.name, round(steps, 2), code))
+            else:
+                assert process.returncode == EXIT_FINISHED, f"interruption {index + 1}: {outcomes}"
+                break  # the run ended before this interruption
+        finally:
+            kill_session(process)
         if sent == signal.SIGTERM:
-            # Saved at a step boundary (75); or caught before a rank could save (76); or so early that
-            # the launcher itself had not started (-15); or in the last step, which ends the run (0).
-            allowed = (EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED, -signal.SIGTERM, EXIT_FINISHED)
+            # Saved at a step boundary (75); or caught before a rank could save in the grace period
+            # (76); or in the last step, which ends the run (0). (Never -15: past start-up, the
+            # launcher forwards the signal to the ranks.)
+            allowed = (EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED, EXIT_FINISHED)
             assert code in allowed, outcomes
             if code == EXIT_FINISHED:
                 break
@@ -210,21 +236,20 @@ def test_chaos_sigterm_and_sigkill_resume_bitwise(
         if not corrupted and index >= 5 and newest is not None and newest.name != "step-00000002":
             corrupt(newest)
             corrupted = True
-        time.sleep(0.2)
-    assert len(outcomes) >= 10
+    assert len(outcomes) >= 10, outcomes
     assert sum(code == EXIT_PREEMPTED for _, _, code in outcomes) >= 2, outcomes
     assert corrupted
     assert run_to_end(config, log) == 0, log.read_text()[-5000:]
     text = log.read_text()
     assert "failed verification; falling back" in text
     assert "resumed from" in text
-    assert_bitwise_equal(final_weights(tmp_path), references(max_staleness))
+    assert_bitwise_equal(final_weights(tmp_path), reference.weights)
 
 
 def test_lost_rollout_server_is_routed_around(
     servers: dict[str, list[Server]],
     model_dir: Path,
-    references: Callable[[int], dict[str, torch.Tensor]],
+    references: Callable[[int], Reference],
     tmp_path: Path,
 ) -> None:
     prepare_output(tmp_path, model_dir)
@@ -232,10 +257,10 @@ def test_lost_rollout_server_is_routed_around(
     log = tmp_path / "learner.log"
     process = start_learners(config, log)
     try:
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while newest_checkpoint(tmp_path) is None:
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
-            time.sleep(0.2)
+        has_checkpoint = wait_for(
+            lambda: newest_checkpoint(tmp_path) is not None, process, RUN_TIMEOUT_S, "a checkpoint"
+        )
+        assert has_checkpoint, log.read_text()[-5000:]
         servers["rollout"][1].kill()
         code = process.wait(timeout=RUN_TIMEOUT_S)
     finally:
@@ -243,7 +268,7 @@ def test_lost_rollout_server_is_routed_around(
     assert code == 0, log.read_text()[-5000:]
     # Requests are split by the configured replica count, so the surviving replica serves exactly
     # what the lost one would have: the run is unchanged.
-    assert_bitwise_equal(final_weights(tmp_path), references(0))
+    assert_bitwise_equal(final_weights(tmp_path), references(0).weights)
 
 
 def test_config_error_found_by_the_ranks_exits_3(model_dir: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ their float results can be compared exactly.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from tiny_models import EOS, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from rlsd_contracts.config import load_config
+from rlsd_contracts.wire import OPEN_PATHS, RUN_TOKEN_FILE_ENV, RUN_TOKEN_MIDDLEWARE
 from rlsd_trainer.cli import _served_model
 from rlsd_trainer.cli import main as cli_main
 from rlsd_trainer.model.embedded import build_model_dir
@@ -36,10 +38,20 @@ from rlsd_trainer.remote.rollout_client import (
 )
 from rlsd_trainer.remote.teacher_client import RemoteTeacherClient
 from rlsd_trainer.rollout.engine import Completion, LocalEngine, SamplingParams
+from rlsd_trainer.serving.auth import RunTokenError, RunTokenMiddleware, authorization_headers
+from rlsd_trainer.serving.rollout_server import build_app as rollout_app
+from rlsd_trainer.serving.teacher_server import build_app as teacher_app
 
 NAME = "policy"
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [20], [30, 31, 32, 33]]
 PARAMS = SamplingParams(n=2, temperature=1.0, top_p=0.9, max_new_tokens=8, seed=11)
+# What vLLM 0.33.0's server answers a request its paused engine core turned away (503).
+PAUSED_ANSWER = {
+    "message": "Generation is paused. Please retry after it resumes.",
+    "type": "ServiceUnavailableError",
+    "param": None,
+    "code": 503,
+}
 
 
 @contextmanager
@@ -143,6 +155,36 @@ def test_gloo_update_makes_replicas_generate_what_the_new_weights_do(
         # Leave the replicas on the initial policy for the other tests (same group, no rebuild).
         engine.update_weights(_load(model_dir).named_parameters(), version=0)
         assert engine.replicas.sender.groups_built == 1
+        engine.close()
+
+
+def test_a_paused_replica_turns_requests_away_as_vllm_and_the_client_waits_for_it(
+    servers: dict[str, Server], model_dir: Path
+) -> None:
+    """vLLM's engine core rejects new requests while paused (mode wait or abort) with a retryable
+    `engine_paused` error, answered 503 (tests/conformance derives the body from vLLM's code); the
+    client sends the request again once the replica resumes, and gets the same tokens."""
+    url = servers["r2"].url
+    engine = RemoteRolloutEngine([url], NAME, "gloo")
+    result: list[list[list[Completion]]] = []
+    worker = threading.Thread(target=lambda: result.append(engine.generate(PROMPTS, PARAMS)))
+    try:
+        engine.update_weights(_load(model_dir).named_parameters(), version=0)  # a push pauses and resumes
+        assert httpx.post(url + "/pause?mode=wait").status_code == 200
+        refused = httpx.post(url + "/v1/completions", json=completion_request(NAME, PROMPTS, PARAMS, seed=1))
+        assert refused.status_code == 503
+        assert refused.json() == {"error": PAUSED_ANSWER}
+        errors = _metric(url, 'rlsd_rollout_requests_total{outcome="error"}')
+        worker.start()
+        while _metric(url, 'rlsd_rollout_requests_total{outcome="error"}') < errors + 2:  # asked twice
+            assert worker.is_alive(), "the request did not wait for the paused replica"
+        assert httpx.post(url + "/resume").status_code == 200
+        worker.join()
+        assert result == [_local_chunks(_load(model_dir), PROMPTS, PARAMS, 1, 0)]
+    finally:
+        httpx.post(url + "/resume")
+        if worker.ident is not None:
+            worker.join(timeout=60)
         engine.close()
 
 
@@ -321,6 +363,62 @@ def test_the_embedded_model_is_served_as_the_learners_build_it(tmp_path: Path) -
     learners = build_model_dir(tmp_path / "learner", load_config(config).data.embedded, 5)
     for name in ("config.json", "tokenizer.json", "model.safetensors"):
         assert (served / name).read_bytes() == (learners / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("role", ["rollout", "teacher"])
+def test_without_the_runs_token_a_server_answers_only_probes_and_scrapes(
+    role: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """`--middleware` (vLLM's flag) with the run's token middleware, as the operator starts servers:
+    every route of the server's own route table refuses a request without the token, or with another
+    one (401); /health and /metrics answer anyone; the token opens the rest."""
+    token = tmp_path / "token"
+    token.write_text("the-runs-token\n")
+    server = start_server(
+        role, model_dir, tmp_path, NAME, extra=("--middleware", RUN_TOKEN_MIDDLEWARE),
+        env={RUN_TOKEN_FILE_ENV: str(token)},
+    )  # fmt: skip
+    try:
+        wait_healthy([server])
+        build_app = rollout_app if role == "rollout" else teacher_app
+        app = build_app(str(model_dir), NAME, 8, "float32", 60.0)
+        paths = app.openapi()["paths"]  # the route table (FastAPI's public view of it)
+        routes = [(method.upper(), path) for path, methods in paths.items() for method in methods]
+        guarded = [(method, path) for method, path in routes if path not in OPEN_PATHS]
+        assert {path for _, path in routes} >= {*OPEN_PATHS, "/pause", "/update_weights", "/weight_info"}
+        for method, path in guarded:
+            for headers in ({}, {"Authorization": "Bearer another-runs-token"}):
+                answer = httpx.request(method, server.url + path, json={}, headers=headers)
+                assert answer.status_code == 401, (method, path, headers, answer.text)
+                assert answer.json()["error"]["type"] == "AuthenticationError"
+        for path in OPEN_PATHS:
+            assert httpx.get(server.url + path).status_code == 200
+        allowed = {"Authorization": "Bearer the-runs-token"}
+        assert httpx.get(server.url + "/weight_info", headers=allowed).json() == {"weight_version": "default"}
+        assert httpx.get(server.url + "/v1/models", headers=allowed).json()["data"][0]["id"] == NAME
+    finally:
+        server.stop()
+
+
+def test_a_server_told_to_check_a_token_it_cannot_read_refuses_to_start(model_dir: Path) -> None:
+    arguments = ["serve", "rollout", "--model", str(model_dir), "--middleware", RUN_TOKEN_MIDDLEWARE]
+    assert cli_main(arguments) == 3  # RLSD_RUN_TOKEN_FILE unset: no credential, so no server
+
+
+def test_clients_send_the_runs_token_where_the_run_has_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(RUN_TOKEN_FILE_ENV, raising=False)
+    assert authorization_headers() == {}
+    (tmp_path / "token").write_text("abc\n")
+    monkeypatch.setenv(RUN_TOKEN_FILE_ENV, str(tmp_path / "token"))
+    assert authorization_headers() == {"Authorization": "Bearer abc"}
+    monkeypatch.setenv(RUN_TOKEN_FILE_ENV, str(tmp_path / "missing"))
+    with pytest.raises(RunTokenError, match="RLSD_RUN_TOKEN_FILE="):
+        authorization_headers()
+    # The import path the operator passes to vLLM and to our servers names this very class.
+    module, _, name = RUN_TOKEN_MIDDLEWARE.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is RunTokenMiddleware
 
 
 def test_chunks_are_contiguous_and_depend_only_on_the_configured_replica_count() -> None:

@@ -3,13 +3,13 @@ rank shares and exit-code rules, and activation checkpointing leaves gradients u
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import TESTS_DIR, one_thread_env, torchrun
 
 from rlsd_contracts.config import LearnerSection
 from rlsd_contracts.exit_codes import (
@@ -27,17 +27,20 @@ from rlsd_trainer.training.distributed import DistContext, prepare_policy, share
 #   loss = sum over this rank's response tokens of -logprob * advantage / (global token count)
 # summed over ranks (FSDP2 reduce-scatter), to compare with one process doing all rows.
 WORKER = r"""
-import sys, torch, torch.distributed as dist
+import sys, torch
 sys.path.insert(0, sys.argv[2])
 from tiny_models import tiny_model
 from rlsd_trainer.algorithms import token_mean
 from rlsd_contracts.config import LearnerSection
+from rlsd_trainer.lifecycle import end_process
 from rlsd_trainer.training.distributed import (
     all_reduce,
+    barrier,
     full_parameters,
     init_distributed,
     prepare_policy,
     share_of,
+    shutdown_distributed,
 )
 from rlsd_trainer.model.logprobs import pack
 
@@ -62,8 +65,12 @@ for (name, param) in policy.named_parameters():
     grads[name] = grad.clone()
 if ctx.rank == 0:
     torch.save(grads, sys.argv[1])
-if ctx.distributed:
-    dist.destroy_process_group()
+# As a learner rank ends (rlsd_trainer.cli): no rank tears its groups down while a peer still uses
+# them, and the process ends without finalizing the interpreter while gloo's threads run (a rank
+# otherwise aborts at exit now and then: see rlsd_trainer.lifecycle.end_process).
+barrier(ctx)
+shutdown_distributed()
+end_process(0)
 """
 
 
@@ -71,14 +78,11 @@ def _run(tmp_path: Path, nproc: int) -> dict[str, torch.Tensor]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / f"grads-{nproc}.pt"
-    tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if nproc == 1:
-        command = [sys.executable, str(script), str(out), tests_dir]
+        command = [sys.executable, str(script), str(out), str(TESTS_DIR)]
+        done = subprocess.run(command, env=one_thread_env(), capture_output=True, text=True, timeout=300)
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-        command += ["--standalone", str(script), str(out), tests_dir]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        done = torchrun(nproc, script, str(out), str(TESTS_DIR))
     assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out)
 
@@ -110,6 +114,27 @@ def test_activation_checkpointing_keeps_gradients() -> None:
         grads.append({name: p.grad.clone() for name, p in policy.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+END = r"""
+import atexit, sys
+from rlsd_trainer.lifecycle import end_process
+atexit.register(lambda: open(sys.argv[1], "w").write("atexit handlers ran"))
+sys.stdout.write("buffered, not flushed")  # stdout is a pipe: block-buffered
+end_process(int(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 75])
+def test_end_process_runs_the_exit_handlers_flushes_and_exits_with_the_code(
+    tmp_path: Path, code: int
+) -> None:
+    marker = tmp_path / "marker"
+    command = [sys.executable, "-c", END, str(marker), str(code)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert done.stdout == "buffered, not flushed"
+    assert marker.read_text() == "atexit handlers ran"
 
 
 EVEN_SPLITS = [

@@ -22,6 +22,10 @@ from rlsd_contracts.wire import (
     METRICS_PORT,
     RENDEZVOUS_PORT,
     ROLLOUT,
+    RUN_TOKEN_DIR,
+    RUN_TOKEN_FILE_ENV,
+    RUN_TOKEN_KEY,
+    RUN_TOKEN_MIDDLEWARE,
     SERVED_MODEL_NAME,
     SERVER_PORT,
     SERVER_TRANSFER_BACKEND,
@@ -295,24 +299,49 @@ def secret_keys_read(spec: Object) -> list[tuple[str, Object]]:
 
 
 def _env(spec: Object, section: Object, extra: list[Object]) -> list[Object]:
-    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, *extra]
+    env = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": RUN_TOKEN_FILE_ENV, "value": f"{RUN_TOKEN_DIR}/{RUN_TOKEN_KEY}"},
+        *extra,
+    ]
     token = spec.get("huggingFaceTokenSecret")
     if token:
         env.append(_secret_env(names.HF_TOKEN_ENV, token))
     return env + list(section.get("env") or [])
 
 
+def build_run_token(run: Object, token: str) -> Object:
+    """The run's credential (`token`, random: see handlers), which its servers demand of every request
+    but probes and scrapes; immutable (the kubelet need not watch it), owned by the run."""
+    name = _run_name(run)
+    return _owned(
+        run,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": names.run_token_name(name), "labels": names.labels(name)},
+            "type": "Opaque",
+            "immutable": True,
+            "stringData": {RUN_TOKEN_KEY: token},
+        },
+    )
+
+
 def _volumes(run: Object, with_config: bool) -> tuple[list[Object], list[Object]]:
-    """(volumes, mounts): the checkpoint volume, a memory-backed /dev/shm and, for learners, the config."""
+    """(volumes, mounts): the checkpoint volume, a memory-backed /dev/shm, the run's token and, for
+    learners (and servers of the embedded model), the config."""
     checkpoint = run["spec"]["checkpoint"]
     claim = checkpoint["volume"].get("claimName") or names.claim_name(_run_name(run))
+    token = {"secretName": names.run_token_name(_run_name(run)), "defaultMode": 0o440}
     volumes = [
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}},
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
+        {"name": "run-token", "secret": token},
     ]
     mounts = [
         {"name": "checkpoints", "mountPath": checkpoint["mountPath"]},
         {"name": "shm", "mountPath": "/dev/shm"},
+        {"name": "run-token", "mountPath": RUN_TOKEN_DIR, "readOnly": True},
     ]
     if with_config:
         volumes.append({"name": "config", "configMap": {"name": names.config_map_name(_run_name(run))}})
@@ -454,6 +483,9 @@ def server_command(spec: Object, role: str) -> list[str]:
         "0.0.0.0",
         "--port",
         str(SERVER_PORT),
+        # Only the run's own pods may steer it: vLLM's own extension point, and ours the same.
+        "--middleware",
+        RUN_TOKEN_MIDDLEWARE,
     ]
     if backend is not None:
         common += ["--weight-transfer-config", json.dumps({"backend": backend})]

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 import time
 from typing import Any
 
@@ -99,6 +100,8 @@ class RunReconciler:
         self.refused_retries = 0
         self.just_refused: dict[str, tuple[str, str]] = {}
         self.last_scrape = 0.0
+        # Whether the run's token Secret is known to exist (checked once per run and operator start).
+        self.token_ready = False
         # The scrape under way, and the latest one's result with the attempt it read.
         self.scraping: asyncio.Task[None] | None = None
         self.progress: tuple[int, Progress] | None = None
@@ -143,6 +146,36 @@ class RunReconciler:
         self.references = decide.References(missing, tuple(modes or ()))
         self.references_at, self.references_generation = time.monotonic(), generation
         return self.references
+
+    async def _run_token(self, run: Object) -> tuple[str, str] | None:
+        """Makes the run's token Secret (a random value, never logged) unless it exists; (reason,
+        message) when it cannot be had, which holds the run like a missing reference. No rotation:
+        the servers, which outlive learner attempts, keep the token they started with."""
+        if self.token_ready:
+            return None
+        name = names.run_token_name(self.name)
+        existing = await self._api(self.kube.read, "Secret", self.namespace, name)
+        if existing is None:
+            try:
+                await self._api(
+                    self.kube.create, self.namespace, builders.build_run_token(run, secrets.token_urlsafe(32))
+                )
+            except client.ApiException as exc:
+                message = _api_message(exc)
+                if exc.status == 409:  # made meanwhile (an earlier operator's create): check its owner
+                    existing = await self._api(self.kube.read, "Secret", self.namespace, name)
+                elif admission.is_refusal(exc.status, message):
+                    return admission.refusal("Secret", name, exc.status, message)
+                else:
+                    raise
+        owner = controller_owner(existing) if existing is not None else {"uid": self.uid}
+        if owner is None or owner.get("uid") != self.uid:
+            return (
+                "NameConflict",
+                f"Secret {name} exists and is not this run's (the run's token goes there)",
+            )
+        self.token_ready = True
+        return None
 
     async def _desired(self, run: Object, references: decide.References) -> Desired:
         """What the spec asks for, built once per spec generation and claim (in a thread: a run with
@@ -232,9 +265,12 @@ class RunReconciler:
         if body["metadata"]["uid"] != self.uid:  # a new run of the same name
             self.uid, self.status, self.desired, self.refusals = body["metadata"]["uid"], None, None, {}
             self.references, self.refused_retries, self.progress = None, 0, None
+            self.token_ready = False
         run = {**body, "status": self.status if self.status is not None else body.get("status") or {}}
         with metrics.RECONCILE_SECONDS.time():
             references = await self._references(run)
+            if (token_problem := await self._run_token(run)) and not references.missing:
+                references = dataclasses.replace(references, missing=token_problem)
             desired = await self._desired(run, references)
             progress = self._scrape(run)
             due = {what for what, refusal in self.refusals.items() if refusal.until <= time.monotonic()}

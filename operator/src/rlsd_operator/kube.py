@@ -124,6 +124,7 @@ class Kube:
             "ConfigMap": core.create_namespaced_config_map,
             "PersistentVolumeClaim": core.create_namespaced_persistent_volume_claim,
             "NetworkPolicy": networking.create_namespaced_network_policy,
+            "Secret": core.create_namespaced_secret,  # the run's token, never read back into a log
         }
         self._read = {
             "Pod": core.read_namespaced_pod,

@@ -82,6 +82,11 @@ def config_map_name(run: str) -> str:
     return f"{stem(run)}-config"
 
 
+def run_token_name(run: str) -> str:
+    """The Secret with the run's credential (rlsd_contracts.wire.RUN_TOKEN_*)."""
+    return f"{stem(run)}-run-token"
+
+
 def claim_name(run: str) -> str:
     """The claim the operator creates from `checkpoint.volume.claimTemplate`."""
     return f"{stem(run)}-checkpoints"

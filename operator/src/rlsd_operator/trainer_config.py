@@ -202,7 +202,49 @@ def build_trainer_config(
         config = parse_config(raw, "the rendered trainer config")
     except ConfigError as exc:
         raise InvalidSpec(_name_spec_fields(str(exc), origin)) from None
+    _check_model_length(spec, config.data.max_prompt_tokens, config.rollout.sampling.max_new_tokens)
     return config.model_dump(mode="json", exclude_unset=True)
+
+
+def _check_model_length(spec: Object, prompt_tokens: int, new_tokens: int) -> None:
+    """A `--max-model-len` in `rollout.extraArgs` must hold a prompt and its response: vLLM refuses
+    (400) every request that could outgrow it, and no step would ever run."""
+    args = [str(arg) for arg in (spec.get("rollout") or {}).get("extraArgs") or []]
+    limit = None
+    for index, arg in enumerate(args):
+        if arg in ("--max-model-len", "--max_model_len") and index + 1 < len(args):
+            limit = args[index + 1]
+        elif arg.startswith(("--max-model-len=", "--max_model_len=")):
+            limit = arg.split("=", 1)[1]
+    tokens = model_length(limit) if limit is not None else None
+    if tokens is not None and prompt_tokens + new_tokens > tokens:
+        raise InvalidSpec(
+            f"rollout.extraArgs: --max-model-len {limit} ({tokens} tokens) cannot hold a prompt of "
+            f"dataset.maxPromptTokens ({prompt_tokens}) and a response of rollout.sampling.maxNewTokens "
+            f"({new_tokens}); raise it to at least {prompt_tokens + new_tokens} or lower those"
+        )
+
+
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def model_length(text: str) -> int | None:
+    """vLLM's `--max-model-len` in tokens ('32768', '32k' = 32000, '32K' = 32768, '25.6k'), or None for
+    'auto' / -1 (the model's own); tests/conformance checks it against vLLM's own parser."""
+    value = text.strip()
+    if value.lower() == "auto" or value == "-1":
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmMgGtT])", value)
+    try:
+        if match is None:
+            return int(value)
+        number, suffix = match.groups()
+        if suffix in _DECIMAL:
+            return int(float(number) * _DECIMAL[suffix])
+        return int(number) * _BINARY[suffix]
+    except ValueError:
+        raise InvalidSpec(f"rollout.extraArgs: --max-model-len {text!r} is not a number of tokens") from None
 
 
 def _name_spec_fields(message: str, origin: dict[str, str]) -> str:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from rlsd_contracts.config import ConfigError, RunConfig, load_config
 from rlsd_contracts.exit_codes import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_FINISHED, EXIT_PREEMPTED
-from rlsd_contracts.wire import SERVER_PORT, SERVER_ROLES
+from rlsd_contracts.wire import RUN_TOKEN_MIDDLEWARE, SERVER_PORT, SERVER_ROLES
 from rlsd_trainer.data.example import DataError
 from rlsd_trainer.lifecycle import (
     STATUS_DIR_ENV,
     Preempted,
     PreemptionWatch,
     child_pids,
+    end_process,
     launcher_exit_code,
     record_exit,
     report_error,
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         watch.grace_s = config.checkpoint.preemption_grace_s
     code = _train(config, watch)
     record_exit(code)
-    return code
+    end_process(code)  # not a return: see end_process
 
 
 def _train(config: RunConfig, watch: PreemptionWatch | None) -> int:
@@ -213,10 +214,18 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--transfer-timeout-s", type=float, default=600.0, help="weight-transfer group timeout"
     )
+    serve.add_argument(
+        "--middleware",
+        action="append",
+        default=[],
+        help="as vLLM's flag: an ASGI middleware class (or an HTTP middleware function) by import path, "
+        f"repeatable; the operator passes {RUN_TOKEN_MIDDLEWARE} (the run's token)",
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rlsd_trainer.serving.common import check_transfer_config, serve
+    from rlsd_trainer.serving.auth import RunTokenError
+    from rlsd_trainer.serving.common import add_middleware, check_transfer_config, serve
 
     try:
         check_transfer_config(args.weight_transfer_config)
@@ -229,6 +238,11 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         from rlsd_trainer.serving.teacher_server import build_app
     app = build_app(model, args.served_model_name, args.max_batch_size, args.dtype, args.transfer_timeout_s)
+    try:
+        add_middleware(app, args.middleware)
+    except (ImportError, AttributeError, ValueError, RunTokenError) as exc:
+        report_error(f"--middleware: {exc}")
+        return EXIT_BAD_CONFIG
     serve(app, args.host, args.port)
     return EXIT_FINISHED
 

@@ -1,4 +1,5 @@
-"""The SIGTERM-to-checkpoint preemption path and the learner pod's exit code.
+"""The SIGTERM-to-checkpoint preemption path, the learner pod's exit code, and how a training
+process ends.
 
 What each exit code means, and what the operator does about it, is the contract in
 `rlsd_contracts.exit_codes`.
@@ -6,6 +7,8 @@ What each exit code means, and what the operator does about it, is the contract 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import signal
@@ -13,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from rlsd_contracts.exit_codes import (
     EXIT_BAD_CONFIG,
@@ -36,6 +40,34 @@ def record_exit(code: int) -> None:
         path = os.path.join(directory, f"rank-{os.environ.get('RANK', '0')}")
         with open(path, "w") as handle:
             handle.write(str(code))
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with `code` now, without finalizing the interpreter: how a training process ends (`rlsd-trainer
+    learner`, each of its ranks, and `local`), once its work is saved and its exit code recorded.
+
+    Why not a plain return from `main`: torch's native threads outlive `destroy_process_group` (gloo's
+    collective workers `pt_gloo_runloop`, NCCL's watchdog), since FSDP2's modules and DTensor's
+    caches keep the groups alive to the end. Such a worker lets go of a finished collective (and
+    its tensors) only after it has woken the rank waiting for it; a tensor whose Python object the
+    work kept alive needs the GIL for that. If the interpreter is finalizing by then, CPython ends
+    the worker with pthread_exit, whose unwinding reaches the work's noexcept destructor:
+    std::terminate ("terminate called without an active exception"), SIGABRT, exit 134 after the
+    last step, which the operator must read as a failed learner. No barrier closes that window (a
+    barrier's work holds the works before it, and is let go of in the same way).
+
+    What finalization would do that matters runs first, while every thread may still take the GIL:
+    the atexit handlers (logging's flush, the experiment trackers' uploads, stopping multiprocessing
+    children), then stdout and stderr are flushed. The rank's own threads are done by then (the
+    planner's worker is joined when the run closes, asynchronous checkpoints are waited for).
+    """
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 def report_error(message: str) -> None:

@@ -118,9 +118,14 @@ class AlgorithmSection(_Section):
     # Weight of the OPSD term in grpo+opsd.
     opsd_coef: Annotated[float, Field(ge=0.0)] = 1.0
     ppo_epochs: Annotated[int, Field(ge=1)] = 1
-    # Truncated importance weight of a stale batch (rollout.max_staleness >= 1): each token's loss is
-    # scaled by min(pi_learner / pi_rollout, importance_cap) (decoupled PPO with TIS; algorithms.py).
+    # Truncated importance weight (decoupled PPO with TIS; algorithms.py): the tokens it applies to have
+    # their loss scaled by min(pi_learner / pi_rollout, importance_cap).
     importance_cap: Annotated[float, Field(ge=1.0, le=100.0)] = 2.0
+    # Which responses get it: "stale" those of an older policy (rollout.max_staleness >= 1); "all" every
+    # response, which also corrects the rollout engine's numerics against the learner's (vLLM's bf16
+    # kernels, batching), as TRL, verl, AReaL and prime-rl do; "auto": "all" with remote rollout
+    # servers, "stale" with the learner's own sampler (the same numerics: on-policy runs bit for bit).
+    importance_correction: Literal["auto", "stale", "all"] = "auto"
 
 
 class OptimSection(_Section):
@@ -128,6 +133,8 @@ class OptimSection(_Section):
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: Annotated[float, Field(gt=0.0)] = 1.0
+    # Steps (not optimizer updates: a step makes algorithm.ppo_epochs of them) over which the learning
+    # rate rises linearly to `lr`.
     warmup_steps: Annotated[int, Field(ge=0)] = 0
 
 

@@ -29,6 +29,16 @@ TERMINATION_LOG_PATH = "/dev/termination-log"
 # Kubernetes keeps at most 4096 bytes of a termination message.
 TERMINATION_LOG_MAX_BYTES = 4096
 
+# The run's credential: a Secret the operator makes per run (key RUN_TOKEN_KEY), mounted read-only into
+# the learner and server pods at RUN_TOKEN_DIR and named to the processes by RUN_TOKEN_FILE_ENV. The
+# servers (ours, and vLLM through `--middleware RUN_TOKEN_MIDDLEWARE`) answer only requests that carry
+# it as `Authorization: Bearer <token>`, but for OPEN_PATHS (probes and Prometheus scrapes).
+RUN_TOKEN_FILE_ENV = "RLSD_RUN_TOKEN_FILE"
+RUN_TOKEN_DIR = "/var/run/secrets/rlsd"
+RUN_TOKEN_KEY = "token"
+RUN_TOKEN_MIDDLEWARE = "rlsd_trainer.serving.auth.RunTokenMiddleware"
+OPEN_PATHS = ("/health", "/metrics")
+
 # Gauges of learner rank 0 (metrics key `k` is served as `rlsd_k`) that a run's status shows.
 PROGRESS_GAUGES = (
     "rlsd_policy_version",

@@ -8,11 +8,14 @@ policy); after it, `"default"` means the replica restarted, and it sits out, as 
 a push or whose update failed (`"incomplete"`), until the next push, which rebuilds the transfer
 group for it. Work is cut into requests by the caller; request i goes to a ready replica chosen by i,
 and on a network or server failure (never on a 4xx, which is a bug to surface) to the next one, up
-to `max_retries` more times.
+to `max_retries` more times. A 503 is a replica paused for a weight update (vLLM's engine core turns
+new requests away until `/resume`, a retryable `engine_paused` error): the request waits and is sent
+to it again, for up to the request timeout, without counting as a failure.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ import httpx
 import torch
 
 from rlsd_trainer.remote.http import HttpCallError, call_json, fan_out
+from rlsd_trainer.serving.auth import authorization_headers
 from rlsd_trainer.weights.sender import make_sender
 from rlsd_trainer.weights.wire import STARTING_WEIGHTS, TransferKind
 
@@ -29,6 +33,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 HEALTH_TIMEOUT_S = 5.0
+PAUSED_RETRY_S = (0.05, 1.0)  # the first and the longest wait before asking a paused replica again
 
 
 class ReplicaError(RuntimeError):
@@ -59,14 +64,17 @@ class ReplicaSet:
             raise ValueError(f"no {role} server URLs given")
         self.urls = [url.rstrip("/") for url in urls]
         self.max_retries = max_retries
+        self.request_timeout_s = request_timeout_s
         self.role = role
         self.error = error
-        self.http = httpx.Client(timeout=request_timeout_s)
+        # Every request carries the run's token, where the run has one (its pods on Kubernetes).
+        headers = authorization_headers()
+        self.http = httpx.Client(timeout=request_timeout_s, headers=headers)
         # The weight routes get a connection per call: after an error answer (an update session
         # already open, say) vLLM's server closes the connection, and the clean-up calls that follow
         # must not be sent down it.
         self.control_http = httpx.Client(
-            timeout=request_timeout_s, limits=httpx.Limits(max_keepalive_connections=0)
+            timeout=request_timeout_s, limits=httpx.Limits(max_keepalive_connections=0), headers=headers
         )
         self.sender = make_sender(
             weight_transfer, self.control_http, transfer_host, transfer_port, shared_dir, request_timeout_s
@@ -124,7 +132,7 @@ class ReplicaSet:
             causes = []
             for url in order[: self.max_retries + 1]:
                 try:
-                    return call(url, requests[index])
+                    return self._through_pauses(call, url, requests[index])
                 except HttpCallError as exc:
                     if not exc.retryable:
                         raise self.error(f"{self.role} server rejected request {index}: {exc}") from exc
@@ -135,6 +143,20 @@ class ReplicaSet:
             )
 
         return fan_out(attempt, range(len(requests)))
+
+    def _through_pauses(self, call: Callable[[str, T], R], url: str, request: T) -> R:
+        """`call(url, request)`, sent again while the replica answers 503 (paused), with growing
+        waits, until the request timeout has passed."""
+        deadline = time.monotonic() + self.request_timeout_s
+        wait, longest = PAUSED_RETRY_S
+        while True:
+            try:
+                return call(url, request)
+            except HttpCallError as exc:
+                if exc.status != 503 or time.monotonic() + wait > deadline:
+                    raise
+            time.sleep(wait)
+            wait = min(2 * wait, longest)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Push the weights to every live replica; retried (on a new group) when one fails mid-way.

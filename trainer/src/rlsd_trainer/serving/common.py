@@ -9,13 +9,16 @@ called out of order is answered 500, as vLLM answers its worker's RuntimeError.
 
 The RL routes behave as vLLM's (vllm/entrypoints/rl/online/api_router.py, v1/worker/gpu_worker.py,
 v1/engine/core.py): the label is "default" until an update names one; one update session at a time;
-`/pause` (mode `wait` only: a running request always completes here) holds new requests until
-`/resume`; `/collective_rpc` runs `reload_weights` from a safetensors directory. Where vLLM has
-`nccl`, these servers receive over `gloo` (our own backend).
+`/pause` (mode `wait` only: a running request always completes here) turns new generation and
+scoring requests away with 503 until `/resume`, as vLLM's engine core does (a retryable
+`engine_paused` error; clients wait and retry); `/collective_rpc` runs `reload_weights` from a
+safetensors directory. Where vLLM has `nccl`, these servers receive over `gloo` (our own backend).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import threading
 import time
@@ -48,6 +51,7 @@ _ERROR_TYPES = {
     400: "BadRequestError",
     404: "NotFoundError",
     500: "InternalServerError",
+    503: "ServiceUnavailableError",
 }
 
 
@@ -58,6 +62,13 @@ class RequestError(Exception):
         super().__init__(f"{param}: {message}")
         self.param = param
         self.status = status
+
+
+class GenerationPaused(Exception):
+    """A request that came while generation is paused: vLLM's engine core rejects it
+    (v1/engine/core.py `_reject_add_while_paused`), and its server answers 503 with this message."""
+
+    MESSAGE = "Generation is paused. Please retry after it resumes."
 
 
 def _error(status: int, message: str, param: str | None) -> JSONResponse:
@@ -134,7 +145,7 @@ class ServerMetrics:
 
 class ModelHost:
     """The served model, the weight-version label it holds, the lock every use of it takes, and
-    vLLM's pause: while paused, new requests wait for `/resume`."""
+    vLLM's pause: while paused, new requests are turned away (`GenerationPaused`)."""
 
     def __init__(
         self,
@@ -154,7 +165,7 @@ class ModelHost:
         # Weight routes run one at a time, as vLLM's worker runs its collective RPCs.
         self.transfer_lock = threading.Lock()
         self.label = STARTING_WEIGHTS
-        self._running = threading.Condition()
+        self._admission = threading.Lock()  # pausing vs admitting a request
         self._paused = False
 
     def check_model(self, name: str | None) -> None:
@@ -171,9 +182,10 @@ class ModelHost:
 
     @contextmanager
     def serving(self) -> Iterator[str]:
-        """Hold the model for one request (after any pause ends); yields the label it serves."""
-        with self._running:
-            self._running.wait_for(lambda: not self._paused)
+        """Hold the model for one request; yields the label it serves. Refused while paused."""
+        with self._admission:
+            if self._paused:
+                raise GenerationPaused(GenerationPaused.MESSAGE)
             self.lock.acquire()
         try:
             yield self.label
@@ -181,16 +193,15 @@ class ModelHost:
             self.lock.release()
 
     def pause(self) -> None:
-        """Hold new requests and wait for the running one to finish."""
-        with self._running:
+        """Turn new requests away and wait for the running one to finish."""
+        with self._admission:
             self._paused = True
         with self.lock:
             pass
 
     def resume(self) -> None:
-        with self._running:
+        with self._admission:
             self._paused = False
-            self._running.notify_all()
 
     @property
     def paused(self) -> bool:
@@ -346,6 +357,10 @@ def create_app(role: str, host: ModelHost, role_router: APIRouter) -> FastAPI:
     async def _refused(_: Request, exc: RequestError) -> JSONResponse:
         return _error(exc.status, str(exc), exc.param)
 
+    @app.exception_handler(GenerationPaused)
+    async def _paused(_: Request, exc: GenerationPaused) -> JSONResponse:
+        return _error(503, str(exc), None)
+
     @app.exception_handler(UpdateOrderError)
     async def _out_of_order(_: Request, exc: UpdateOrderError) -> JSONResponse:
         return _error(500, str(exc), None)
@@ -377,6 +392,22 @@ def create_app(role: str, host: ModelHost, role_router: APIRouter) -> FastAPI:
     app.include_router(_weight_router(host))
     app.include_router(role_router)
     return app
+
+
+def add_middleware(app: FastAPI, import_paths: Sequence[str]) -> None:
+    """vLLM's `--middleware`, with its rules (vllm/entrypoints/serve/middleware/register.py): a class is
+    added as ASGI middleware, a coroutine function as HTTP middleware, anything else refused. A
+    class is built here, not at the first request, so a misconfigured one stops the server."""
+    for path in import_paths:
+        module_path, _, name = path.rpartition(".")
+        imported = getattr(importlib.import_module(module_path), name)
+        if inspect.isclass(imported):
+            app.add_middleware(imported)
+        elif inspect.iscoroutinefunction(imported):
+            app.middleware("http")(imported)
+        else:
+            raise ValueError(f"{path} must be a middleware class or a coroutine function")
+    app.middleware_stack = app.build_middleware_stack()
 
 
 def serve(app: FastAPI, host: str, port: int) -> None:

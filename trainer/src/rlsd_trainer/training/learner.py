@@ -87,10 +87,19 @@ class Learner:
             advantages=torch.tensor([plan.advantages[i] for i in rows], device=device),
             rollout_logprobs=_padded([plan.rollout_logprobs[i] for i in rows], packed.response_mask),
             teacher_logprobs=teacher_lp,
-            stale=torch.tensor([plan.policy_versions[i] < step for i in rows], device=device),
+            weighted=torch.tensor(
+                [self._weighted(plan.policy_versions[i], step) for i in rows], device=device
+            ),
         )
         with timer.phase("learn"):
             return self._optimize(batch, step)
+
+    def _weighted(self, policy_version: int, step: int) -> bool:
+        """Whether a response gets the truncated importance weight (algorithm.importance_correction)."""
+        mode = self.config.algorithm.importance_correction
+        if mode == "auto":
+            mode = "stale" if self.config.rollout.backend == "local" else "all"
+        return mode == "all" or policy_version < step
 
     def _optimize(self, batch: LearnBatch, step: int) -> dict[str, float]:
         cfg = self.config
@@ -135,7 +144,7 @@ class Learner:
                     kl_sum += terms.kl.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
-            self.scheduler.step()
+        self.scheduler.step()  # the schedule is one of steps (optim.warmup_steps), whatever the epochs
         if self.reference is not None:
             metrics.sums["kl"] += kl_sum
         totals = metrics.reduce(self.ctx)
