@@ -38,6 +38,13 @@ class Learner:
     ) -> None:
         self.config = config
         self.ctx = ctx
+        # algorithm.importance_correction: every response gets the truncated importance weight, or
+        # only those of an older policy version (auto: all with rollout servers, whose numerics are
+        # not the learner's; stale with the learner's own sampler).
+        correction = config.algorithm.importance_correction
+        if correction == "auto":
+            correction = "stale" if config.rollout.backend == "local" else "all"
+        self.weigh_every_response = correction == "all"
         self.policy = prepare_policy(initial.model.train(), ctx, config.learner)
         self.teacher: Teacher | None = None
         if algorithms.needs_teacher(config.algorithm):
@@ -88,18 +95,11 @@ class Learner:
             rollout_logprobs=_padded([plan.rollout_logprobs[i] for i in rows], packed.response_mask),
             teacher_logprobs=teacher_lp,
             weighted=torch.tensor(
-                [self._weighted(plan.policy_versions[i], step) for i in rows], device=device
+                [self.weigh_every_response or plan.policy_versions[i] < step for i in rows], device=device
             ),
         )
         with timer.phase("learn"):
             return self._optimize(batch, step)
-
-    def _weighted(self, policy_version: int, step: int) -> bool:
-        """Whether a response gets the truncated importance weight (algorithm.importance_correction)."""
-        mode = self.config.algorithm.importance_correction
-        if mode == "auto":
-            mode = "stale" if self.config.rollout.backend == "local" else "all"
-        return mode == "all" or policy_version < step
 
     def _optimize(self, batch: LearnBatch, step: int) -> dict[str, float]:
         cfg = self.config

@@ -94,7 +94,7 @@ class PlanQueue:
         """A push or evaluation that failed in the worker fails the run at the next step."""
         for what, future in self._history:
             if future.done() and future.exception() is not None:
-                raise RuntimeError(f"{what} failed: {future.exception()}") from future.exception()
+                raise _failed(what, future.exception())
 
     def wait(self) -> None:
         """Until every submitted call is done (their errors are raised)."""
@@ -102,7 +102,7 @@ class PlanQueue:
             try:
                 future.result()
             except Exception as exc:
-                raise RuntimeError(f"{what} failed: {exc}") from exc
+                raise _failed(what, exc) from exc
         self._history = []
 
     # ---- checkpoint state -----------------------------------------------------------------------
@@ -123,6 +123,13 @@ class PlanQueue:
         if self._worker is not None:
             self._worker.shutdown(wait=True, cancel_futures=True)
         self.planner.close()
+
+
+def _failed(what: str, cause: BaseException | None) -> RuntimeError:
+    """The run's error for a call of the worker that raised `cause`."""
+    error = RuntimeError(f"{what} failed: {cause}")
+    error.__cause__ = cause
+    return error
 
 
 def _succeeded(future: Future[Any]) -> bool:
