@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +335,15 @@ def first_recorded(bed: Bed, alert: str, state: str) -> float | None:
     return min(float(r["value"][1]) for r in result) if result else None
 
 
+def recorded(bed: Bed, alert: str) -> tuple[float, float]:
+    """`alert`'s first pending and firing times. The alerts API can show a state before its ALERTS
+    sample is stored, and the subquery's steps fall on whole seconds, so a state just reported
+    becomes visible here up to a second later: callers wait for it."""
+    pending, firing = (first_recorded(bed, alert, state) for state in ("pending", "firing"))
+    assert pending is not None and firing is not None, f"{alert}: pending at {pending}, firing at {firing}"
+    return pending, firing
+
+
 def test_rules_are_loaded_and_silent_on_the_healthy_run(bed: Bed) -> None:
     groups = bed.prometheus.api("rules", type="alert")["groups"]
     loaded = {r["name"] for g in groups for r in g["rules"]}
@@ -424,10 +434,8 @@ def test_each_alert_goes_pending_then_firing_when_caused_for_real(bed: Bed) -> N
         assert any(state == "firing" for state, _ in seen[name]), f"{name}: {seen[name]}\n{report}"
         # Pending first, for `for:`, as Prometheus itself recorded it: a poll can miss a pending window
         # of seconds when the machine is busy.
-        pending, firing = (first_recorded(bed, name, state) for state in ("pending", "firing"))
-        assert pending is not None and firing is not None and pending < firing, (
-            f"{name}: first pending at {pending}, firing at {firing}\n{report}"
-        )
+        pending, firing = wait_for(bed, f"{name} in ALERTS", partial(recorded, bed, name), timeout=60)
+        assert pending < firing, f"{name}: first pending at {pending}, firing at {firing}\n{report}"
     assert not set(seen) - CAUSED, report  # nothing else fired (RLSDRewardCollapse among them)
 
     def labels(name: str) -> dict[str, str]:
