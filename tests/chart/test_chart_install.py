@@ -40,6 +40,8 @@ RESOURCES = [
     ("", "secrets"),
     ("", "events"),
     ("", "resourcequotas"),
+    ("", "nodes"),
+    ("", "persistentvolumes"),
     ("networking.k8s.io", "networkpolicies"),
     ("", "serviceaccounts"),
     ("apps", "deployments"),

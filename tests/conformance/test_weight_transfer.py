@@ -11,6 +11,7 @@ really receives them, and the tests compare what each one serves with what was p
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,7 +27,8 @@ from tiny_models import tiny_model
 from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo
 from vllm_engine import StandInEngineClient, build_vllm_app, starting_label
 
-from rlsd_trainer.remote.replicas import RemoteRole
+from rlsd_contracts import liveness
+from rlsd_trainer.remote.replicas import RemoteRole, ReplicaError
 from rlsd_trainer.remote.rollout_client import RemoteRolloutEngine
 from rlsd_trainer.remote.teacher_client import RemoteTeacherClient
 from rlsd_trainer.serving import rollout_server, teacher_server
@@ -79,7 +81,7 @@ def replicas(kind: str, model_dir: Path) -> Iterator[list[Replica]]:
 
 def client_for(kind: str, replicas: list[Replica], **options: Any) -> RemoteRole:
     role = RemoteTeacherClient if kind == "cpu-teacher" else RemoteRolloutEngine
-    return role([r.url for r in replicas], NAME, "gloo", request_timeout_s=60.0, **options)
+    return role([r.url for r in replicas], NAME, "gloo", **{"request_timeout_s": 60.0, **options})
 
 
 def push(client: RemoteRole, version: int, seed: int) -> dict[str, torch.Tensor]:
@@ -193,25 +195,9 @@ def test_a_learner_killed_half_way_through_a_push_leaves_servers_a_new_learner_c
 ) -> None:
     """Problem 5: the dead learner's update stays half-done; the next learner closes what is left
     open, releases the old group and pushes the whole model again."""
-    first = client_for(kind, replicas)
-    try:
-        push(first, 0, 1)
-    finally:
-        first.close()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HERE.parent / "trainer"), os.environ.get("PYTHONPATH", "")]),
-    }
-    dying = subprocess.Popen(
-        [sys.executable, str(HERE / "half_push.py"), "1", "2", *[r.url for r in replicas]],
-        stdout=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        assert dying.stdout is not None and dying.stdout.readline().strip() == b"HALF"
-    finally:
-        dying.kill()
-        dying.wait()
+    dying = pushing_half(kind, replicas)
+    dying.kill()
+    dying.wait()
     # The half-pushed weights were never committed: each replica still serves version 0's label.
     assert [r.label() for r in replicas] == ["0", "0"]
 
@@ -228,6 +214,65 @@ def test_a_learner_killed_half_way_through_a_push_leaves_servers_a_new_learner_c
             tail = calls[calls.index("update_weights!") + 1 :]
             # ... and the next one released the engine and built a new group before pushing.
             assert tail == [*REGROUP, *push_calls(1), *RELEASE]
+
+
+def pushing_half(kind: str, replicas: list[Replica]) -> subprocess.Popen[bytes]:
+    """Version 0 pushed by a first learner, then a second one (half_push.py) half-way through its
+    push of version 1, left running: the caller ends it."""
+    first = client_for(kind, replicas)
+    try:
+        push(first, 0, 1)
+    finally:
+        first.close()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent / "trainer"), os.environ.get("PYTHONPATH", "")]),
+    }
+    learner = subprocess.Popen(
+        [sys.executable, str(HERE / "half_push.py"), "1", "2", *[r.url for r in replicas]],
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert learner.stdout is not None and learner.stdout.readline().strip() == b"HALF"
+    except BaseException:
+        learner.kill()
+        learner.wait()
+        raise
+    return learner
+
+
+def test_a_replica_waiting_on_a_stopped_learner_answers_health_but_not_the_engine(
+    kind: str, replicas: list[Replica]
+) -> None:
+    """A learner stopped half-way through a push (SIGSTOP: its gloo peer stays open, as an NCCL
+    receive whose sender died never returns): each replica's engine waits in the receive. /health
+    still answers 200; /weight_info, through the engine, does not, so the kubelet's liveness probe
+    (rlsd_contracts.liveness) fails and the next learner's push leaves every replica out at once
+    and says so, instead of hanging. Once the receive ends (here the stopped learner is killed and
+    gloo errors; with NCCL only a replaced pod ends it) the replicas take the push."""
+    stopped = pushing_half(kind, replicas)
+    # It waits for a live replica no longer than its request timeout.
+    second = client_for(kind, replicas, weight_push_timeout_s=5.0, request_timeout_s=5.0)
+    try:
+        stopped.send_signal(signal.SIGSTOP)
+        for replica in replicas:
+            assert httpx.get(replica.url + "/health", timeout=10).status_code == 200
+            failure = liveness.check(replica.served.port, timeout_s=1.0)
+            assert failure is not None and "timed out" in failure, failure
+        with pytest.raises(ReplicaError, match="no server is live"):
+            push(second, 1, 2)
+
+        stopped.kill()
+        stopped.wait()
+        for replica in replicas:
+            while liveness.check(replica.served.port, timeout_s=1.0) is not None:
+                pass  # until the receive has failed
+        push_to_all(second, replicas, 1, 2)
+    finally:
+        stopped.kill()
+        stopped.wait()
+        second.close()
 
 
 def test_an_update_session_left_open_is_closed_and_the_push_retried(

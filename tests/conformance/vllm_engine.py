@@ -19,7 +19,11 @@ What is a fake: the data plane and the model. `GlooNCCLEngine` joins a gloo grou
 info's TCP rendezvous and receives each tensor with a gloo broadcast where vLLM's engine uses PyNccl
 (which needs GPUs); `CheckingModel` stands for the vLLM model: `load_weights` checks every name,
 dtype and shape against the tiny Qwen3 and keeps what arrived. The engine core is a stand-in that
-holds the label and the pause state. Every call the engine receives is recorded, in order.
+holds the label and the pause state, and takes one call at a time, worker RPCs and its own utility
+calls alike, as vLLM's EngineCoreProc handles each client request inline in its busy loop: a worker
+stuck in a receive holds /weight_info (AsyncLLM.get_weight_version asks the engine core) while
+/health (AsyncLLM.check_health, its own) still answers. Every call the engine receives is recorded,
+in order.
 """
 
 from __future__ import annotations
@@ -193,31 +197,38 @@ class StandInWorker:
 
 @dataclass
 class StandInEngineCore:
-    """The engine core's label and pause state (vLLM's EngineCore holds them in another process)."""
+    """The engine core's label and pause state (vLLM's EngineCore holds them in another process);
+    each call waits for `busy`, which a worker RPC in progress holds."""
 
     label: str = field(default_factory=starting_label)
     paused: bool = False
     calls: list[tuple[str, Any]] = field(default_factory=list)
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def set_weight_version_async(self, version: str) -> None:
-        self.calls.append(("label", version))
-        self.label = version
+        async with self.busy:
+            self.calls.append(("label", version))
+            self.label = version
 
     async def get_weight_version_async(self) -> str:
-        return self.label
+        async with self.busy:
+            return self.label
 
     async def pause_generation_async(self, mode: PauseMode = "abort", clear_cache: bool = True) -> None:
         if mode not in get_args(PauseMode):
             raise ValueError(f"Invalid pause mode: {mode}")
-        self.calls.append(("pause", {"mode": mode, "clear_cache": clear_cache}))
-        self.paused = True
+        async with self.busy:
+            self.calls.append(("pause", {"mode": mode, "clear_cache": clear_cache}))
+            self.paused = True
 
     async def resume_scheduler_async(self) -> None:
-        self.calls.append(("resume", None))
-        self.paused = False
+        async with self.busy:
+            self.calls.append(("resume", None))
+            self.paused = False
 
     async def is_scheduler_paused_async(self) -> bool:
-        return self.paused
+        async with self.busy:
+            return self.paused
 
 
 class StandInRenderer:
@@ -226,9 +237,10 @@ class StandInRenderer:
 
 
 class StandInEngineClient:
-    """What the routers call (`app.state.engine_client`): AsyncLLM's own weight methods, over a
-    stand-in engine core and one stand-in worker reached through `collective_rpc`. Calls run one at
-    a time, as an engine core runs its utility calls, each in a thread (the gloo receive blocks)."""
+    """What the routers call (`app.state.engine_client`): AsyncLLM's own weight methods and health
+    check, over a stand-in engine core and one stand-in worker reached through `collective_rpc`.
+    Calls run one at a time, as an engine core runs its utility calls, each in a thread (the gloo
+    receive blocks)."""
 
     init_weight_transfer_engine = AsyncLLM.init_weight_transfer_engine
     shutdown_weight_transfer_engine = AsyncLLM.shutdown_weight_transfer_engine
@@ -240,6 +252,8 @@ class StandInEngineClient:
     pause_generation = AsyncLLM.pause_generation
     resume_generation = AsyncLLM.resume_generation
     is_paused = AsyncLLM.is_paused
+    check_health = AsyncLLM.check_health
+    errored = False  # AsyncLLM's reads the engine core process's liveness; that process is not here
 
     def __init__(self, reference: dict[str, torch.Tensor]) -> None:
         self.vllm_config = VllmConfig(device_config=DeviceConfig(device="cpu"))
@@ -247,7 +261,6 @@ class StandInEngineClient:
         self.worker = StandInWorker(self.model, self.vllm_config)
         self.engine_core = StandInEngineCore()
         self.renderer = StandInRenderer()
-        self._serial = asyncio.Lock()
 
     @property
     def calls(self) -> list[tuple[str, Any]]:
@@ -258,7 +271,7 @@ class StandInEngineClient:
     async def collective_rpc(
         self, method: str, timeout: float | None = None, args: tuple = (), kwargs: dict | None = None
     ) -> list[Any]:
-        async with self._serial:
+        async with self.engine_core.busy:
             try:
                 result = await asyncio.to_thread(getattr(self.worker, method), *args, **(kwargs or {}))
             except Exception as exc:
@@ -266,9 +279,6 @@ class StandInEngineClient:
                 raise
             self.calls.append((method, "ok"))
             return [result]
-
-    async def check_health(self) -> None:
-        pass
 
 
 def build_vllm_app(client: StandInEngineClient) -> FastAPI:

@@ -11,7 +11,8 @@ runc, CNI, kube-proxy, CoreDNS; k8s/realnode.py), in a namespace enforcing Pod S
   pod deleted mid-run is recreated alone and the learners finish without it;
 - a real Prometheus scrapes the real pods through scrape jobs derived from the chart's monitors: every
   dashboard panel answers for the run, and RLSDRolloutServerDown fires for a rollout server that
-  stops answering (SIGSTOP) while its pod stays Running;
+  stops answering (SIGSTOP) while its pod stays Running; left stopped, the server fails its liveness
+  probe (through the engine), the kubelet kills it and the operator replaces it, and the run goes on;
 - a run whose dataset is missing in the pod fails at once with the trainer's own message.
 """
 
@@ -267,6 +268,12 @@ def test_the_quickstart_trains_to_the_end_through_a_preemption_and_a_lost_rollou
         )
         assert answers == {"GET /health": 200, "GET /metrics": 200, **dict.fromkeys(GUARDED, 401)}, answers
 
+        # A rollout server wedged from here on (SIGSTOP, as a vLLM engine core stuck in a transfer): the
+        # learners leave it out, and the kubelet's liveness probe gives up on it (checked below).
+        wedged = cluster.core.read_namespaced_pod("quickstart-rollout-1", namespace).metadata.uid
+        for pid in cluster.container_pids(namespace, "quickstart-rollout-1"):
+            os.kill(pid, signal.SIGSTOP)
+
         # Preemption for real: a learner pod evicted once a checkpoint is on the claim.
         status = cluster.wait_status(
             namespace, RUN, "a checkpoint", lambda s: s.get("latestCheckpointStep", 0) >= 1, timeout=600
@@ -295,7 +302,7 @@ def test_the_quickstart_trains_to_the_end_through_a_preemption_and_a_lost_rollou
 
         # A rollout server pod lost: recreated alone, under the same name; the learners go on without it.
         pods = cluster.pods(namespace)
-        kept = {name: pods[name].metadata.uid for name in ("quickstart-rollout-1", "quickstart-teacher-0")}
+        kept = {name: pods[name].metadata.uid for name in ("quickstart-teacher-0",)}
         lost = pods["quickstart-rollout-0"].metadata.uid
         cluster.core.delete_namespaced_pod("quickstart-rollout-0", namespace)
 
@@ -309,13 +316,14 @@ def test_the_quickstart_trains_to_the_end_through_a_preemption_and_a_lost_rollou
 
         # RLSDRolloutServerDown: a server whose process stops answering while its pod stays Running.
         check_rollout_server_down(cluster, prometheus, namespace, "quickstart-rollout-0")
+        check_wedged_server_replaced(cluster, namespace, "quickstart-rollout-1", wedged)
 
         status = cluster.wait_status(
             namespace, RUN, "Succeeded", lambda s: s.get("phase") == "Succeeded", timeout=900
         )
         succeeded_s = time.monotonic() - applied
         print(cluster.kubectl("get", "rlsd", RUN, "-n", namespace).stdout)
-        assert status["preemptions"] == 1 and not status.get("restarts"), status
+        assert status["preemptions"] == 1 and not status.get("restarts"), json.dumps(status, indent=1)
         assert status["step"] == steps, status
 
         # What the run left on the claim, written by the pods' user and group (fsGroup).
@@ -441,6 +449,32 @@ def check_dashboard(prometheus: Prometheus, namespace: str) -> None:
     wait_until(
         all_answer, "every dashboard panel to answer for the run", timeout=180, retry_on=(AssertionError,)
     )
+
+
+def check_wedged_server_replaced(cluster: RealCluster, namespace: str, pod: str, wedged: str) -> None:
+    """The server whose processes were stopped (`wedged`: its pod's uid) and left so: the liveness
+    probe, which asks the engine for /weight_info, gave up after the sample's weight_push_timeout_s,
+    the kubelet killed the container and the operator replaced the pod under its name (what the
+    events keep: the run may have ended since, and its servers with it)."""
+
+    def events() -> list[tuple[str, str, str, str]]:
+        items = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+        return [
+            (e["involvedObject"].get("kind"), e["involvedObject"].get("uid") or "", e["reason"], e["message"])
+            for e in items
+        ]
+
+    def recreated() -> list[tuple[str, str, str, str]]:
+        seen = events()
+        assert any(e[2] == "ServerRecreated" and f"recreated {pod} " in e[3] for e in seen), seen
+        return seen
+
+    seen = wait_until(
+        recreated, f"{pod} replaced after failing its liveness probe", timeout=600, retry_on=(AssertionError,)
+    )
+    about = [(reason, message) for _, uid, reason, message in seen if uid == wedged]
+    assert any(r == "Unhealthy" and m.startswith("Liveness probe failed") for r, m in about), about
+    assert any(r == "ServerLost" and m.startswith(f"{pod} stopped (Failed)") for _, _, r, m in seen), seen
 
 
 def check_rollout_server_down(cluster: RealCluster, prometheus: Prometheus, namespace: str, pod: str) -> None:

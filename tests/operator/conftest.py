@@ -13,7 +13,7 @@ from kopf.testing import KopfRunner
 from kubernetes import client
 from operator_runner import start_operator
 
-from rlsd_operator import decide, names
+from rlsd_operator import decide, handlers, names
 
 
 @pytest.fixture(scope="session")
@@ -63,12 +63,16 @@ def checkpoint_claim(core: client.CoreV1Api, namespace: str) -> Iterator[str]:
 
 @pytest.fixture
 def operator_env(kubeconfig: Path, rlsd_crd: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Environment of an in-process operator: the admin's kubeconfig, fast scrapes and retries."""
+    """Environment of an in-process operator: the admin's kubeconfig, fast scrapes, retries and
+    placements."""
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     monkeypatch.setattr(decide, "SCRAPE_SECONDS", 0.5)
     monkeypatch.setattr(decide, "REFERENCE_RETRY_SECONDS", 1.0)
     monkeypatch.setattr(decide, "REFUSAL_RETRY_SECONDS", 1.0)
     monkeypatch.setattr(decide, "REFUSAL_RETRY_MAX_SECONDS", 2.0)
+    monkeypatch.setattr(decide, "PLACEMENT_RETRY_SECONDS", 1.0)
+    monkeypatch.setattr(decide, "PLACEMENT_GRACE_SECONDS", 5.0)
+    monkeypatch.setattr(handlers, "CLUSTER_SECONDS", 0.5)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from rlsdrun_samples import defaulted_run
 
+from rlsd_contracts import liveness as liveness_module
 from rlsd_contracts import wire
 from rlsd_contracts.config import parse_config
 from rlsd_operator import admission, builders, lifecycle, metrics, names
@@ -319,6 +320,39 @@ def test_cpu_rollout_and_teacher_pods_run_the_trainer_servers() -> None:
     assert [p["metadata"]["name"] for p in builders.build_server_pods(run)] == [
         "demo-rollout-0", "demo-rollout-1", "demo-teacher-0",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("push_timeout", "failures"), [(None, 62), (10, 4)])
+def test_a_server_is_alive_while_its_engine_answers_or_has_stalled_no_longer_than_a_push(
+    push_timeout: float | None, failures: int
+) -> None:
+    """Liveness goes through the engine (rlsd_contracts.liveness asks /weight_info, with the run's
+    token); it tolerates a stall as long as the role's weight_push_timeout_s (trainerConfig, else the
+    schema's 300 s) plus one probe timeout, and only once /health came up."""
+    trainer_config = (
+        {} if push_timeout is None else {"rollout": {"servers": {"weight_push_timeout_s": push_timeout}}}
+    )
+    run = defaulted_run(spec={"trainerConfig": trainer_config})
+    container = builders.build_server_pod(run, "rollout", 0)["spec"]["containers"][0]
+    liveness = container["livenessProbe"]
+    module = liveness["exec"]["command"][liveness["exec"]["command"].index("-m") + 1]
+    assert module == liveness_module.__name__ and liveness_module.LIVENESS_ROUTE == "/weight_info"
+    tolerated = (liveness["failureThreshold"] - 1) * liveness["periodSeconds"]
+    pushed = builders.weight_push_timeout_s(run["spec"], "rollout")
+    assert (
+        liveness["failureThreshold"] == failures and tolerated >= pushed + builders.LIVENESS_TIMEOUT_SECONDS
+    )
+    assert liveness["timeoutSeconds"] > float(liveness["exec"]["command"][-1])  # the probe's own comes first
+    assert (
+        container["startupProbe"]["httpGet"]["path"]
+        == container["readinessProbe"]["httpGet"]["path"]
+        == "/health"
+    )
+    assert container["env"] and any(e["name"] == wire.RUN_TOKEN_FILE_ENV for e in container["env"])
+    # The kubelet ends a failed restartPolicy Never pod with the pod's grace, not the probe's.
+    pod_spec = builders.build_server_pod(run, "rollout", 0)["spec"]
+    assert pod_spec["restartPolicy"] == "Never" and "terminationGracePeriodSeconds" not in liveness
+    assert pod_spec["terminationGracePeriodSeconds"] == builders.SERVER_GRACE_SECONDS
 
 
 def test_the_runs_token_is_an_owned_immutable_secret_never_in_the_config() -> None:

@@ -460,28 +460,6 @@ def test_a_deferred_spec_change_is_named() -> None:
     assert deferred["message"].startswith("steps changed") and events(decision) == ["SpecChangeDeferred"]
 
 
-def test_a_read_write_once_claim_places_every_pod_on_one_node() -> None:
-    run = run_with(spec={"learner": {"nodes": 1}})
-    desired = desire(run, "cluster.local", References(claim_access_modes=("ReadWriteOnce",)))
-    assert desired.colocate and desired.problem is None
-    term = {"labelSelector": {"matchLabels": names.labels("demo")}, "topologyKey": "kubernetes.io/hostname"}
-    for server in desired.servers.values():
-        assert server["spec"]["affinity"]["podAffinity"][
-            "requiredDuringSchedulingIgnoredDuringExecution"
-        ] == [term]
-    decision = decide(
-        run, desired, Observed(now=NOW, references=References(claim_access_modes=("ReadWriteOnce",)))
-    )
-    (learner,) = [
-        a.obj for a in decision.actions if isinstance(a, Create) and "learner-a1" in a.obj["metadata"]["name"]
-    ]
-    assert (
-        term in learner["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-    )
-    shared_claim = desire(run, "cluster.local", References(claim_access_modes=("ReadWriteMany",)))
-    assert not shared_claim.colocate and "affinity" not in next(iter(shared_claim.servers.values()))["spec"]
-
-
 @pytest.mark.parametrize(
     ("modes", "spec", "refused"),
     [

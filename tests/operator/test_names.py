@@ -14,7 +14,7 @@ from kubernetes import client
 from rlsdrun_samples import defaulted_run
 
 from rlsd_contracts.wire import LEARNER, ROLLOUT, TEACHER
-from rlsd_operator import builders, kueue, names
+from rlsd_operator import builders, kueue, names, placement
 
 # Kubernetes' validation (k8s.io/apimachinery/pkg/util/validation).
 DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -92,7 +92,7 @@ def test_the_objects_built_for_any_name_carry_valid_names_labels_and_hostnames(r
         builders.build_config_map(run),
         *builders.build_services(run),
         builders.build_learner_pod(run, 1, 3),
-        *builders.build_server_pods(run, colocate=True),
+        *(builders.beside_run(p, run_name) for p in builders.build_server_pods(run)),
     ]
     for obj in objects:
         meta = obj["metadata"]
@@ -110,7 +110,8 @@ def test_the_real_api_server_accepts_every_object_built_for_any_name(
     api_client: client.ApiClient, namespace: str, run_name: str
 ) -> None:
     """Each object a run owns, for the edge names, passes the API server's own validation (a
-    server-side dry run: names, hostnames, subdomains, labels, selectors, affinity)."""
+    server-side dry run: names, hostnames, subdomains, labels, selectors, affinity: a learner pinned to
+    a node, servers beside the run's other pods)."""
     teacher = {"placement": "remote", "replicas": 1, "image": "t", "weightTransfer": "gloo"}
     template = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
     run = defaulted_run(
@@ -130,8 +131,8 @@ def test_the_real_api_server_accepts_every_object_built_for_any_name(
         builders.build_config_map(run),
         builders.build_claim(run),
         *builders.build_services(run),
-        builders.build_learner_pod(run, 0, 10**6, colocate=True),
-        *builders.build_server_pods(run, colocate=True),
+        placement.pinned(builders.build_learner_pod(run, 0, 10**6), "kwok-gpu-0"),
+        *(builders.beside_run(p, run_name) for p in builders.build_server_pods(run)),
     ]
     # A queued run's pods carry its Kueue pod group in a label (dry run: no Kueue webhook here).
     group = kueue.group_name(run_name, run["metadata"]["uid"], 10**6)

@@ -8,12 +8,12 @@ import datetime
 import http.server
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import yaml
-from controlplane import exit_pod, pv_for, wait_until
+from controlplane import GPU, KWOK_TOLERATION, exit_pod, gpu_node, pv_for, wait_until
 from kubernetes import client
 from operator_runner import start_operator
 from rlsdrun_samples import run_manifest
@@ -466,6 +466,136 @@ def test_a_read_write_once_claim_puts_every_pod_of_the_run_on_one_node(
             name: pod.spec.node_name for name, pod in pods.items()
         }
         cluster.wait_phase("Running")
+
+
+POOL_LABEL = "rlsd.io/test-pool"
+
+
+@pytest.fixture
+def pool(cluster: Cluster) -> Iterator[Callable[..., str]]:
+    """Adds kwok nodes of the test's own (labelled with its namespace, which the run selects: the
+    session's kwok GPU nodes stay out of it), Ready before it returns; deletes them afterwards.
+    `add(name, gpus, cpu, memory)` returns the node's name."""
+    added: list[str] = []
+
+    def add(name: str, gpus: int, cpu: str = "16", memory: str = "64Gi") -> str:
+        name = f"{cluster.namespace}-{name}"
+        node = gpu_node(name, {GPU: str(gpus), "cpu": cpu, "memory": memory, "pods": "110"})
+        node["metadata"]["labels"][POOL_LABEL] = cluster.namespace
+        cluster.core.create_node(node)
+        added.append(name)
+
+        def ready() -> bool:
+            found = cluster.core.read_node(name)
+            conditions = {c.type: c.status for c in found.status.conditions or []}
+            return conditions.get("Ready") == "True" and not any(
+                t.key.startswith("node.kubernetes.io/") for t in found.spec.taints or []
+            )
+
+        wait_until(ready, f"node {name} Ready")
+        return name
+
+    yield add
+    for name in added:
+        cluster.core.delete_node(name)
+
+
+# 1 learner and 2 rollout servers of 1 GPU each, on a ReadWriteOnce claim: 3 pods on one node.
+ONE_NODE_RUN = {
+    "learner": {"nodes": 1, "nprocPerNode": 1, "resources": {"limits": {GPU: 1, "cpu": 1, "memory": "1Gi"}}},
+    "rollout": {"replicas": 2, "resources": {"limits": {GPU: 1, "cpu": 1, "memory": "1Gi"}}},
+    "checkpoint": {"volume": {"claimName": None, "claimTemplate": RWO_TEMPLATE}},
+}
+ONE_NODE_PODS = ["demo-learner-a1-0", "demo-rollout-0", "demo-rollout-1"]
+
+
+def start_in_pool(cluster: Cluster) -> None:
+    start_run(cluster, {**ONE_NODE_RUN, "scheduling": {"nodeSelector": {POOL_LABEL: cluster.namespace}}})
+
+
+def nodes_of(pods: dict[str, client.V1Pod]) -> dict[str, str]:
+    return {name: pod.spec.node_name for name, pod in pods.items()}
+
+
+def test_a_run_whose_pods_share_a_node_goes_whole_to_the_node_with_room_for_all(
+    cluster: Cluster, operator: Any, pool: Callable[..., str]
+) -> None:
+    """The small node has a GPU for one pod of the run and the most cpu and memory free, so the
+    scheduler prefers it for whichever pod comes first: pods that followed that one by pod affinity
+    would wait there for good ("1 of 1 learner pods pending"). Placed as a unit, the run goes whole to
+    the big node."""
+    pool("small", gpus=1, cpu="256", memory="2Ti")
+    big = pool("big", gpus=3, cpu="8", memory="32Gi")
+    with pv_for(cluster.core, cluster.namespace, "demo-checkpoints"):
+        start_in_pool(cluster)
+        pods = cluster.wait_pods_running(ONE_NODE_PODS)
+        assert set(nodes_of(pods).values()) == {big}, nodes_of(pods)
+        assert cluster.wait_phase("Running")["placement"] == {"node": big}
+        placed = cluster.condition("Placed")
+        assert placed["status"] == "True" and f"node {big}, which has room for" in placed["message"]
+
+
+def test_a_run_no_node_has_room_for_says_what_each_lacks_then_starts_once_one_has(
+    cluster: Cluster, operator: Any, pool: Callable[..., str]
+) -> None:
+    one, two = pool("one", gpus=1), pool("two", gpus=2)
+    with pv_for(cluster.core, cluster.namespace, "demo-checkpoints"):
+        start_in_pool(cluster)
+        wait_until(lambda: cluster.condition("Placed").get("reason") == "NoNodeFits", "NoNodeFits")
+        message = cluster.condition("Placed")["message"]
+        assert message.startswith(
+            "no node has room for the run's 3 pods together (cpu 3, memory 3Gi, nvidia.com/gpu 3)"
+        )
+        assert f"node {two} lacks nvidia.com/gpu 1; node {one} lacks nvidia.com/gpu 2" in message
+        assert cluster.columns()["Reason"] == "NoNodeFits" and cluster.status()["phase"] == "Pending"
+        wait_until(lambda: cluster.events("NoNodeFits") == [message], "one NoNodeFits event")
+        assert not cluster.pods()
+
+        three = pool("three", gpus=4)
+        pods = cluster.wait_pods_running(ONE_NODE_PODS)
+        assert set(nodes_of(pods).values()) == {three}
+        cluster.wait_phase("Running")
+        assert cluster.condition("Placed")["status"] == "True" and len(cluster.events("NoNodeFits")) == 1
+
+
+def test_a_run_whose_node_lost_its_room_moves_to_one_with_room_for_all(
+    cluster: Cluster, operator: Any, pool: Callable[..., str]
+) -> None:
+    """A rollout pod is lost while another tenant's pod takes its GPU: the replacement, pinned to the
+    run's node, cannot be scheduled. After the grace the run moves, every pod of it, to a node with
+    room for all; a new learner attempt that counts neither as a preemption nor as a restart."""
+    exact = pool("exact", gpus=3)  # the tightest fit: chosen first
+    roomy = pool("roomy", gpus=4)
+    with pv_for(cluster.core, cluster.namespace, "demo-checkpoints"):
+        start_in_pool(cluster)
+        pods = cluster.wait_pods_running(ONE_NODE_PODS)
+        assert set(nodes_of(pods).values()) == {exact}
+        cluster.wait_phase("Running")
+        container = {"name": "x", "image": "x", "resources": {"limits": {GPU: "1"}}}
+        other = {
+            "metadata": {"name": "other-tenant"},
+            "spec": {"nodeName": exact, "containers": [container], "tolerations": [dict(KWOK_TOLERATION)]},
+        }
+        cluster.core.create_namespaced_pod(cluster.namespace, other)
+        cluster.core.delete_namespaced_pod("demo-rollout-1", cluster.namespace)
+
+        stuck = wait_until(
+            lambda: (pod := cluster.pods().get("demo-rollout-1")) and pod.status.phase == "Pending" and pod,
+            "the replacement of demo-rollout-1 to wait for room",
+        )
+        assert stuck.spec.node_name is None
+        pods = cluster.wait_pods_running(
+            ["demo-learner-a2-0", "demo-rollout-0", "demo-rollout-1", "other-tenant"]
+        )
+        assert {n: node for n, node in nodes_of(pods).items() if n != "other-tenant"} == dict.fromkeys(
+            ["demo-learner-a2-0", "demo-rollout-0", "demo-rollout-1"], roomy
+        )
+        status = cluster.wait_phase("Running")
+        assert (status["attempt"], status.get("preemptions", 0), status.get("restarts", 0)) == (2, 0, 0)
+        assert status["placement"] == {"node": roomy}
+        (moved,) = wait_until(lambda: cluster.events("Moved"), "the Moved event")
+        assert moved.startswith(f"node {exact}: the scheduler has not fit demo-rollout-1 there for ")
+        assert moved.endswith(f"moving every pod of the run to node {roomy}")
 
 
 def test_a_read_write_once_claim_for_a_gang_across_nodes_is_refused(cluster: Cluster, operator: Any) -> None:

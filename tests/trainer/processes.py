@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import torch
 
 from rlsd_trainer.lifecycle import child_pids
 
@@ -29,6 +30,17 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """This process computes with one intra-op thread meanwhile, as the servers it compares with."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def one_thread_env(**extra: str) -> dict[str, str]:
@@ -64,10 +76,12 @@ def start_server(
     cpus: set[int] | None = None,
     extra: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Server:
-    """`rlsd-trainer serve <role>` on a free loopback port (not yet healthy: see `wait_healthy`),
-    pinned to `cpus` when given (as `taskset -c` would), with `extra` arguments and `env` variables."""
-    port = free_port()
+    """`rlsd-trainer serve <role>` on `port` or a free loopback port (not yet healthy: see
+    `wait_healthy`), pinned to `cpus` when given (as `taskset -c` would), with `extra` arguments and
+    `env` variables."""
+    port = port or free_port()
     log = log_dir / f"{role}-{backend}-{port}.log"
     command = [CLI, "serve", role, "--model", str(model_dir), "--port", str(port)]
     command += ["--served-model-name", name, "--weight-transfer-config", f'{{"backend": "{backend}"}}']

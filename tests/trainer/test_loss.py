@@ -1,5 +1,5 @@
-"""The learner's loss composition (`training.loss`): the importance ratio's percentiles, and the
-importance weight in the loss."""
+"""The learner's loss composition (`training.loss`): the importance ratio's percentiles, the
+importance weight in the loss, and RLSD's Delta within a same-version teacher pair."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
-from rlsd_contracts.config import AlgorithmSection
+from rlsd_contracts.config import AlgorithmSection, LambdaSchedule, TeacherSection
 from rlsd_trainer.algorithms import truncated_importance_weights
-from rlsd_trainer.model.logprobs import pack
+from rlsd_trainer.model.logprobs import pack, shared_prompt_logprobs
 from rlsd_trainer.training.distributed import DistContext
 from rlsd_trainer.training.loss import (
     RATIO_BINS,
@@ -20,6 +21,7 @@ from rlsd_trainer.training.loss import (
     micro_batch_loss,
     ratio_quantile,
 )
+from rlsd_trainer.training.teacher import Teacher, teacher_version_at
 
 BIN_WIDTH = 2 * RATIO_LOG_BOUND / RATIO_BINS
 
@@ -94,3 +96,79 @@ def test_a_weighted_responses_loss_is_scaled_by_its_importance_weight() -> None:
     assert loss(True, math.log(2)) == pytest.approx(2 * plain)
     assert loss(True, math.log(8)) == pytest.approx(4 * plain)  # truncated at the cap
     assert loss(True, -math.log(2)) == pytest.approx(0.5 * plain)
+
+
+# The question, and the question with a reference solution (the teacher's privileged prompt).
+STUDENT_PROMPT, TEACHER_PROMPT = [5, 6, 7], [5, 6, 7, 40, 41, 42, 8]
+RESPONSES = [[10, 11, 12, 13], [14, 15, 16], [17, 18, 19, 20], [21, 22]]
+
+
+@torch.no_grad()
+def _logprobs(model: torch.nn.Module, prompt: list[int]) -> torch.Tensor:
+    return shared_prompt_logprobs(model.eval(), [prompt], RESPONSES, len(RESPONSES))
+
+
+def test_a_same_version_pair_keeps_the_policy_lag_out_of_delta() -> None:
+    """A teacher server scored with the weights of policy s - k (`lagged`), the learner is at pi_s.
+    Against pi_s, Delta = log P_lagged(y | x, r) - log P_s(y | x) moves with pi_s: the policy's change
+    over k steps lands in the evidence weights. Within the pair (the lagged weights' own
+    log P(y | x) from the same request) Delta is the reference's effect whatever pi_s is, and equals
+    the old Delta exactly when pi_s is those weights."""
+    algo = AlgorithmSection(name="rlsd", eps_w=0.99, lam=LambdaSchedule(kind="constant", initial=1.0))
+    lagged, current = tiny_model(seed=1), tiny_model(seed=1)
+    with torch.no_grad():  # pi_s: k steps of learning later, made large enough to see
+        for parameter in current.parameters():
+            parameter.mul_(3.0)
+    teacher = _logprobs(lagged, TEACHER_PROMPT)
+    paired = _logprobs(lagged, STUDENT_PROMPT)
+    packed = pack([STUDENT_PROMPT], RESPONSES, [0] * len(RESPONSES))
+    mask = packed.response_mask
+    tokens = float(mask.sum())
+
+    def learned(policy: torch.nn.Module, pair: torch.Tensor | None) -> tuple[float, float]:
+        """(delta_mean, loss) of the batch learned by `policy` (ratio 1: the loss is -mean_t A_t)."""
+        proximal = _logprobs(policy, STUDENT_PROMPT)
+        batch = LearnBatch(
+            packed=packed,
+            advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]),
+            rollout_logprobs=proximal,
+            teacher_logprobs=teacher,
+            weighted=torch.zeros(4, dtype=torch.bool),
+            paired_student_logprobs=pair,
+        )
+        metrics = StepMetrics()
+        rows = torch.arange(4)
+        terms = micro_batch_loss(
+            algo, 0, proximal, torch.zeros(mask.shape), proximal, batch, rows, mask, tokens, None, metrics
+        )
+        return metrics.reduce(DistContext())["delta_mean"], float(terms.loss)
+
+    reference_effect = float(((teacher - paired) * mask).sum() / tokens)
+    assert reference_effect != 0.0
+    # pi_s == the teacher's weights: both ways give the reference's effect alone, bit for bit.
+    assert learned(lagged, None) == learned(lagged, paired) == learned(current, paired)
+    assert learned(current, paired)[0] == pytest.approx(reference_effect, rel=1e-6)
+    # pi_s moved on: the old Delta moves with it (by the policy's change), the pair's does not.
+    policy_change = float(((paired - _logprobs(current, STUDENT_PROMPT)) * mask).sum() / tokens)
+    assert abs(policy_change) > 0.01
+    lagged_delta, lagged_loss = learned(current, None)
+    assert lagged_delta == pytest.approx(reference_effect + policy_change, rel=1e-5)
+    assert lagged_loss != pytest.approx(learned(current, paired)[1], rel=1e-3)
+
+
+@pytest.mark.parametrize(("mode", "interval"), [("live", 20), ("frozen", 1), ("frozen", 3)])
+def test_teacher_version_at_follows_the_sync_schedule(mode: str, interval: int) -> None:
+    """The planner predicts the learner's teacher version at a later step from the version it sees
+    now (to ask for the same-version pair only when they will differ); `Teacher.maybe_sync`, run
+    every step, must agree with it from every starting point."""
+    config = TeacherSection(mode=mode, sync_interval=interval)
+    policy = torch.nn.Linear(2, 2)
+    teacher = Teacher(config, policy, torch.nn.Linear(2, 2) if mode == "frozen" else None)  # type: ignore[arg-type]
+    held = [teacher.version(0)]
+    for step in range(1, 12):
+        teacher.maybe_sync(step)
+        held.append(teacher.version(step))
+    assert held[-1] == (11 if mode == "live" else 11 // interval * interval)
+    for start in range(12):
+        for step in range(start, 12):
+            assert teacher_version_at(config, step, held[start]) == held[step], (start, step)

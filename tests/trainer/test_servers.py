@@ -8,21 +8,26 @@ their float results can be compared exactly.
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 import yaml
-from processes import Server, start_server, wait_healthy
+from processes import Server, one_torch_thread, start_server, wait_healthy
 from tiny_models import EOS, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from rlsd_contracts import liveness
 from rlsd_contracts.config import load_config
+from rlsd_contracts.run_token import RunTokenError
 from rlsd_contracts.wire import OPEN_PATHS, RUN_TOKEN_FILE_ENV, RUN_TOKEN_MIDDLEWARE
 from rlsd_trainer.cli import _served_model
 from rlsd_trainer.cli import main as cli_main
@@ -38,9 +43,11 @@ from rlsd_trainer.remote.rollout_client import (
 )
 from rlsd_trainer.remote.teacher_client import RemoteTeacherClient
 from rlsd_trainer.rollout.engine import Completion, LocalEngine, SamplingParams
-from rlsd_trainer.serving.auth import RunTokenError, RunTokenMiddleware, authorization_headers
+from rlsd_trainer.serving.auth import RunTokenMiddleware, authorization_headers
 from rlsd_trainer.serving.rollout_server import build_app as rollout_app
 from rlsd_trainer.serving.teacher_server import build_app as teacher_app
+from rlsd_trainer.weights.sender import BroadcastSender
+from rlsd_trainer.weights.wire import TransferError, broadcast_update_info
 
 NAME = "policy"
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12], [20], [30, 31, 32, 33]]
@@ -67,10 +74,8 @@ def _servers(specs: list[tuple[str, str]], model_dir: Path, log_dir: Path) -> It
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -238,12 +243,100 @@ def test_replica_killed_mid_request_is_retried_elsewhere_then_all_dead_is_a_clea
             assert engine.generate(prompts, params) == _local_chunks(new, prompts, params, 2, 2)
 
             second.kill()
-            with pytest.raises(RolloutError) as error:
-                engine.generate(prompts, params)
-            assert first.url in str(error.value) and second.url in str(error.value)
-            with pytest.raises(RolloutError, match="could not push policy version 3"):
+            # Every replica lost at once: a client that waits a few seconds for one to come back
+            # (the request timeout: the operator replaces lost pods meanwhile) then names them all.
+            impatient = RemoteRolloutEngine(urls, NAME, "gloo", request_timeout_s=3.0)
+            try:
+                with pytest.raises(RolloutError) as error:
+                    impatient.generate(prompts, params)
+                assert first.url in str(error.value) and second.url in str(error.value)
+                with pytest.raises(RolloutError, match="could not push policy version 3"):
+                    impatient.update_weights(new.named_parameters(), version=3)
+            finally:
+                impatient.close()
+
+            # ... while the patient one waits, and goes on once a replica is back at its address.
+            back: list[Server] = []
+            restart = partial(start_server, "rollout", model_dir, tmp_path, NAME, port=_port(first.url))
+            threading.Timer(2.0, lambda: back.append(restart())).start()
+            try:
                 engine.update_weights(new.named_parameters(), version=3)
+                assert engine.replicas.pushed[first.url] == "3"
+                assert engine.generate(prompts, params) == _local_chunks(new, prompts, params, 2, 3)
+            finally:
+                for server in back:
+                    server.stop()
         finally:
+            engine.close()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def _probe(url: str) -> subprocess.CompletedProcess[str]:
+    """The kubelet's liveness probe of the operator's server pods, run as it runs it."""
+    command = [sys.executable, "-m", "rlsd_contracts.liveness", "--port", str(_port(url)), "--timeout", "1"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_a_wedged_replica_bounds_the_push_fails_liveness_and_is_taken_back_once_replaced(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """A server stuck in a weight transfer whose sender stopped mid-push (its engine waits in the
+    collective's receive, as vLLM's worker waits in NCCL's, which never returns) still answers
+    /health. The learner's push to it gives up at weight_push_timeout_s, naming it; its probe
+    (/weight_info, which goes through the engine) leaves it out, so the next push regroups with the
+    others; the liveness probe fails for it alone; and once replaced (a new process on its address,
+    as the operator's new pod), the next push takes it back."""
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
+    with _servers([("rollout", "gloo"), ("rollout", "gloo")], model_dir, tmp_path) as (first, second):
+        urls = [first.url, second.url]
+        engine = RemoteRolloutEngine(urls, NAME, "gloo", request_timeout_s=60.0, weight_push_timeout_s=3.0)
+        # The sender that stopped: it opens an update on the second server and never sends.
+        stopped = BroadcastSender("gloo", httpx.Client(timeout=120), "127.0.0.1", 0, 60.0, 60.0)
+        tensors = [(n, t.detach()) for n, t in _load(model_dir).named_parameters()]
+        try:
+            stopped._connect([second.url])
+            httpx.post(second.url + "/start_weight_update").raise_for_status()
+            update = {"update_info": broadcast_update_info(tensors)}
+
+            def receive() -> None:  # until the server is killed
+                with suppress(httpx.HTTPError):
+                    httpx.post(second.url + "/update_weights", json=update, timeout=120)
+
+            threading.Thread(target=receive, daemon=True).start()
+            while liveness.check(_port(second.url), timeout_s=1.0) is None:
+                pass  # until the receive holds the engine
+            assert httpx.get(second.url + "/health").status_code == 200  # what /health cannot see
+            assert _probe(first.url).returncode == 0
+            probe = _probe(second.url)
+            assert probe.returncode == 1 and "timed out" in probe.stderr, probe
+
+            # A push that has it in its group (as one that began before it wedged) gives up in time.
+            with pytest.raises(TransferError, match="weight_push_timeout_s") as gave_up:
+                engine.replicas.sender.push([second.url], tensors, 1)
+            assert second.url in str(gave_up.value)
+
+            new = tiny_model(seed=4)
+            engine.update_weights(new.named_parameters(), version=1)  # without the wedged replica
+            assert engine.replicas.pushed == {first.url: "1", second.url: "default"}
+            assert httpx.get(first.url + "/weight_info").json() == {"weight_version": "1"}
+            assert engine.generate(PROMPTS, params) == _local_chunks(new, PROMPTS, params, 2, 1)
+
+            second.kill()  # the kubelet's kill; the operator's new pod keeps the DNS name
+            replaced = start_server("rollout", model_dir, tmp_path, NAME, port=_port(second.url))
+            try:
+                wait_healthy([replaced])
+                newer = tiny_model(seed=5)
+                engine.update_weights(newer.named_parameters(), version=2)
+                assert engine.replicas.pushed == dict.fromkeys(urls, "2")
+                assert all(httpx.get(url + "/weight_info").json() == {"weight_version": "2"} for url in urls)
+                assert _probe(second.url).returncode == 0
+            finally:
+                replaced.stop()
+        finally:
+            stopped.control.http.close()
             engine.close()
 
 
@@ -261,7 +354,7 @@ def test_teacher_scores_equal_the_colocated_computation_bit_for_bit(
     client = RemoteTeacherClient([url], NAME, "gloo")
     try:
         expected = shared_prompt_logprobs(_load(model_dir), prompts, responses, 2)
-        assert torch.equal(client.score(prompts, responses, group_size=2), expected)
+        assert torch.equal(client.score(prompts, responses, group_size=2).teacher, expected)
         groups = [
             {"prompt_ids": p, "response_ids": responses[2 * i : 2 * i + 2]} for i, p in enumerate(prompts)
         ]
@@ -270,7 +363,7 @@ def test_teacher_scores_equal_the_colocated_computation_bit_for_bit(
 
         new = tiny_model(seed=5)
         client.update_weights(new.named_parameters(), version=7)
-        scored = client.score(prompts, responses, group_size=2)
+        scored = client.score(prompts, responses, group_size=2).teacher
         assert torch.equal(scored, shared_prompt_logprobs(new.eval(), prompts, responses, 2))
         assert _metric(url, "rlsd_teacher_policy_version") == 7.0
     finally:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
 import yaml
 
-from rlsd_contracts.config import RolloutSection
+from rlsd_contracts.config import RolloutSection, ServersSection
 from rlsd_contracts.wire import (
     LEARNER,
     METRICS_PORT,
@@ -51,6 +52,15 @@ CONFIG_MAP_MAX_BYTES = 1024 * 1024
 # pods on one node.
 SHARED_ACCESS_MODES = {"ReadWriteMany", "ReadOnlyMany"}
 HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"
+# A server's probes. Startup: /health may take long to come up (a model downloaded and loaded).
+STARTUP_PERIOD_SECONDS, STARTUP_FAILURES = 2, 1800
+# Liveness: rlsd_contracts.liveness, through vLLM's engine core; a stall is a wedge once it outlasts
+# the longest a weight push may hold the engine (the role's weight_push_timeout_s).
+LIVENESS_PERIOD_SECONDS, LIVENESS_TIMEOUT_SECONDS = 5, 5
+# A server saves nothing on SIGTERM (the learners retry its in-flight requests elsewhere), and a
+# wedged one must go soon after its liveness probe gives up: with restartPolicy Never the kubelet ends
+# the whole pod, with the pod's grace period (a probe's own is used only for a container restart).
+SERVER_GRACE_SECONDS = 10
 
 
 def _run_name(run: Object) -> str:
@@ -118,7 +128,8 @@ def volume_problem(spec: Object, access_modes: list[str]) -> str | None:
     """Why the run's pods cannot share a checkpoint claim with `access_modes`, or None.
 
     A ReadWriteOnce claim is mounted by the pods of one node only: the operator places every pod of
-    such a run on one node (see `colocated`), which a gang of several learner pods defeats. A
+    such a run on one node (see `colocated`, and placement.py), which a gang of several learner pods
+    defeats. A
     ReadWriteOncePod claim is mounted by one pod only."""
     if SHARED_ACCESS_MODES & set(access_modes):
         return None
@@ -356,13 +367,11 @@ def _pod(
     container: Object,
     hostname: str,
     subdomain: str,
-    colocate: bool,
+    grace_seconds: int,
     with_config: bool = False,
 ) -> Object:
     spec = run["spec"]
-    scheduling = dict(spec.get("scheduling") or {})
-    if colocate:
-        scheduling["affinity"] = _on_one_node(_run_name(run), scheduling.get("affinity") or {})
+    scheduling = spec.get("scheduling") or {}
     volumes, mounts = _volumes(run, with_config)
     container = {
         # The learner writes why it failed there (rlsd_contracts.wire); else the log's tail is kept.
@@ -376,8 +385,7 @@ def _pod(
         "subdomain": subdomain,
         # The operator restarts (a whole gang, from a checkpoint); the kubelet never does.
         "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": spec["checkpoint"]["preemptionGraceSeconds"]
-        + TERMINATION_SLACK_SECONDS,
+        "terminationGracePeriodSeconds": grace_seconds,
         "containers": [container],
         "volumes": volumes,
     }
@@ -397,15 +405,16 @@ def _pod(
     )
 
 
-def _on_one_node(run: str, affinity: Object) -> Object:
-    """`affinity` plus a required affinity to the run's other pods on the same node (the first pod
-    of the run goes anywhere, the others follow it)."""
+def beside_run(pod: Object, run: str) -> Object:
+    """`pod` with a required affinity to the other pods of run `run` on the same node: the first pod of
+    the run goes anywhere, the others follow it. For the runs whose node the operator does not choose
+    itself (see decide: queued runs, whose pods Kueue starts once it admits them); the scheduler
+    places pods one by one, so a busy cluster can leave the followers pending for good."""
     term = {"labelSelector": {"matchLabels": names.labels(run)}, "topologyKey": HOSTNAME_TOPOLOGY}
-    affinity = copy.deepcopy(affinity)
-    pod_affinity = affinity.setdefault("podAffinity", {})
-    required = pod_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", [])
-    required.append(term)
-    return affinity
+    spec = copy.deepcopy(pod["spec"])
+    pod_affinity = spec.setdefault("affinity", {}).setdefault("podAffinity", {})
+    pod_affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", []).append(term)
+    return {**pod, "spec": spec}
 
 
 def learner_command(run: Object, node_rank: int, cluster_domain: str = "cluster.local") -> list[str]:
@@ -430,7 +439,7 @@ def learner_command(run: Object, node_rank: int, cluster_domain: str = "cluster.
 
 
 def build_learner_pod(
-    run: Object, node_rank: int, attempt: int, cluster_domain: str = "cluster.local", colocate: bool = False
+    run: Object, node_rank: int, attempt: int, cluster_domain: str = "cluster.local"
 ) -> Object:
     name = _run_name(run)
     spec = run["spec"]
@@ -464,7 +473,8 @@ def build_learner_pod(
         container,
         hostname=names.learner_hostname(name, node_rank),
         subdomain=names.service_name(name, LEARNER),
-        colocate=colocate,
+        # SIGTERM saves a checkpoint (checkpoint.preemptionGraceSeconds), then the process ends.
+        grace_seconds=spec["checkpoint"]["preemptionGraceSeconds"] + TERMINATION_SLACK_SECONDS,
         with_config=True,
     )
 
@@ -507,8 +517,9 @@ def serves_embedded_model(spec: Object, role: str) -> bool:
     return spec["model"]["path"] == "embedded" and not vllm
 
 
-def build_server_pod(run: Object, role: str, index: int, colocate: bool = False) -> Object:
-    """Rollout or teacher replica `index`; its name (and so its DNS name) is the same forever."""
+def build_server_pod(run: Object, role: str, index: int) -> Object:
+    """Rollout or teacher replica `index`; its name (and so its DNS name) is the same forever. Its
+    spec hash leaves out where the run's pods go (decide adds that when it creates the pod)."""
     name = _run_name(run)
     spec = run["spec"]
     section = spec[role]
@@ -521,20 +532,54 @@ def build_server_pod(run: Object, role: str, index: int, colocate: bool = False)
         "env": _env(spec, section, extra_env),
         "ports": [{"name": "http", "containerPort": SERVER_PORT}],
         "resources": _resources(section),
-        "readinessProbe": {"httpGet": {"path": "/health", "port": SERVER_PORT}, "periodSeconds": 5},
+        **_server_probes(spec, role),
     }
     subdomain = names.service_name(name, role)
     with_config = serves_embedded_model(spec, role)
-    pod = _pod(run, pod_name, names.labels(name, role), container, pod_name, subdomain, colocate, with_config)
+    labels = names.labels(name, role)
+    pod = _pod(run, pod_name, labels, container, pod_name, subdomain, SERVER_GRACE_SECONDS, with_config)
     pod["metadata"]["annotations"] = {names.ANNOTATION_SPEC_HASH: spec_hash(pod["spec"])}
     return pod
 
 
-def build_server_pods(run: Object, colocate: bool = False) -> list[Object]:
+def weight_push_timeout_s(spec: Object, role: str) -> float:
+    """The role's `servers.weight_push_timeout_s` as the trainer will read it (the run's trainerConfig,
+    else the schema's default)."""
+    servers = ((spec.get("trainerConfig") or {}).get(role) or {}).get("servers") or {}
+    return float(
+        servers.get("weight_push_timeout_s", ServersSection.model_fields["weight_push_timeout_s"].default)
+    )
+
+
+def _server_probes(spec: Object, role: str) -> Object:
+    """Ready while /health answers; alive while the engine answers /weight_info, or has stalled no
+    longer than a weight push may (a longer stall is a wedged engine: the kubelet kills it, the pod
+    fails, and the operator replaces it)."""
+    health = {"httpGet": {"path": "/health", "port": SERVER_PORT}}
+    tolerated = weight_push_timeout_s(spec, role) + LIVENESS_TIMEOUT_SECONDS
+    command = ["python3", "-m", "rlsd_contracts.liveness", "--timeout", str(LIVENESS_TIMEOUT_SECONDS)]
+    return {
+        "startupProbe": {
+            **health,
+            "periodSeconds": STARTUP_PERIOD_SECONDS,
+            "failureThreshold": STARTUP_FAILURES,
+        },
+        "readinessProbe": {**health, "periodSeconds": 5},
+        "livenessProbe": {
+            "exec": {"command": command},
+            "periodSeconds": LIVENESS_PERIOD_SECONDS,
+            # The probe's own timeout comes first and says why; this one only bounds the process.
+            "timeoutSeconds": LIVENESS_TIMEOUT_SECONDS + 2,
+            "failureThreshold": math.ceil(tolerated / LIVENESS_PERIOD_SECONDS) + 1,
+        },
+    }
+
+
+def build_server_pods(run: Object) -> list[Object]:
     spec = run["spec"]
     pods = []
     if remote_rollout(spec):
-        pods += [build_server_pod(run, ROLLOUT, i, colocate) for i in range(spec["rollout"]["replicas"])]
+        pods += [build_server_pod(run, ROLLOUT, i) for i in range(spec["rollout"]["replicas"])]
     if remote_teacher(spec):
-        pods += [build_server_pod(run, TEACHER, i, colocate) for i in range(spec["teacher"]["replicas"])]
+        pods += [build_server_pod(run, TEACHER, i) for i in range(spec["teacher"]["replicas"])]
     return pods

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlsd_contracts.wire import LEARNER, SERVER_ROLES
-from rlsd_operator import builders, kueue, lifecycle, names
+from rlsd_operator import builders, kueue, lifecycle, names, placement
 from rlsd_operator.lifecycle import FINISHED, GangState, Verdict
 
 Object = dict[str, Any]
@@ -38,6 +38,15 @@ REFUSAL_RETRY_MAX_SECONDS = 60.0
 SCRAPE_SECONDS = 15.0
 # The Kueue LocalQueue of runs that name none (the operator's setting; empty: such runs are not queued).
 DEFAULT_QUEUE_NAME = ""
+# Whether the operator chooses the node of a run whose pods must share one (placement.py): it may list
+# the nodes and every namespace's pods (the handlers find out at start-up). Else, as for queued runs,
+# the pods follow each other by pod affinity (builders.beside_run).
+PLACE_ON_NODES = True
+# How often a run that no node has room for looks again (nothing it watches says room appeared).
+PLACEMENT_RETRY_SECONDS = 10.0
+# How long a pod pinned to the run's node may stay Unschedulable (another tenant took the room, the
+# node went) before the run moves to a node with room for all of its pods.
+PLACEMENT_GRACE_SECONDS = 30.0
 
 
 # -- what the handlers observe ------------------------------------------------------------------------
@@ -94,6 +103,10 @@ class Observed:
     progress: Progress | None = None
     # Kueue Workloads of the run's pod groups, by name (kueue.summary of each).
     workloads: dict[str, Object] = field(default_factory=dict)
+    # The nodes and what their pods take, and the required node affinity of the checkpoint claim's
+    # volume: read only when a decision places the run (see NeedsCluster).
+    cluster: placement.Cluster | None = None
+    volume_affinity: Object | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,7 @@ class Desired:
     network_policy: Object | None = None
     # Server pods by hostname (the server's slot: its DNS name, and its pod name outside Kueue).
     servers: dict[str, Object] = field(default_factory=dict)
+    # Every pod of the run must be on one node (its checkpoint claim is ReadWriteOnce).
     colocate: bool = False
     # The rollout staleness bound of the trainer config (recorded in the status at an attempt's launch).
     max_staleness: int = 0
@@ -133,8 +147,7 @@ def desire(
     problem = builders.volume_problem(spec, modes) if modes else None
     if problem:
         return Desired(cluster_domain, problem=problem)
-    colocate = bool(modes) and builders.colocated(modes)
-    servers = {p["metadata"]["name"]: p for p in builders.build_server_pods(run, colocate)}
+    servers = {p["metadata"]["name"]: p for p in builders.build_server_pods(run)}
     return Desired(
         cluster_domain,
         config_map=config_map,
@@ -142,7 +155,7 @@ def desire(
         services=tuple(builders.build_services(run)),
         network_policy=builders.build_network_policy(run, network_policy),
         servers=servers,
-        colocate=colocate,
+        colocate=bool(modes) and builders.colocated(modes),
         max_staleness=builders.max_staleness(config_map),
     )
 
@@ -193,11 +206,22 @@ class Decision:
     # The status is recorded after the actions succeeded rather than before: only for a launch,
     # whose pods' names already follow from the recorded attempt (redoing it finds them).
     record_after: bool = False
+    # Nothing was decided: the run is to be placed, and `Observed.cluster` was not read (decide again
+    # with it).
+    needs_cluster: bool = False
+
+
+class NeedsCluster(Exception):
+    """Raised by the decider when it places a run without `Observed.cluster`: the nodes and every
+    namespace's pods are read only for the decisions that place a run, never for the others."""
 
 
 def decide(run: Object, desired: Desired, observed: Observed) -> Decision:
     decider = _Decider(run, desired, observed)
-    requeue = decider.decide()
+    try:
+        requeue = decider.decide()
+    except NeedsCluster:
+        return Decision(copy.deepcopy(run.get("status") or {}), [], None, needs_cluster=True)
     return Decision(decider.status, decider.actions, requeue, decider.record_after)
 
 
@@ -250,6 +274,19 @@ def slot(pod: Object) -> str:
     return pod["spec"].get("hostname") or pod["metadata"]["name"]
 
 
+def unschedulable(pod: Object) -> Object | None:
+    """The `PodScheduled` condition of a pod the scheduler found no node for, or None."""
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled":
+            failed = condition.get("status") == "False" and condition.get("reason") == "Unschedulable"
+            return condition if failed and condition.get("lastTransitionTime") else None
+    return None
+
+
+def _sooner(*delays: float | None) -> float | None:
+    return min((d for d in delays if d is not None), default=None)
+
+
 class _Decider:
     def __init__(self, run: Object, desired: Desired, observed: Observed) -> None:
         self.run = run
@@ -262,6 +299,11 @@ class _Decider:
         self.actions: list[Action] = []
         self.record_after = False
         self.queue = kueue.queue_name(run, DEFAULT_QUEUE_NAME)
+        # Whether the operator chooses the node of the run's pods (placement.py). Not for a queued run:
+        # its node could only be chosen once Kueue admits its pod group, and Kueue ungates the pods at
+        # that moment, after which their node affinity cannot change; its pods follow each other by
+        # pod affinity (builders.beside_run).
+        self.places = desired.colocate and not self.queue and PLACE_ON_NODES
         # While a refused create waits for its retry, the run creates nothing (everything else goes on:
         # following the learners, deleting, suspending).
         self.blocked = any(r.retry_in is None or r.retry_in > 0 for r in observed.refusals.values())
@@ -309,6 +351,121 @@ class _Decider:
             return pod
         return kueue.grouped(pod, self.run, self.queue, group, builders.pod_count(self.spec))
 
+    def _colocated(self, pod: Object) -> Object:
+        """`pod` where the run's pods must be: pinned to the node `_place` recorded when the operator
+        places the run, else (a run whose pods must share a node all the same) beside its others."""
+        if self.places:
+            return placement.pinned(pod, self.status["placement"]["node"])
+        return builders.beside_run(pod, self.name) if self.desired.colocate else pod
+
+    # -- placing the run on one node ----------------------------------------------------------------
+
+    def _own_live_pods(self) -> list[Object]:
+        """The run's pods that run or will: the current attempt's learners and the servers, by name."""
+        attempt = self.status.get("attempt")
+        return sorted(
+            (
+                p
+                for p in self.observed.pods.values()
+                if not lifecycle.is_terminated(p) and (role(p) != LEARNER or attempt_of(p) == attempt)
+            ),
+            key=lambda p: p["metadata"]["name"],
+        )
+
+    def _place(self, avoid: dict[str, str] | None = None) -> str | None:
+        """The node with room for every pod of the run at once (placement.choose), recorded in the
+        status with the `Placed` condition; None when no node has room (`_no_room`). The node the
+        run's pods are on, or were last placed on, is kept while it has room (its claim is attached
+        there); `avoid`: nodes not to choose, with why."""
+        if self.observed.cluster is None:
+            raise NeedsCluster
+        attempt = self.status["attempt"]
+        pods = [
+            *(
+                builders.build_learner_pod(self.run, rank, attempt, self.desired.cluster_domain)
+                for rank in range(self.spec["learner"]["nodes"])
+            ),
+            *self.desired.servers.values(),
+        ]
+        recorded = (self.status.get("placement") or {}).get("node")
+        where = next((n for p in self._own_live_pods() if (n := placement.node_of(p))), None)
+        choice = placement.choose(
+            pods,
+            self.observed.cluster,
+            self.run["metadata"]["uid"],
+            volume=self.observed.volume_affinity,
+            prefer=recorded or where,
+            avoid=avoid,
+        )
+        if choice.node is None:
+            self._no_room(choice.message)
+            return None
+        if choice.node != recorded or self._condition_of("Placed").get("status") != "True":
+            self._event("Placed", choice.message)
+        self.status["placement"] = {"node": choice.node}
+        self._placed(choice.message)
+        return choice.node
+
+    def _placed(self, message: str) -> None:
+        self._condition("Placed", True, "NodeChosen", message)
+        if self._condition_of("Ready").get("reason") == "NoNodeFits":  # no longer why it waits
+            self._condition("Ready", False, "Placed", message)
+
+    def _no_room(self, message: str) -> None:
+        """No node has room for the run's pods together: `Placed` and `Ready` False (reason
+        `NoNodeFits`, which `kubectl get rlsd` shows), the message naming the closest nodes and what
+        each lacks, one Warning event until the run is placed; it looks again in
+        PLACEMENT_RETRY_SECONDS."""
+        if self._condition_of("Placed").get("reason") != "NoNodeFits":
+            self._event("NoNodeFits", message, warning=True)
+        self._condition("Placed", False, "NoNodeFits", message)
+        self._condition("Ready", False, "NoNodeFits", message)
+        self.status["message"] = message
+
+    def _leave_other_nodes(self, node: str) -> list[str]:
+        """Delete the run's pods that are not on (or pinned to) `node`, where the run is placed: the
+        claim is mounted on one node at a time. The names of those still there (to wait for)."""
+        leaving = [p for p in self._own_live_pods() if placement.node_of(p) != node]
+        for pod in leaving:
+            if not _deleting(pod):
+                self._delete_pod(pod)
+        return [p["metadata"]["name"] for p in leaving]
+
+    def _unstick(self, current: list[Object], requeue: float | None) -> float | None:
+        """A pod of the run that the scheduler has not fit on the run's node for
+        PLACEMENT_GRACE_SECONDS (another tenant took the room meanwhile, the node is going): the run
+        moves to a node with room for all of its pods, as a new learner attempt (its learners stop and
+        save a checkpoint; neither a preemption nor a failure: nothing was lost). While no node has
+        room, it stays where it is (the room may come back) and says why."""
+        waits, stuck = [], []
+        for pod in self._own_live_pods():
+            condition = unschedulable(pod)
+            if condition is None or _deleting(pod):
+                continue
+            since = (self.now - parse_timestamp(condition["lastTransitionTime"])).total_seconds()
+            if since < PLACEMENT_GRACE_SECONDS:
+                waits.append(PLACEMENT_GRACE_SECONDS - since)
+            else:
+                stuck.append((pod, condition, since))
+        node = (self.status.get("placement") or {}).get("node")
+        if not stuck:
+            if node and self._condition_of("Placed").get("status") == "False":  # the room came back
+                self._placed(f"every pod of the run on node {node}")
+            return _sooner(requeue, *waits)
+        pod, condition, since = stuck[0]
+        node = node or placement.node_of(pod)
+        why = (
+            f"the scheduler has not fit {pod['metadata']['name']} there for {since:.0f}s "
+            f"({condition.get('message') or 'Unschedulable'})"
+        )
+        target = self._place(avoid={node: why} if node else None)
+        if target is None:
+            return _sooner(requeue, PLACEMENT_RETRY_SECONDS)
+        self._event("Moved", f"node {node}: {why}; moving every pod of the run to node {target}", True)
+        self._next_attempt("Moved", 0.0)
+        self._delete_live(current)
+        return 0.0
+
     def _delete_live(self, pods: list[Object]) -> None:
         """Delete the pods that still run (their learners get SIGTERM and save a checkpoint); those that
         exited stay, with their logs."""
@@ -336,6 +493,11 @@ class _Decider:
     def _reconcile(self) -> float | None:
         """The run's objects and learner gang (creates held back while `self.blocked`)."""
         self._ensure_shared_objects()
+        if not self.places:
+            self.status.pop("placement", None)
+            self.status["conditions"] = lifecycle.drop_condition(
+                self.status.get("conditions") or [], "Placed"
+            )
 
         pods = list(self.observed.pods.values())
         if self.spec["suspend"]:
@@ -349,7 +511,10 @@ class _Decider:
         self._delete_live(stale)
         if not self.status.get("attemptLaunched"):
             return self._launch(current, stale)
-        return self._follow(current, self._heal_servers())
+        requeue = self._follow(current, self._heal_servers())
+        if self.places and self.status.get("attemptLaunched") and self.status.get("phase") not in FINISHED:
+            return self._unstick(current, requeue)
+        return requeue
 
     def _hold(self, kind: str, reason: str, message: str, retry: float) -> float:
         """Wait for something outside the run (a Secret, a claim, a name): condition, event, retry."""
@@ -446,6 +611,16 @@ class _Decider:
             return None
         if self.blocked:
             return None  # launched when the refused creates are retried (see _surface_refusals)
+        if self.places:
+            node = self._place()
+            if node is None:
+                return PLACEMENT_RETRY_SECONDS
+            leaving = self._leave_other_nodes(node)
+            if leaving:
+                self._phase(
+                    self.status["phase"], f"moving to node {node}: waiting for {', '.join(leaving)} to go"
+                )
+                return None
         config_map = self.desired.config_map
         observed = self.observed.config_maps.get(config_map["metadata"]["name"]) if config_map else None
         if config_map is not None and observed is not None and observed.get("data") != config_map["data"]:
@@ -454,11 +629,9 @@ class _Decider:
         nodes = self.spec["learner"]["nodes"]
         existing = {p["metadata"]["name"] for p in current}
         for rank in range(nodes):
-            pod = builders.build_learner_pod(
-                self.run, rank, attempt, self.desired.cluster_domain, self.desired.colocate
-            )
+            pod = builders.build_learner_pod(self.run, rank, attempt, self.desired.cluster_domain)
             if pod["metadata"]["name"] not in existing:
-                self._create(self._queued(pod))
+                self._create(self._queued(self._colocated(pod)))
         # Launched once the learners exist: recorded after their creates (a crash between the two
         # makes the next reconcile find them under the same names), never before (an attempt
         # recorded as launched whose learners are missing would count as preempted).
@@ -534,14 +707,16 @@ class _Decider:
         return None
 
     def _create_server(self, server: str, wanted: Object) -> None:
-        pod = wanted
+        if self.places and "placement" not in self.status and self._place() is None:
+            return  # (a run launched before the operator placed it: by an earlier version, say)
+        pod = self._colocated(wanted)
         if self.queue:  # <server>-a<attempt>, then -1, -2, ... for its replacements in the group
             base = name = f"{server}-a{self.status['attempt']}"
             n = 0
             while name in self.observed.pods:
                 n += 1
                 name = f"{base}-{n}"
-            pod = {**wanted, "metadata": {**wanted["metadata"], "name": name}}
+            pod = {**pod, "metadata": {**pod["metadata"], "name": name}}
         retry = self._refused("Pod", pod["metadata"]["name"])  # its refusal is the news, not each retry
         if self._create(self._queued(pod)) and self.status.get("attemptLaunched") and not retry:
             self._event("ServerRecreated", f"recreated {server} as {pod['metadata']['name']}", warning=True)

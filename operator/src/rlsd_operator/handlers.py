@@ -28,7 +28,7 @@ import aiohttp
 import kopf
 from kubernetes import client
 
-from rlsd_operator import admission, builders, decide, kueue, metrics, names
+from rlsd_operator import admission, builders, decide, kueue, metrics, names, placement
 from rlsd_operator.cache import OwnedObjects, RunKey, controller_owner
 from rlsd_operator.decide import (
     Create,
@@ -59,6 +59,9 @@ NETWORK_POLICY = builders.NetworkPolicyDefaults()
 # A ResourceQuota that frees room retries the creates it refused at once, but no sooner than this
 # after they were refused: quota usage changes with every pod of a busy namespace.
 QUOTA_RETRY_SECONDS = 2.0
+# How long the nodes and pods read to place a run serve the next runs to place (every run waiting for
+# a node with room looks again every decide.PLACEMENT_RETRY_SECONDS: one read serves them all).
+CLUSTER_SECONDS = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +221,15 @@ class RunReconciler:
             workloads=self.runs.cache.workloads_of(self.key),
         )
 
+    async def _with_cluster(self, run: Object, observed: Observed) -> Observed:
+        """`observed` with the nodes and their pods, and the node affinity of the checkpoint claim's
+        volume (a local volume, or a zonal disk, holds the run to its nodes)."""
+        claim = run["spec"]["checkpoint"]["volume"].get("claimName") or names.claim_name(self.name)
+        cluster, volume = await asyncio.gather(
+            self.runs.cluster(), self._api(self.kube.volume_affinity, self.namespace, claim)
+        )
+        return dataclasses.replace(observed, cluster=cluster, volume_affinity=volume)
+
     def _scrape(self, run: Object) -> Progress | None:
         """The latest scrape of this attempt's learner rank 0 (None before the first), and the next
         one started in the background when SCRAPE_SECONDS have passed: a reconcile never waits on the
@@ -274,7 +286,12 @@ class RunReconciler:
             desired = await self._desired(run, references)
             progress = self._scrape(run)
             due = {what for what, refusal in self.refusals.items() if refusal.until <= time.monotonic()}
-            decision = decide.decide(run, desired, self._observed(run, references, progress))
+            observed = self._observed(run, references, progress)
+            decision = decide.decide(run, desired, observed)
+            if decision.needs_cluster:  # the run is to be placed: read where it can go, decide again
+                decision = decide.decide(run, desired, await self._with_cluster(run, observed))
+            if (decision.status.get("placement") or {}) != (run["status"].get("placement") or {}):
+                self.runs.forget_cluster()  # the next run placed sees this one's pods
             if not decision.record_after and not await self._record(run, decision):
                 return None
             self.just_refused = {}
@@ -451,12 +468,27 @@ class Runs:
         # The ResourceQuotas last seen, by (namespace, name): a change that frees room wakes the runs
         # of that namespace that a quota refused.
         self.quotas: dict[tuple[str, str], Object] = {}
+        # The nodes and their pods as last read to place a run (monotonic time of the read), read by one
+        # run at a time: never watched (every pod of the cluster), read only when a run is placed.
+        self._cluster: tuple[float, placement.Cluster] | None = None
+        self._cluster_read = asyncio.Lock()
 
     def http(self) -> aiohttp.ClientSession:
         """One HTTP client for every run's scrapes (its connections are kept between scrapes)."""
         if self._http is None:
             self._http = aiohttp.ClientSession()
         return self._http
+
+    async def cluster(self) -> placement.Cluster:
+        """The nodes and what their pods take, read again when older than CLUSTER_SECONDS."""
+        async with self._cluster_read:
+            if self._cluster is None or time.monotonic() - self._cluster[0] >= CLUSTER_SECONDS:
+                nodes, pods = await asyncio.gather(self.kube.nodes(), self.kube.unfinished_pods())
+                self._cluster = (time.monotonic(), await asyncio.to_thread(placement.cluster, nodes, pods))
+            return self._cluster[1]
+
+    def forget_cluster(self) -> None:
+        self._cluster = None
 
     def on_run(self, event_type: str | None, body: Object) -> None:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
@@ -597,6 +629,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         raise kopf.PermanentError(str(exc)) from None
     decide.DEFAULT_QUEUE_NAME = os.environ.get("RLSD_OPERATOR_DEFAULT_QUEUE_NAME", decide.DEFAULT_QUEUE_NAME)
     kube = Kube(load_configuration())
+    decide.PLACE_ON_NODES = await kube.may_place()
+    if not decide.PLACE_ON_NODES:
+        log.warning(
+            "the operator may not list nodes and every namespace's pods (rbac.scope namespace): the pods "
+            "of a run whose checkpoint claim is ReadWriteOnce follow each other by pod affinity, which a "
+            "busy cluster can leave pending"
+        )
     # Kueue's Workloads say why a queued run waits; watched when the cluster serves them (looked up
     # once: an operator started before Kueue was installed still queues runs, without Kueue's words).
     if await kube.serves(kueue.GROUP, kueue.VERSION, kueue.WORKLOADS):

@@ -159,14 +159,19 @@ class Kube:
     async def _json(
         self, method: Callable[..., Any], *args: Any, priority: int = OTHER, **kwargs: Any
     ) -> Any:
-        """`method(*args, **kwargs)` in the pool, its response body parsed as JSON."""
+        """`method(*args, **kwargs)` in the pool, its response body parsed as JSON (there too: a list of
+        every pod of a large cluster takes a while to parse, and the event loop must not wait)."""
         call = functools.partial(method, *args, _preload_content=False, **kwargs)
+
+        def fetch() -> Any:
+            response = call()
+            return json.loads(response.data) if response.data else None
+
         await self.gate.acquire(priority)
         try:
-            response = await asyncio.get_running_loop().run_in_executor(self.executor, call)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fetch)
         finally:
             self.gate.release()
-        return json.loads(response.data) if response.data else None
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -241,6 +246,43 @@ class Kube:
                 return False
             raise
         return any(resource.get("name") == plural for resource in (found or {}).get("resources") or [])
+
+    # -- where runs go (placement.py) --------------------------------------------------------------
+
+    async def may_place(self) -> bool:
+        """Whether the operator may list the nodes and every namespace's pods (what placing a run on one
+        node reads): not with the chart's `rbac.scope: namespace`."""
+        try:
+            await self._json(self.core.list_node, limit=1)
+            await self._json(self.core.list_pod_for_all_namespaces, limit=1)
+        except client.ApiException as exc:
+            if exc.status == 403:
+                return False
+            raise
+        return True
+
+    async def nodes(self) -> list[Object]:
+        return (await self._json(self.core.list_node))["items"]
+
+    async def unfinished_pods(self) -> list[Object]:
+        """Every namespace's pods that hold room on a node or may take some (not Succeeded or Failed,
+        as the scheduler counts them)."""
+        selector = "status.phase!=Succeeded,status.phase!=Failed"
+        return (await self._json(self.core.list_pod_for_all_namespaces, field_selector=selector))["items"]
+
+    async def volume_affinity(self, namespace: str, claim: str) -> Object | None:
+        """The required node affinity of the volume bound to `claim` (None: not bound, or any node)."""
+        found = await self.read("PersistentVolumeClaim", namespace, claim)
+        volume = ((found or {}).get("spec") or {}).get("volumeName")
+        if not volume:
+            return None
+        try:
+            bound = await self._json(self.core.read_persistent_volume, volume)
+        except client.ApiException as exc:
+            if absent(exc):
+                return None
+            raise
+        return ((bound.get("spec") or {}).get("nodeAffinity") or {}).get("required")
 
     # -- references the user names ----------------------------------------------------------------
 

@@ -68,6 +68,9 @@ def rlsd_token_advantages(
     `w_t = exp(sign(A) * (log P_T(y_t) - log P_S(y_t)))`, and `A_t = 0` where `mask == 0`.
     `advantages` is `[B]`; the log-prob tensors and `mask` are `[B, T]`. With `lam = 0` this is
     exactly the GRPO advantage broadcast over tokens; every `A_t` has the sign of its `A`.
+    `student_logprobs` is `log P_S`: the learner's policy, or, for a batch a teacher server scored with
+    weights other than the learner's teacher at this step, those same weights under the student's
+    prompt (so `Delta_t` compares one policy version with and without the privileged context).
     """
     weights = rlsd_weights(advantages, teacher_logprobs, student_logprobs).clamp(1.0 - eps_w, 1.0 + eps_w)
     mixed = (1.0 - lam) + lam * weights

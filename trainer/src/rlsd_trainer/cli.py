@@ -224,7 +224,7 @@ def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from rlsd_trainer.serving.auth import RunTokenError
+    from rlsd_contracts.run_token import RunTokenError
     from rlsd_trainer.serving.common import add_middleware, check_transfer_config, serve
 
     try:

@@ -173,6 +173,10 @@ class ServersSection(_Section):
     # Name the servers serve the model under (vLLM's --served-model-name).
     model_name: str = SERVED_MODEL_NAME
     request_timeout_s: Annotated[float, Field(gt=0.0)] = 600.0
+    # A weight push that has not ended by then (a server stopped answering mid-way: with NCCL its
+    # worker never returns) is abandoned and tried again without the servers that do not answer.
+    # The operator's liveness probe of a server tolerates a stall this long before replacing it.
+    weight_push_timeout_s: Annotated[float, Field(gt=0.0)] = 300.0
     max_retries: Annotated[int, Field(ge=0)] = 2
     weight_transfer: WeightTransferSection = WeightTransferSection()
 

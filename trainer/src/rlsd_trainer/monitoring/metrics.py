@@ -30,6 +30,13 @@ DESCRIPTIONS = {
     "lambda": "RLSD mixing coefficient lambda at this step",
     "delta_mean": "Mean privileged-information gain log P_T - log P_S over response tokens",
     "weight_clipped_fraction": "Share of RLSD evidence weights clipped to [1-eps_w, 1+eps_w]",
+    "delta_paired_fraction": (
+        "Share of the step's responses whose Delta came from one teacher server version, with and "
+        "without the privileged prompt (remote teacher)"
+    ),
+    "teacher_version_lag": (
+        "The learner's teacher version minus that of the teacher server weights that scored the step"
+    ),
     "policy_loss": "Clipped policy-gradient surrogate loss",
     "clip_ratio": "Share of tokens whose ratio was clipped",
     "tokens_per_second": "Rollout plus learner tokens processed per second",

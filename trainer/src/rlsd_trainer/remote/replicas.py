@@ -10,11 +10,21 @@ group for it. Work is cut into requests by the caller; request i goes to a ready
 and on a network or server failure (never on a 4xx, which is a bug to surface) to the next one, up
 to `max_retries` more times. A 503 is a replica paused for a weight update (vLLM's engine core turns
 new requests away until `/resume`, a retryable `engine_paused` error): the request waits and is sent
-to it again, for up to the request timeout, without counting as a failure.
+to it again, for up to the request timeout, without counting as a failure. While no replica is live
+at all (all lost together), calls and pushes wait for one, probing again, for up to the request
+timeout: the operator replaces lost servers, and the run should not fail for the moments that takes.
+
+A replica is live when `/health` and `/weight_info` both answer within `HEALTH_TIMEOUT_S`. vLLM's
+`/health` answers from its API server alone, while `/weight_info` is a utility call on the engine
+core, which runs them inline: an engine core wedged in a weight transfer (an NCCL receive whose
+sender died never returns) fails the second. A push that runs past `weight_push_timeout_s` is
+abandoned and tried again on a new group of the replicas still live; the operator's liveness probe
+(the same route) replaces a replica that stays wedged, and the first push after that takes it back.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -31,8 +41,11 @@ from rlsd_trainer.weights.wire import STARTING_WEIGHTS, TransferKind
 
 T = TypeVar("T")
 R = TypeVar("R")
+log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
+# The first and the longest wait before probing again while no replica is live.
+RETURN_RETRY_S = (1.0, 10.0)
 PAUSED_RETRY_S = (0.05, 1.0)  # the first and the longest wait before asking a paused replica again
 
 
@@ -56,6 +69,7 @@ class ReplicaSet:
         transfer_port: int,
         shared_dir: Path | None,
         request_timeout_s: float,
+        weight_push_timeout_s: float,
         max_retries: int,
         role: str,
         error: type[ReplicaError],
@@ -77,7 +91,13 @@ class ReplicaSet:
             timeout=request_timeout_s, limits=httpx.Limits(max_keepalive_connections=0), headers=headers
         )
         self.sender = make_sender(
-            weight_transfer, self.control_http, transfer_host, transfer_port, shared_dir, request_timeout_s
+            weight_transfer,
+            self.control_http,
+            transfer_host,
+            transfer_port,
+            shared_dir,
+            request_timeout_s,
+            weight_push_timeout_s,
         )
         self.policy_version = 0
         # The label every ready replica serves, and the label each replica got from our last push.
@@ -108,8 +128,28 @@ class ReplicaSet:
             f"served by weights labelled {label!r}, which are not policy version <= {self.policy_version}"
         )
 
+    def _live_probes(self) -> list[Probe]:
+        """Every replica's probe, once one of them is live. While none is (all lost together: a node
+        gone, pods being replaced), they are probed again with growing waits for up to the request
+        timeout, as the operator recreates lost servers: the run does not fail for the moments that
+        takes."""
+        deadline = time.monotonic() + self.request_timeout_s
+        wait, longest = RETURN_RETRY_S
+        while True:
+            probes = self.probe()
+            if any(p.label is not None for p in probes) or time.monotonic() + wait > deadline:
+                return probes
+            log.warning(
+                "no %s server is live (%s); probing again in %.0f s",
+                self.role,
+                "; ".join(_describe(p, self.current) for p in probes),
+                wait,
+            )
+            time.sleep(wait)
+            wait = min(2 * wait, longest)
+
     def _ready(self) -> list[str]:
-        probes = self.probe()
+        probes = self._live_probes()
         ready = [p.url for p in probes if p.label == self.current]
         if not ready:
             raise self.error(
@@ -166,7 +206,7 @@ class ReplicaSet:
         tensors = [(name, tensor.detach().to("cpu")) for name, tensor in named_tensors]
         causes: list[str] = []
         for _ in range(self.max_retries + 1):
-            probes = [p for p in self.probe() if p.label is not None]
+            probes = [p for p in self._live_probes() if p.label is not None]
             live = [p.url for p in probes]
             if not live:
                 causes.append("no server is live")
@@ -179,6 +219,14 @@ class ReplicaSet:
                 if isinstance(exc, HttpCallError) and not exc.retryable:
                     raise self.error(f"{self.role} server rejected policy version {version}: {exc}") from exc
                 causes.append(f"push to {live} failed: {exc}")
+                log.warning(
+                    "%s push of policy version %d to %s failed (%s); trying again with the servers "
+                    "still live",
+                    self.role,
+                    version,
+                    live,
+                    exc,
+                )
                 continue
             self.current = str(version)
             self.pushed.update(dict.fromkeys(live, self.current))
@@ -216,6 +264,7 @@ class RemoteRole:
         transfer_port: int = 0,
         shared_dir: Path | None = None,
         request_timeout_s: float = 600.0,
+        weight_push_timeout_s: float = 300.0,
         max_retries: int = 2,
     ) -> None:
         self.model_name = model_name
@@ -226,6 +275,7 @@ class RemoteRole:
             transfer_port,
             shared_dir,
             request_timeout_s,
+            weight_push_timeout_s,
             max_retries,
             self.role,
             self.error,

@@ -17,11 +17,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
 from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
 from typing import Any
 
+from rlsd_contracts.run_token import RunTokenError, run_token
 from rlsd_contracts.wire import OPEN_PATHS, RUN_TOKEN_FILE_ENV
 
 log = logging.getLogger(__name__)
@@ -29,24 +28,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class RunTokenError(RuntimeError):
-    """The run's token is configured but cannot be read."""
-
-
-def run_token() -> str | None:
-    """The run's token, from the file RLSD_RUN_TOKEN_FILE names; None when the variable is not set."""
-    path = os.environ.get(RUN_TOKEN_FILE_ENV)
-    if not path:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise RunTokenError(f"{RUN_TOKEN_FILE_ENV}={path}: cannot read the run's token: {exc}") from exc
-    if not token:
-        raise RunTokenError(f"{RUN_TOKEN_FILE_ENV}={path}: the file is empty")
-    return token
 
 
 def authorization_headers() -> dict[str, str]:

@@ -301,7 +301,10 @@ def _weight_router(host: ModelHost) -> APIRouter:
 
     @router.get("/weight_info")
     def weight_info() -> dict[str, str]:
-        return {"weight_version": host.label}
+        # Behind the weight routes, as vLLM's engine core answers it behind the utility call in
+        # progress: a transfer stuck on a dead peer stalls it there too (what liveness probes see).
+        with host.transfer_lock:
+            return {"weight_version": host.label}
 
     @router.get("/get_world_size")
     def get_world_size() -> dict[str, int]:

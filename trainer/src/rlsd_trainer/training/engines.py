@@ -26,6 +26,7 @@ def _client_args(servers: ServersSection) -> dict[str, Any]:
         "transfer_port": transfer.port,
         "shared_dir": Path(transfer.shared_dir) if transfer.shared_dir else None,
         "request_timeout_s": servers.request_timeout_s,
+        "weight_push_timeout_s": servers.weight_push_timeout_s,
         "max_retries": servers.max_retries,
     }
 

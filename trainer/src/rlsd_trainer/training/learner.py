@@ -78,9 +78,13 @@ class Learner:
         packed = pack(
             plan.prompts[groups.start : groups.stop], responses, [i // group - groups.start for i in rows]
         ).to(device)
-        teacher_lp = None
+        teacher_lp = paired_lp = None
+        teacher_values: dict[str, float] = {}
         if plan.teacher_logprobs is not None:
             teacher_lp = _padded([plan.teacher_logprobs[i] for i in rows], packed.response_mask)
+            if plan.paired_student_logprobs is not None:
+                paired_lp = _padded([plan.paired_student_logprobs[i] for i in rows], packed.response_mask)
+            teacher_values = self._check_teacher_version(plan, step)
         elif self.teacher is not None and plan.teacher_prompts is not None:
             with timer.phase("teacher"):
                 teacher_lp = self.teacher.score(
@@ -97,9 +101,27 @@ class Learner:
             weighted=torch.tensor(
                 [self.weigh_every_response or plan.policy_versions[i] < step for i in rows], device=device
             ),
+            paired_student_logprobs=paired_lp,
         )
         with timer.phase("learn"):
-            return self._optimize(batch, step)
+            return {**self._optimize(batch, step), **teacher_values}
+
+    def _check_teacher_version(self, plan: StepPlan, step: int) -> dict[str, float]:
+        """The metrics of a batch a teacher server scored, after checking its Delta can be formed from
+        one policy version: either it carries the same weights' student-prompt log-probs, or its
+        teacher weights are this learner's teacher at `step` (StepPlan says why)."""
+        assert self.teacher is not None
+        if plan.teacher_version is None:  # from the checkpoint of a trainer that did not record it
+            return {}
+        lag = self.teacher.version(step) - plan.teacher_version
+        paired = plan.paired_student_logprobs is not None
+        if lag and not paired:
+            raise RuntimeError(
+                f"the batch of step {step} was scored by teacher version {plan.teacher_version}, "
+                f"{lag} behind the learner's, without that version's student-prompt log-probs: its "
+                "Delta would mix policy versions"
+            )
+        return {"delta_paired_fraction": float(paired), "teacher_version_lag": float(lag)}
 
     def _optimize(self, batch: LearnBatch, step: int) -> dict[str, float]:
         cfg = self.config

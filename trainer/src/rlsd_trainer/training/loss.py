@@ -37,6 +37,9 @@ class LearnBatch:
     # [B] bool: responses whose loss gets the truncated importance weight (those of an older policy
     # version, or all of them: algorithm.importance_correction)
     weighted: torch.Tensor
+    # [B, T] the teacher weights' log-probs under the student's prompt, when RLSD's Delta is taken
+    # within that same-version pair instead of against the learner (StepPlan.paired_student_logprobs)
+    paired_student_logprobs: torch.Tensor | None = None
 
 
 def micro_batches(batch: PackedBatch, budget: int, ctx: DistContext) -> tuple[list[torch.Tensor], int]:
@@ -91,11 +94,16 @@ def micro_batch_loss(
 
         L = mean_t(w_t * L_t^clip) + kl_coef * mean_t(KL_t) - entropy_coef * mean_t(H_t)
 
-    with `w_t` the truncated importance weight of the weighted responses (1 for the others)."""
+    with `w_t` the truncated importance weight of the weighted responses (1 for the others). The
+    teacher's token advantages use `Delta_t = log P_T(y_t) - log P_S(y_t)` with `log P_S` the
+    proximal log-probs, or the batch's `paired_student_logprobs` where it has them (the teacher's
+    own weights under the student's prompt: Delta within one policy version)."""
     width = mask.shape[1]
     teacher = batch.teacher_logprobs[rows, :width] if batch.teacher_logprobs is not None else None
+    paired = batch.paired_student_logprobs
+    student = paired[rows, :width] if paired is not None else proximal
     advantages = batch.advantages[rows]
-    token_adv = algorithms.token_advantages_for(algo, step, advantages, teacher, proximal, mask)
+    token_adv = algorithms.token_advantages_for(algo, step, advantages, teacher, student, mask)
     terms = algorithms.clipped_policy_loss(
         logprobs, proximal, token_adv, algo.clip_low, algo.clip_high, algo.dual_clip
     )
@@ -115,7 +123,7 @@ def micro_batch_loss(
         metrics.add_terms(terms, entropy, mask, global_tokens)
         metrics.add_importance(importance, rollout, proximal, mask, global_tokens)
         if teacher is not None:
-            stats = algorithms.rlsd_weight_stats(advantages, teacher, proximal, algo.eps_w, mask)
+            stats = algorithms.rlsd_weight_stats(advantages, teacher, student, algo.eps_w, mask)
             metrics.add_weight_stats(stats, float(mask.sum()) / global_tokens)
     return MicroBatchLoss(loss, kl)
 

@@ -27,7 +27,7 @@ from rlsd_trainer.remote.teacher_client import RemoteTeacherClient
 from rlsd_trainer.rewards.verifiers import RewardPool
 from rlsd_trainer.rollout.engine import Completion, RolloutEngine, SamplingParams
 from rlsd_trainer.training.plan import StepPlan
-from rlsd_trainer.training.teacher import teacher_prompt_ids
+from rlsd_trainer.training.teacher import teacher_prompt_ids, teacher_version_at
 from rlsd_trainer.training.timing import StepTimer
 
 # Extra generation rounds of dynamic sampling draw their seeds from here on (round 0 keeps the
@@ -66,6 +66,7 @@ class Planner:
         self.teacher_client = teacher_client
         self.metrics = metrics
         self.needs_teacher = algorithms.needs_teacher(config.algorithm)
+        self.pairs_delta = config.algorithm.name == "rlsd"  # OPSD's Delta needs the current student
         self.sampler = ResumableSampler(len(train_set), config.run.seed)
         self.rewards = RewardPool(config.reward).__enter__()
         self._prompt_cache: dict[str, list[int]] = {}
@@ -109,7 +110,7 @@ class Planner:
             torch.tensor([r for g in chosen for r in g.rewards]), group, cfg.algorithm.advantage_eps
         )
         prompts = [g.prompt for g in chosen]
-        teacher_prompts = teacher_logprobs = None
+        teacher_prompts = teacher_logprobs = paired_logprobs = teacher_version = None
         if self.needs_teacher:
             teacher_prompts = [
                 teacher_prompt_ids(
@@ -118,9 +119,17 @@ class Planner:
                 for g in chosen
             ]
             if self.teacher_client is not None:
+                # RLSD's Delta needs the same weights' student-prompt log-probs when the learner's
+                # teacher at `step` will no longer be the weights the servers hold now (StepPlan).
+                served = self.teacher_client.policy_version
+                paired = self.pairs_delta and teacher_version_at(cfg.teacher, step, served) != served
                 with timer.phase("teacher"):
-                    scored = self.teacher_client.score(teacher_prompts, responses, group)
-                teacher_logprobs = [scored[i, : len(r)].tolist() for i, r in enumerate(responses)]
+                    scored = self.teacher_client.score(
+                        teacher_prompts, responses, group, prompts if paired else None
+                    )
+                teacher_logprobs = _rows(scored.teacher, responses)
+                paired_logprobs = _rows(scored.student, responses) if scored.student is not None else None
+                teacher_version = scored.version
                 teacher_prompts = None
         all_rewards = torch.tensor([r for g in generated for r in g.rewards])
         lengths = [len(r) for r in responses]
@@ -155,6 +164,8 @@ class Planner:
             teacher_prompts=teacher_prompts,
             teacher_logprobs=teacher_logprobs,
             values=values,
+            teacher_version=teacher_version,
+            paired_student_logprobs=paired_logprobs,
         )
 
     def _sample_groups(
@@ -225,3 +236,8 @@ class Planner:
         for client in (self.engine, self.teacher_client):
             if client is not None:
                 client.close()
+
+
+def _rows(logprobs: torch.Tensor, responses: list[list[int]]) -> list[list[float]]:
+    """Each response's log-probs from a zero-padded `[B, T]` tensor."""
+    return [logprobs[i, : len(r)].tolist() for i, r in enumerate(responses)]

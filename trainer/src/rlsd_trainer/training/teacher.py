@@ -35,6 +35,17 @@ def teacher_prompt_ids(
     return encode_prompt(tokenizer, render_teacher_prompt(config.template, question, reference))
 
 
+def teacher_version_at(config: TeacherSection, step: int, version: int) -> int:
+    """The policy version the learner's teacher holds at learner step `step`, given that it held
+    `version` at a step in [version, step]: a live teacher is the policy (`step`); a frozen one
+    takes the policy's weights each time `sync_interval` steps have passed since it last did
+    (`Teacher.maybe_sync` runs every step), so `version + floor((step - version) / interval) *
+    interval`."""
+    if config.mode == "live":
+        return step
+    return version + (step - version) // config.sync_interval * config.sync_interval
+
+
 class Teacher:
     """Scores colocated and keeps the frozen snapshot in sync (on every learner rank).
 
@@ -54,6 +65,11 @@ class Teacher:
     @property
     def scorer(self) -> PolicyScorer:
         return self.snapshot if self.snapshot is not None else self.policy
+
+    def version(self, step: int) -> int:
+        """The policy version of the weights it scores with at learner step `step`: the step of its
+        last sync (frozen), or `step` (live: the policy itself). Teacher servers are labelled with it."""
+        return self.last_sync_step if self.snapshot is not None else step
 
     def maybe_sync(self, step: int) -> bool:
         """Overwrite the frozen snapshot with the policy when `sync_interval` steps have passed."""

@@ -112,7 +112,8 @@ class Trainer:
 
     # ---- weights to the servers -----------------------------------------------------------------
     def push_weights(self, teacher_too: bool) -> None:
-        """Send the policy to the rollout engine (and the teacher servers) as version `self.step`.
+        """Send the policy to the rollout engine as version `self.step` (and the teacher's weights to
+        the teacher servers, as the policy version they are).
 
         Every rank runs the all-gathers; rank 0 sends."""
         named = self.learner.full_policy()
@@ -124,7 +125,9 @@ class Trainer:
             assert self.learner.teacher is not None
             named = self.learner.full_teacher()
             if self.plans is not None:
-                self.plans.push_teacher(named, version=self.learner.teacher.last_sync_step)
+                # The policy version the teacher's weights are (a live teacher's is this step's), so
+                # a replica that missed a push serves another label and is left out.
+                self.plans.push_teacher(named, version=self.learner.teacher.version(self.step))
             else:
                 drain(named)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,6 @@ from safetensors.torch import save_file
 from rlsd_trainer.remote.http import HttpCallError, call_json, fan_out, run_together
 from rlsd_trainer.weights.wire import (
     ABANDON_CALLS,
-    CLEANUP_TIMEOUT_S,
     INCOMPLETE_WEIGHTS,
     PAUSE,
     POLICY_DIR_PREFIX,
@@ -41,33 +41,72 @@ class WeightSender(Protocol):
 
 
 class _Control:
-    """The HTTP calls every sender makes to a set of servers."""
+    """The HTTP calls every sender makes to a set of servers. Within a push each is bounded by what is
+    left of the push's deadline: a server that stops answering mid-push (its engine wedged in a
+    collective, or its process stopped) fails the push in bounded time, named, instead of holding
+    the learner. Clean-up calls get as long as a push each."""
 
-    def __init__(self, http: httpx.Client) -> None:
+    def __init__(self, http: httpx.Client, push_timeout_s: float) -> None:
         self.http = http
+        self.push_timeout_s = push_timeout_s
+        self._deadline: float | None = None  # time.monotonic() by which the push in progress must end
+
+    @contextlib.contextmanager
+    def push_deadline(self) -> Iterator[None]:
+        self._deadline = time.monotonic() + self.push_timeout_s
+        try:
+            yield
+        finally:
+            self._deadline = None
+
+    def remaining(self) -> float:
+        """Seconds left to the push in progress (as long as a push outside one); never quite 0, so
+        that a call made late fails as a timeout of its own."""
+        if self._deadline is None:
+            return self.push_timeout_s
+        return max(self._deadline - time.monotonic(), 1e-3)
+
+    def call(self, method: str, path: str, url: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            return call_json(self.http, method, url, path, body, timeout_s=self.remaining())
+        except HttpCallError as exc:
+            if isinstance(exc.__cause__, httpx.TimeoutException):
+                raise TransferError(
+                    f"{url}{path} did not answer within the push's weight_push_timeout_s "
+                    f"({self.push_timeout_s:g} s): the server is stuck"
+                ) from exc
+            raise
+
+    def get(self, path: str, url: str) -> Any:
+        return self.call("GET", path, url)
 
     def post(self, path: str, body: dict[str, Any] | None, url: str) -> Any:
-        return call_json(self.http, "POST", url, path, body)
+        return self.call("POST", path, url, body)
 
     def on_all(self, path: str, body: dict[str, Any] | None, urls: list[str]) -> None:
         fan_out(partial(self.post, path, body), urls)
 
     def _tidy(self, calls: list[tuple[str, dict[str, Any] | None]], url: str) -> None:
-        """Best-effort clean-up calls, in order; an error (nothing to close, or the server is gone)
-        is expected and ignored."""
+        """Best-effort clean-up calls, in order, each given as long as a push (closing a session can
+        finalize a partial reload); an error (nothing to close) is expected and ignored, and a server
+        that does not answer one is not asked the rest."""
         for path, body in calls:
-            with contextlib.suppress(HttpCallError):
-                call_json(self.http, "POST", url, path, body, timeout_s=CLEANUP_TIMEOUT_S)
+            try:
+                call_json(self.http, "POST", url, path, body, timeout_s=self.push_timeout_s)
+            except HttpCallError as exc:
+                if exc.status is None:  # gone or stuck
+                    return
 
     def release(self, urls: list[str]) -> None:
         """Shut every server's transfer engine down, so a new group can form. vLLM refuses that
         during an update session, which a learner that died mid-push leaves open: that server is
-        abandoned first (its weights may be half-updated)."""
+        abandoned first (its weights may be half-updated). One that does not answer is left as it
+        is (joining the new group will fail for it, by name)."""
 
         def one(url: str) -> None:
             try:
                 call_json(
-                    self.http, "POST", url, "/shutdown_weight_transfer_engine", timeout_s=CLEANUP_TIMEOUT_S
+                    self.http, "POST", url, "/shutdown_weight_transfer_engine", timeout_s=self.push_timeout_s
                 )
             except HttpCallError as exc:
                 if exc.status is not None:  # refused: a session is open
@@ -89,10 +128,16 @@ class BroadcastSender:
     """Rank 0 of a gloo or nccl group with the servers; the group is rebuilt when the servers change."""
 
     def __init__(
-        self, backend: Literal["nccl", "gloo"], http: httpx.Client, host: str, port: int, timeout_s: float
+        self,
+        backend: Literal["nccl", "gloo"],
+        http: httpx.Client,
+        host: str,
+        port: int,
+        timeout_s: float,
+        push_timeout_s: float,
     ) -> None:
         self.backend = backend
-        self.control = _Control(http)
+        self.control = _Control(http, push_timeout_s)
         self.host = host
         self.port = port
         self.timeout = timedelta(seconds=timeout_s)
@@ -106,20 +151,25 @@ class BroadcastSender:
         control = self.control
         try:
             if self.members != urls:
-                self._connect(urls)
-            control.on_all(PAUSE, None, urls)
-            control.on_all("/start_weight_update", None, urls)
-            update = {"update_info": broadcast_update_info(tensors)}
-            run_together(
-                partial(self._broadcast, tensors),
-                [partial(control.post, "/update_weights", update, url) for url in urls],
-            )
-            control.on_all("/finish_weight_update", {"weight_version": str(version)}, urls)
-            control.on_all("/resume", None, urls)
+                self._drop_group()
+                control.release(urls)
+            with control.push_deadline():
+                if self.members != urls:
+                    self._connect(urls)
+                control.on_all(PAUSE, None, urls)
+                control.on_all("/start_weight_update", None, urls)
+                update = {"update_info": broadcast_update_info(tensors)}
+                run_together(
+                    partial(self._broadcast, tensors),
+                    [partial(control.post, "/update_weights", update, url) for url in urls],
+                )
+                control.on_all("/finish_weight_update", {"weight_version": str(version)}, urls)
+                control.on_all("/resume", None, urls)
         except BaseException:
-            # A failed collective leaves the group in an unknown state: drop it (which also fails any
-            # receive still waiting on it), then clean every server up for the next push.
-            self._drop_group()
+            # A failed collective leaves the group in an unknown state: abort it (so a broadcast
+            # stuck on a peer that stopped answering returns), then clean every server up for the
+            # next push.
+            self._drop_group(abort=True)
             control.abandon(urls)
             raise
 
@@ -128,15 +178,14 @@ class BroadcastSender:
             self.control.release(self.members)
         self._drop_group()
 
-    def _drop_group(self) -> None:
+    def _drop_group(self, abort: bool = False) -> None:
+        if abort and self._group is not None:
+            with contextlib.suppress(RuntimeError):
+                self._group.abort()
         self._group, self._store, self.members = None, None, None
 
     def _connect(self, urls: list[str]) -> None:
-        self._drop_group()
-        self.control.release(urls)
-        sizes = fan_out(
-            lambda url: int(call_json(self.control.http, "GET", url, "/get_world_size")["world_size"]), urls
-        )
+        sizes = fan_out(lambda url: int(self.control.get("/get_world_size", url)["world_size"]), urls)
         offsets = [1 + sum(sizes[:i]) for i in range(len(urls))]
         world_size = 1 + sum(sizes)
         if self.backend == "gloo":
@@ -197,11 +246,11 @@ class BroadcastSender:
         assert self._group is not None
         try:
             for _, tensor in tensors:
-                self._group.broadcast(
-                    [tensor.detach().to(self._device).contiguous()], root_zero_options()
-                ).wait()
-            if self.backend == "nccl":
-                torch.cuda.synchronize(self._device)
+                sent = tensor.detach().to(self._device).contiguous()
+                work = self._group.broadcast([sent], root_zero_options())
+                # With a timeout, wait blocks this thread until the broadcast is done or raises (for
+                # NCCL too, whose plain wait only orders the stream and would hang on a dead peer).
+                work.wait(timedelta(seconds=self.control.remaining()))
         except RuntimeError as exc:
             raise TransferError(f"{self.backend} broadcast to {self.members} failed: {exc}") from exc
 
@@ -222,18 +271,19 @@ class DiskSender:
     """Writes each version under a shared directory and has every server reload it from there (the
     directory must be mounted at the same path everywhere)."""
 
-    def __init__(self, http: httpx.Client, shared_dir: Path) -> None:
-        self.control = _Control(http)
+    def __init__(self, http: httpx.Client, shared_dir: Path, push_timeout_s: float) -> None:
+        self.control = _Control(http, push_timeout_s)
         self.shared_dir = shared_dir
 
     def push(self, urls: list[str], tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
         path = write_policy(self.shared_dir, tensors, version)
         control = self.control
         try:
-            control.on_all(PAUSE, None, urls)
-            control.on_all("/collective_rpc", reload_request(path), urls)
-            control.on_all("/update_weight_version", {"new_version": str(version)}, urls)
-            control.on_all("/resume", None, urls)
+            with control.push_deadline():
+                control.on_all(PAUSE, None, urls)
+                control.on_all("/collective_rpc", reload_request(path), urls)
+                control.on_all("/update_weight_version", {"new_version": str(version)}, urls)
+                control.on_all("/resume", None, urls)
         except BaseException:
             control.label_incomplete(urls)
             raise
@@ -247,15 +297,23 @@ class DiskSender:
 
 
 def make_sender(
-    kind: TransferKind, http: httpx.Client, host: str, port: int, shared_dir: Path | None, timeout_s: float
+    kind: TransferKind,
+    http: httpx.Client,
+    host: str,
+    port: int,
+    shared_dir: Path | None,
+    timeout_s: float,
+    push_timeout_s: float,
 ) -> WeightSender:
+    """`timeout_s` bounds joining a transfer group; `push_timeout_s` each push, from its first call
+    to its last."""
     if kind == "filesystem":
         if shared_dir is None:
             raise ValueError(
                 "weight transfer 'filesystem' needs shared_dir (a directory every server can read)"
             )
-        return DiskSender(http, shared_dir)
-    return BroadcastSender(kind, http, host, port, timeout_s)
+        return DiskSender(http, shared_dir, push_timeout_s)
+    return BroadcastSender(kind, http, host, port, timeout_s, push_timeout_s)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,8 +61,6 @@ STARTING_WEIGHTS = "default"
 INCOMPLETE_WEIGHTS = "incomplete"
 # In-flight requests finish on the old weights (each completion has one version); new ones wait.
 PAUSE = "/pause?mode=wait"
-# Seconds a best-effort clean-up call may take (closing a session can finalize a partial reload).
-CLEANUP_TIMEOUT_S = 60.0
 # Leaving a server whose update failed: close its session, label its weights, release its engine.
 ABANDON_CALLS: list[tuple[str, dict[str, Any] | None]] = [
     ("/finish_weight_update", None),
