@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,9 +266,10 @@ def test_a_replica_waiting_on_a_stopped_learner_answers_health_but_not_the_engin
 
         stopped.kill()
         stopped.wait()
+        deadline = time.monotonic() + 120  # bounds the wait for the event only
         for replica in replicas:
-            while liveness.check(replica.served.port, timeout_s=1.0) is not None:
-                pass  # until the receive has failed
+            while liveness.check(replica.served.port, timeout_s=1.0) is not None:  # until the receive failed
+                assert time.monotonic() < deadline, f"{replica.url} still stuck after its learner was killed"
         push_to_all(second, replicas, 1, 2)
     finally:
         stopped.kill()

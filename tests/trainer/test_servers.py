@@ -11,6 +11,7 @@ import importlib
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import replace
@@ -306,8 +307,9 @@ def test_a_wedged_replica_bounds_the_push_fails_liveness_and_is_taken_back_once_
                     httpx.post(second.url + "/update_weights", json=update, timeout=120)
 
             threading.Thread(target=receive, daemon=True).start()
-            while liveness.check(_port(second.url), timeout_s=1.0) is None:
-                pass  # until the receive holds the engine
+            deadline = time.monotonic() + 120  # bounds the wait for the event only
+            while liveness.check(_port(second.url), timeout_s=1.0) is None:  # until the receive holds it
+                assert time.monotonic() < deadline, "the update never held the second server's engine"
             assert httpx.get(second.url + "/health").status_code == 200  # what /health cannot see
             assert _probe(first.url).returncode == 0
             probe = _probe(second.url)

@@ -129,8 +129,7 @@ def volume_problem(spec: Object, access_modes: list[str]) -> str | None:
 
     A ReadWriteOnce claim is mounted by the pods of one node only: the operator places every pod of
     such a run on one node (see `colocated`, and placement.py), which a gang of several learner pods
-    defeats. A
-    ReadWriteOncePod claim is mounted by one pod only."""
+    defeats. A ReadWriteOncePod claim is mounted by one pod only."""
     if SHARED_ACCESS_MODES & set(access_modes):
         return None
     volume = spec["checkpoint"]["volume"]

@@ -82,7 +82,10 @@ def _container_requests(container: Object) -> Quantities:
     """A container's requests; a resource with a limit and no request requests its limit (what the API
     server defaults, so the run's pods count before they are created as they will after)."""
     resources = container.get("resources") or {}
-    amounts = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+    return _parsed({**(resources.get("limits") or {}), **(resources.get("requests") or {})})
+
+
+def _parsed(amounts: Object) -> Quantities:
     return {resource: parse_quantity(amount) for resource, amount in amounts.items()}
 
 
@@ -108,7 +111,7 @@ def pod_requests(pod: Object) -> Quantities:
             peak[resource] = max(peak.get(resource, Decimal(0)), amount)
     for resource, amount in peak.items():
         total[resource] = max(total.get(resource, Decimal(0)), amount)
-    _add(total, {r: parse_quantity(q) for r, q in (spec.get("overhead") or {}).items()})
+    _add(total, _parsed(spec.get("overhead") or {}))
     total[PODS] = total.get(PODS, Decimal(0)) + 1
     return total
 
@@ -174,10 +177,7 @@ def cluster(nodes: list[Object], pods: list[Object]) -> Cluster:
                 labels=dict(node["metadata"].get("labels") or {}),
                 taints=tuple((node.get("spec") or {}).get("taints") or ()),
                 unschedulable=bool((node.get("spec") or {}).get("unschedulable")),
-                allocatable={
-                    r: parse_quantity(q)
-                    for r, q in ((node.get("status") or {}).get("allocatable") or {}).items()
-                },
+                allocatable=_parsed((node.get("status") or {}).get("allocatable") or {}),
                 used=used.get(node["metadata"]["name"], {}),
             )
             for node in nodes

@@ -149,12 +149,13 @@ class BroadcastSender:
 
     def push(self, urls: list[str], tensors: list[tuple[str, torch.Tensor]], version: int) -> None:
         control = self.control
+        regroup = self.members != urls
         try:
-            if self.members != urls:
+            if regroup:  # released before the push's deadline starts: each release call has its own
                 self._drop_group()
                 control.release(urls)
             with control.push_deadline():
-                if self.members != urls:
+                if regroup:
                     self._connect(urls)
                 control.on_all(PAUSE, None, urls)
                 control.on_all("/start_weight_update", None, urls)
