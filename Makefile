@@ -100,12 +100,15 @@ test: vllm-venv-start lint test-tools $(VENV)/.chart-installed
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-vllm
 
+# The learning study: rlsd, grpo, opsd, grpo+opsd x 8 paired seeds on the embedded task and its
+# two-digit variant, two one-thread runs at a time (under an hour on 2 cores).
 bench-learning: $(VENV)/.trainer-installed
 	$(BIN)/python benchmarks/learning.py
 
 # Learning parity of asynchronous RL: the embedded default on-policy and one step off-policy.
 bench-learning-async: $(VENV)/.trainer-installed
-	$(BIN)/python benchmarks/learning.py --algorithms rlsd --max-staleness 0 1 --name learning_async
+	$(BIN)/python benchmarks/learning.py --tasks embedded --seeds 0 1 2 --steps 50 --algorithms rlsd \
+		--max-staleness 0 1 --name learning_async
 
 bench-cost: $(VENV)/.trainer-installed
 	$(BIN)/python benchmarks/cost.py

@@ -162,7 +162,9 @@ def test_dashboard_structure() -> None:
 
 
 def tiny_config(output_dir: Path) -> dict:
-    """Two steps of the embedded task (as tests/trainer/test_local_run.py's), remote-free."""
+    """Two steps of the embedded task (as tests/trainer/test_local_run.py's), remote-free, from a
+    policy warmed up enough that its groups carry signal and some responses start as their reference
+    does: the teacher's diagnostics by the sign of A and before the first error need both."""
     return {
         "run": {"seed": 7, "output_dir": str(output_dir), "total_steps": 2},
         "model": {"path": "embedded"},
@@ -171,7 +173,7 @@ def tiny_config(output_dir: Path) -> dict:
             "eval": {"kind": "embedded", "split": "eval"},
             "embedded": {"num_train": 400, "num_eval": 16, "min_terms": 2, "max_terms": 3},
         },
-        "warmup": {"steps": 4, "batch_size": 16, "lr": 2e-3},
+        "warmup": {"steps": 60, "batch_size": 16, "lr": 3e-3},
         "algorithm": {"name": "rlsd", "group_size": 4, "lam": {"decay_steps": 4}},
         "rollout": {"prompts_per_step": 3, "sampling": {"max_new_tokens": 16}},
         "optim": {"lr": 1e-3},

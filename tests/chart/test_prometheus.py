@@ -81,6 +81,12 @@ VALUES = (
 )
 # What the dashboard's template variables are set to.
 VARIABLES = {"namespace": RUNS, "run": RUN}
+# Series that exist once the policy samples what they average over: `rlsd_delta_before_error` needs
+# an incorrect response whose first token is its reference's, which the bed's policy (untrained, no
+# warm-up) seldom samples within the check (tests/chart/test_monitoring.py's warmed-up run exports
+# it). Their queries may answer empty here; any other problem still fails.
+SAMPLE_DEPENDENT = re.compile(r"\brlsd_delta_before_error\b")
+NO_SERIES = re.compile(r"(range|instant) query: \w+ with 0 series")
 # The alerts caused here, and those that promtool's rule tests cover (tests/chart/test_monitoring.py):
 # a reward collapse needs a policy that first learns for a whole window and then diverges, which a
 # tiny model trained from scratch on 2 shared CPU cores does not do reliably within minutes.
@@ -302,7 +308,10 @@ def test_every_dashboard_query_returns_data_for_the_run(bed: Bed) -> None:
         for title, target in targets:
             if VLLM.search(target["expr"]):
                 continue
-            if problems := query_problems(bed.prometheus, target["expr"], target["legendFormat"], VARIABLES):
+            problems = query_problems(bed.prometheus, target["expr"], target["legendFormat"], VARIABLES)
+            if SAMPLE_DEPENDENT.search(target["expr"]):
+                problems = [problem for problem in problems if not NO_SERIES.fullmatch(problem)]
+            if problems:
                 failures[f"{title} / {target['refId']}: {substitute(target['expr'], VARIABLES)}"] = problems
         assert not failures, json.dumps(failures, indent=1)
         return True

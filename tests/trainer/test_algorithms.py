@@ -13,14 +13,21 @@ import torch
 
 from rlsd_contracts.config import AlgorithmSection, LambdaSchedule
 from rlsd_trainer.algorithms import (
+    advantage_sign_masks,
     clipped_policy_loss,
+    error_position_masks,
+    first_divergence,
     group_advantages,
     kl_penalty,
     lambda_at,
+    masked_sum_and_count,
     needs_teacher,
     opsd_token_advantages,
+    privileged_gain,
+    relative_advantage_shift,
     rlsd_token_advantages,
     rlsd_weight_stats,
+    rlsd_weights,
     token_advantages_for,
     token_mean,
     truncated_importance_weights,
@@ -549,3 +556,103 @@ def test_truncated_importance_weight_scales_the_clipped_surrogate() -> None:
     assert float(loss.detach()) == pytest.approx(-1.5, abs=ATOL)
     # d/dlogp of -w * exp(logp - logp_old) * A at logp = logp_old: -w * A = -1.5.
     assert float(logprobs.grad) == pytest.approx(-1.5, abs=ATOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# the teacher's diagnostics: first divergence, token subgroups and their sums
+# --------------------------------------------------------------------------------------------------
+
+REFERENCE = [5, 6, 7, 2]  # a solution's tokens, then EOS (2)
+
+
+@pytest.mark.parametrize(
+    ("response", "expected"),
+    [
+        ([5, 6, 9, 2], 2),  # a wrong token
+        ([9, 6, 7, 2], 0),  # wrong from the first token
+        ([5, 6, 2], 2),  # stops early: EOS where the reference goes on
+        ([5, 6, 7, 8], 3),  # runs long: another token where the reference has EOS
+        ([5, 6, 7, 2, 4], 4),  # past the reference's end
+        ([5, 6], 2),  # cut off before leaving it: no wrong token, e = len(response)
+        ([5, 6, 7, 2], 4),  # the reference itself
+        ([], 0),
+    ],
+)
+def test_first_divergence(response: list[int], expected: int) -> None:
+    assert first_divergence(response, REFERENCE) == expected
+
+
+def test_masked_sum_and_count_leaves_padding_out() -> None:
+    values = torch.tensor([[0.5, -1.5, float("inf")], [2.0, float("nan"), float("-inf")]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # 0.5 - 1.5 + 2.0 = 1.0 over 3 tokens; the inf/nan padding never enters.
+    assert masked_sum_and_count(values, mask) == (1.0, 3.0)
+    assert masked_sum_and_count(values, torch.zeros(2, 3)) == (0.0, 0.0)
+
+
+def test_advantage_sign_masks_and_their_means_by_hand() -> None:
+    advantages = torch.tensor([0.5, -1.0, 0.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    masks = advantage_sign_masks(advantages, mask)
+    _close(masks["positive"], [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    _close(masks["negative"], [[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # A = 0: neither
+    student = torch.full((3, 3), -1.0)
+    # Padding holds garbage: an infinite teacher log-prob and a NaN one.
+    deltas = torch.tensor([[0.2, -0.4, float("inf")], [1.0, float("nan"), 0.0], [0.3, 0.3, 0.3]])
+    teacher = student + deltas
+    delta = privileged_gain(teacher, student)
+    weights = rlsd_weights(advantages, teacher, student)
+    # A > 0: Delta (0.2 - 0.4) / 2 = -0.1; w = exp(+Delta): (exp(0.2) + exp(-0.4)) / 2
+    #        = (1.221403 + 0.670320) / 2 = 0.945861
+    total, tokens = masked_sum_and_count(delta, masks["positive"])
+    assert (tokens, total / tokens) == (2.0, pytest.approx(-0.1, abs=ATOL))
+    total, tokens = masked_sum_and_count(weights, masks["positive"])
+    assert total / tokens == pytest.approx(0.945861, abs=1e-6)
+    # A < 0: one token, Delta 1.0; w = exp(-Delta) = exp(-1) = 0.367879
+    total, tokens = masked_sum_and_count(delta, masks["negative"])
+    assert (tokens, total) == (1.0, pytest.approx(1.0, abs=ATOL))
+    total, tokens = masked_sum_and_count(weights, masks["negative"])
+    assert total == pytest.approx(0.367879, abs=1e-6)
+
+
+def test_error_position_masks_and_their_means_by_hand() -> None:
+    # A correct response (-1), one wrong from its first token (0), one wrong at token 2, and one cut
+    # off before its error (e = 3 = its length: every token is before the error).
+    first_errors = torch.tensor([-1, 0, 2, 3])
+    mask = torch.tensor(
+        [[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]]
+    )
+    masks = error_position_masks(first_errors, mask)
+    zeros = [0.0] * 4
+    _close(masks["correct"], [[1.0, 1.0, 1.0, 0.0], zeros, zeros, zeros])
+    _close(masks["before_error"], [zeros, zeros, [1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    _close(masks["first_error"], [zeros, [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], zeros])
+    _close(masks["after_error"], [zeros, [0.0, 1.0, 1.0, 1.0], zeros, zeros])  # row 2's t = 3 is padding
+    delta = torch.tensor(
+        [[0.1, 0.2, 0.3, 9.0], [-2.0, 0.5, 0.5, 0.5], [0.4, 0.2, -1.0, 9.0], [0.6, 0.0, 0.3, 9.0]]
+    )
+    means = {}
+    for place, tokens in masks.items():
+        total, count = masked_sum_and_count(delta, tokens)
+        means[place] = total / count
+    # correct: (0.1 + 0.2 + 0.3) / 3 = 0.2; before: (0.4 + 0.2 + 0.6 + 0.0 + 0.3) / 5 = 0.3;
+    # first: (-2.0 - 1.0) / 2 = -1.5; after: (0.5 + 0.5 + 0.5) / 3 = 0.5
+    assert means == pytest.approx(
+        {"correct": 0.2, "before_error": 0.3, "first_error": -1.5, "after_error": 0.5}, abs=ATOL
+    )
+
+
+def test_relative_advantage_shift_is_lambda_times_the_clipped_weights_distance_from_one() -> None:
+    advantages = torch.tensor([2.0, -1.0, 0.0])
+    # Delta 0.5 (clipped to 1.2 for A > 0), -0.05 (w = e^0.05 for A < 0, inside the clip), anything for A = 0
+    teacher = torch.tensor([[0.5, 0.0], [-0.05, 0.0], [3.0, 0.0]])
+    student = torch.zeros(3, 2)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    token_adv = rlsd_token_advantages(advantages, teacher, student, 0.5, 0.2, mask)
+    shift, tokens = relative_advantage_shift(token_adv, advantages, mask)
+    assert tokens.tolist() == [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+    assert shift[0, 0].item() == pytest.approx(0.5 * 0.2)
+    assert shift[1, 0].item() == pytest.approx(0.5 * (math.exp(0.05) - 1), rel=1e-5)
+    assert shift[1, 1].item() == pytest.approx(0.0)
+    grpo = token_advantages_for(AlgorithmSection(name="grpo"), 0, advantages, None, student, mask)
+    assert float((relative_advantage_shift(grpo, advantages, mask)[0] * tokens).sum()) == 0.0

@@ -246,6 +246,19 @@ def test_packaged_default_config_loads() -> None:
     assert config.teacher.sync_interval == 20
 
 
+def test_the_long_chains_variant_changes_only_its_task_warm_up_and_lengths() -> None:
+    # The learning study compares algorithms on both packaged tasks: every other setting is shared.
+    default = load_config(PACKAGED).model_dump()
+    variant = load_config(PACKAGED.with_name("embedded-chains.yaml")).model_dump()
+    assert variant["data"]["embedded"]["max_terms"] > default["data"]["embedded"]["max_terms"]
+    assert variant["warmup"]["direct_answer_fraction"] == 0.0
+    for config in (default, variant):
+        del config["run"]["name"], config["run"]["output_dir"], config["data"]["embedded"]
+        del config["warmup"]["direct_answer_fraction"]
+        del config["rollout"]["sampling"]["max_new_tokens"], config["eval"]["max_new_tokens"]
+    assert variant == default
+
+
 def test_cli_validate_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = _write(tmp_path, "algorithm:\n  name: ppo\n", name="bad.yaml")
     assert main(["validate", "--config", str(bad)]) == EXIT_BAD_CONFIG == 3

@@ -1,9 +1,11 @@
 """The learner's loss composition (`training.loss`): the importance ratio's percentiles, the
-importance weight in the loss, and RLSD's Delta within a same-version teacher pair."""
+importance weight in the loss, RLSD's Delta within a same-version teacher pair, and the teacher's
+diagnostics (Delta by the sign of A and by the place of a response's first error)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -154,6 +156,84 @@ def test_a_same_version_pair_keeps_the_policy_lag_out_of_delta() -> None:
     lagged_delta, lagged_loss = learned(current, None)
     assert lagged_delta == pytest.approx(reference_effect + policy_change, rel=1e-5)
     assert lagged_loss != pytest.approx(learned(current, paired)[1], rel=1e-3)
+
+
+def _learn_in_micro_batches(
+    batch: LearnBatch, student: torch.Tensor, micro: list[list[int]]
+) -> dict[str, float]:
+    """The step's metrics of `batch` learned in the micro-batches `micro` (response indices), with
+    `student` (`[B, T]`) as the learner's log-probs."""
+    algo = AlgorithmSection(name="rlsd")
+    metrics = StepMetrics()
+    tokens = float(batch.packed.response_mask.sum())
+    for indices in micro:
+        rows = torch.tensor(indices)
+        mask = batch.packed.select(rows).response_mask
+        logprobs = student[rows, : mask.shape[1]]
+        micro_batch_loss(
+            algo, 0, logprobs, torch.zeros(mask.shape), logprobs, batch, rows, mask, tokens, None, metrics
+        )
+    return metrics.reduce(DistContext())
+
+
+def test_teacher_diagnostics_over_micro_batches_are_means_over_all_tokens() -> None:
+    """Each subgroup's mean from two micro-batches (their sums and token counts added, then divided)
+    is its mean over all its tokens, counted here token by token."""
+    packed = pack([STUDENT_PROMPT], RESPONSES, [0] * len(RESPONSES))
+    student = -0.1 * torch.arange(1.0, 17.0).view(4, 4)
+    gain = [[0.3, -0.2, 0.1, 0.4], [0.5, -0.6, 0.2, 0.0], [-0.1, 0.7, -0.8, 0.9], [0.25, -0.35, 0.0, 0.0]]
+    teacher = student + torch.tensor(gain)
+    advantages = [1.0, -0.5, 0.0, -1.0]
+    # Correct; wrong from its first token; wrong at token 2; cut off before its error (length 2).
+    first_errors = [-1, 0, 2, 2]
+    batch = LearnBatch(
+        packed=packed,
+        advantages=torch.tensor(advantages),
+        rollout_logprobs=student,
+        teacher_logprobs=teacher,
+        weighted=torch.zeros(4, dtype=torch.bool),
+        first_error_tokens=torch.tensor(first_errors),
+    )
+    totals = _learn_in_micro_batches(batch, student, [[0, 3], [1, 2]])
+
+    delta = (teacher - student).tolist()
+    real = [(i, t) for i, response in enumerate(RESPONSES) for t in range(len(response))]
+
+    def mean(values: list[list[float]], chosen: Callable[[int, int], bool]) -> float:
+        picked = [values[i][t] for i, t in real if chosen(i, t)]
+        return sum(picked) / len(picked)
+
+    sign = [math.copysign(1.0, a) if a else 0.0 for a in advantages]
+    weights = [[math.exp(sign[i] * d) for d in row] for i, row in enumerate(delta)]
+    expected = {
+        "delta_mean_positive": mean(delta, lambda i, t: advantages[i] > 0),
+        "delta_mean_negative": mean(delta, lambda i, t: advantages[i] < 0),
+        "weight_mean_positive": mean(weights, lambda i, t: advantages[i] > 0),
+        "weight_mean_negative": mean(weights, lambda i, t: advantages[i] < 0),
+        "delta_correct": mean(delta, lambda i, t: first_errors[i] < 0),
+        "delta_before_error": mean(delta, lambda i, t: 0 <= t < first_errors[i]),
+        "delta_first_error": mean(delta, lambda i, t: t == first_errors[i]),
+        "delta_after_error": mean(delta, lambda i, t: 0 <= first_errors[i] < t),
+    }
+    assert {key: totals[key] for key in expected} == pytest.approx(expected, rel=1e-6)
+    assert totals["delta_mean"] == pytest.approx(mean(delta, lambda i, t: True), rel=1e-6)
+
+
+def test_a_subgroup_without_tokens_is_nan_and_no_first_errors_log_no_error_split() -> None:
+    packed = pack([STUDENT_PROMPT], RESPONSES, [0] * len(RESPONSES))
+    student = torch.full((4, 4), -1.0)
+    batch = LearnBatch(
+        packed=packed,
+        advantages=torch.tensor([0.0, -1.0, 0.0, -1.0]),  # no response with A > 0
+        rollout_logprobs=student,
+        teacher_logprobs=student + 0.5,
+        weighted=torch.zeros(4, dtype=torch.bool),
+    )
+    totals = _learn_in_micro_batches(batch, student, [[0, 1], [2, 3]])
+    assert math.isnan(totals["delta_mean_positive"]) and math.isnan(totals["weight_mean_positive"])
+    assert totals["delta_mean_negative"] == pytest.approx(0.5)
+    assert totals["weight_mean_negative"] == pytest.approx(math.exp(-0.5))
+    assert not {"delta_correct", "delta_before_error", "delta_first_error", "delta_after_error"} & set(totals)
 
 
 @pytest.mark.parametrize(("mode", "interval"), [("live", 20), ("frozen", 1), ("frozen", 3)])

@@ -76,6 +76,17 @@ ROWS: dict[str, list[Graph]] = {
             "Lambda and mean weight",
             ((f"rlsd_lambda{LEARNER}", "lambda {{run}}"), (f"rlsd_weight_mean{LEARNER}", "weight {{run}}")),
         ),
+        # Mean Delta by subgroup of tokens: an informative teacher puts the first wrong token of
+        # incorrect responses well below the tokens before it, and A > 0 above A < 0.
+        Graph(
+            "Teacher informativeness",
+            (
+                (f"rlsd_delta_mean_positive{LEARNER}", "A > 0 {{run}}"),
+                (f"rlsd_delta_mean_negative{LEARNER}", "A < 0 {{run}}"),
+                (f"rlsd_delta_first_error{LEARNER}", "first error {{run}}"),
+                (f"rlsd_delta_before_error{LEARNER}", "before error {{run}}"),
+            ),
+        ),
     ],
     "Learner": [
         Graph("Policy loss", ((f"rlsd_policy_loss{LEARNER}", BY_RUN),)),

@@ -7,6 +7,7 @@ All formulas follow RLSD.md; defaults are the paper's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,12 @@ def lambda_at(step: int, schedule: LambdaSchedule) -> float:
     return schedule.initial + (schedule.final - schedule.initial) * progress
 
 
+def privileged_gain(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """`Delta_t = stopgrad(log P_T(y_t) - log P_S(y_t))`, the privileged-information gain of token t
+    (float32)."""
+    return (teacher_logprobs - student_logprobs).detach().float()
+
+
 def rlsd_weights(
     advantages: torch.Tensor, teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor
 ) -> torch.Tensor:
@@ -50,7 +57,7 @@ def rlsd_weights(
     `w_t = (P_T / P_S)^sign(A)` is always positive, so it scales but never flips an update. Rows with
     A = 0 get w = 1.
     """
-    delta = (teacher_logprobs - student_logprobs).detach().float()
+    delta = privileged_gain(teacher_logprobs, student_logprobs)
     return torch.exp(torch.sign(advantages).unsqueeze(1) * delta)
 
 
@@ -88,8 +95,7 @@ def opsd_token_advantages(
     `E[(log P_S - log P_T) * grad log P_S]`, so minimising it is a policy gradient with token
     advantage `A_t = stopgrad(log P_T(y_t) - log P_S(y_t)) = Delta_t` (no reward involved).
     """
-    delta = (teacher_logprobs - student_logprobs).detach().float()
-    return torch.where(mask.bool(), delta, 0.0)
+    return torch.where(mask.bool(), privileged_gain(teacher_logprobs, student_logprobs), 0.0)
 
 
 def token_mean(values: torch.Tensor, mask: torch.Tensor, global_tokens: float) -> torch.Tensor:
@@ -243,3 +249,62 @@ def rlsd_weight_stats(
         mean_weight=float((weights * mask).sum() / tokens),
         clipped_fraction=float((out_of_range * informative).sum() / informative.sum().clamp(min=1)),
     )
+
+
+def first_divergence(response: Sequence[int], reference: Sequence[int]) -> int:
+    """Index of the first token where `response` leaves `reference`:
+    `e = min{t < len(response) : t >= len(reference) or response[t] != reference[t]}`.
+
+    With `reference` a solution's tokens followed by EOS, a response that stops early (its EOS where
+    the reference goes on) or runs long (another token where the reference has EOS) leaves it at
+    that token. A response that never leaves it (a prefix of `reference`: cut off by the token
+    limit, or the reference itself) has no wrong token: `e = len(response)`.
+    """
+    for index, token in enumerate(response):
+        if index >= len(reference) or token != reference[index]:
+            return index
+    return len(response)
+
+
+def masked_sum_and_count(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """`(sum_t values_t * m_t, sum_t m_t)` over the tokens of a 0/1 `mask`; a subgroup's mean is
+    the ratio of the sums over all its micro-batches and ranks. Values outside the mask (padding
+    may hold inf or NaN) never enter."""
+    return float(torch.where(mask.bool(), values, 0.0).sum()), float(mask.sum())
+
+
+def advantage_sign_masks(advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The response tokens (`mask`, `[B, T]`) split by the sign of their response's advantage `A`
+    (`[B]`): `positive` where `A > 0`, `negative` where `A < 0`; rows with `A = 0` are in neither."""
+    return {
+        "positive": mask * (advantages > 0).unsqueeze(1),
+        "negative": mask * (advantages < 0).unsqueeze(1),
+    }
+
+
+def relative_advantage_shift(
+    token_advantages: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How far token advantages are from GRPO's uniform ones: `|A_t - A| / |A|` (`[B, T]`), and the
+    tokens it is defined on (those of responses with `A != 0`). For RLSD it is
+    `lam * |clip(w_t, 1 - eps_w, 1 + eps_w) - 1|`, at most `lam * eps_w`."""
+    informative = mask * (advantages != 0).unsqueeze(1)
+    scale = advantages.abs().float().clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    return (token_advantages - advantages.float().unsqueeze(1)).abs() / scale, informative
+
+
+def error_position_masks(first_errors: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The response tokens (`mask`, `[B, T]`) split by their place relative to their response's
+    first wrong token `e` (`first_errors`, `[B]`, `first_divergence`; -1 for a correct response):
+    `correct` where `e < 0`; for `e >= 0`, `before_error` where `t < e`, `first_error` where
+    `t = e`, `after_error` where `t > e` (a response with `e` at or past its end has only
+    tokens before its error)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    error = first_errors.to(mask.device).unsqueeze(1)
+    wrong = error >= 0
+    return {
+        "correct": mask * ~wrong,
+        "before_error": mask * (wrong & (positions < error)),
+        "first_error": mask * (wrong & (positions == error)),
+        "after_error": mask * (wrong & (positions > error)),
+    }

@@ -30,6 +30,18 @@ DESCRIPTIONS = {
     "lambda": "RLSD mixing coefficient lambda at this step",
     "delta_mean": "Mean privileged-information gain log P_T - log P_S over response tokens",
     "weight_clipped_fraction": "Share of RLSD evidence weights clipped to [1-eps_w, 1+eps_w]",
+    "advantage_shift": (
+        "Mean |A_t - A| / |A| over tokens with A != 0: how far RLSD's token advantages are from GRPO's "
+        "(at most lambda * eps_w)"
+    ),
+    "delta_mean_positive": "Mean Delta = log P_T - log P_S over tokens of responses with advantage > 0",
+    "delta_mean_negative": "Mean Delta = log P_T - log P_S over tokens of responses with advantage < 0",
+    "weight_mean_positive": "Mean unclipped evidence weight over tokens of responses with advantage > 0",
+    "weight_mean_negative": "Mean unclipped evidence weight over tokens of responses with advantage < 0",
+    "delta_correct": "Mean Delta over tokens of correct responses (embedded task)",
+    "delta_before_error": "Mean Delta over tokens of incorrect responses before their first wrong token",
+    "delta_first_error": "Mean Delta at the first wrong token of incorrect responses (embedded task)",
+    "delta_after_error": "Mean Delta over tokens of incorrect responses after their first wrong token",
     "delta_paired_fraction": (
         "Share of the step's responses whose Delta came from one teacher server version, with and "
         "without the privileged prompt (remote teacher)"

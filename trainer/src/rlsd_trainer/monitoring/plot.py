@@ -1,4 +1,5 @@
-"""PNG plots of a run's metrics: reward, held-out accuracy and RLSD weight statistics against step."""
+"""PNG plots of a run's metrics against step: reward, held-out accuracy, RLSD weight statistics, the
+teacher's informativeness and the learner's terms."""
 
 from __future__ import annotations
 
@@ -15,7 +16,18 @@ from rlsd_trainer.monitoring.metrics import read_jsonl
 PANELS = (
     ("Reward", ("reward_mean",)),
     ("Held-out accuracy", ("eval_accuracy",)),
-    ("RLSD evidence weights", ("delta_mean", "weight_clipped_fraction", "lambda")),
+    ("RLSD evidence weights", ("delta_mean", "weight_clipped_fraction", "advantage_shift", "lambda")),
+    (
+        "Teacher informativeness (Delta)",
+        (
+            "delta_mean_positive",
+            "delta_mean_negative",
+            "delta_correct",
+            "delta_before_error",
+            "delta_first_error",
+            "delta_after_error",
+        ),
+    ),
     ("Learner", ("policy_loss", "clip_ratio", "entropy")),
 )
 

@@ -102,6 +102,11 @@ class Learner:
                 [self.weigh_every_response or plan.policy_versions[i] < step for i in rows], device=device
             ),
             paired_student_logprobs=paired_lp,
+            first_error_tokens=(
+                torch.tensor([plan.first_error_tokens[i] for i in rows], device=device)
+                if plan.first_error_tokens is not None
+                else None
+            ),
         )
         with timer.phase("learn"):
             return {**self._optimize(batch, step), **teacher_values}

@@ -40,6 +40,9 @@ class LearnBatch:
     # [B, T] the teacher weights' log-probs under the student's prompt, when RLSD's Delta is taken
     # within that same-version pair instead of against the learner (StepPlan.paired_student_logprobs)
     paired_student_logprobs: torch.Tensor | None = None
+    # [B] long: each response's first wrong token, -1 for a correct one, where the task allows it
+    # (StepPlan.first_error_tokens); for metrics only
+    first_error_tokens: torch.Tensor | None = None
 
 
 def micro_batches(batch: PackedBatch, budget: int, ctx: DistContext) -> tuple[list[torch.Tensor], int]:
@@ -125,14 +128,25 @@ def micro_batch_loss(
         if teacher is not None:
             stats = algorithms.rlsd_weight_stats(advantages, teacher, student, algo.eps_w, mask)
             metrics.add_weight_stats(stats, float(mask.sum()) / global_tokens)
+            first_errors = batch.first_error_tokens
+            metrics.add_teacher_diagnostics(
+                advantages, teacher, student, mask, first_errors[rows] if first_errors is not None else None
+            )
+        if algo.name == "rlsd":
+            metrics.add_advantage_shift(token_adv, advantages, mask)
     return MicroBatchLoss(loss, kl)
 
 
 class StepMetrics:
-    """Token-weighted sums of one step's loss terms over micro-batches, then over ranks."""
+    """Token-weighted sums of one step's loss terms over micro-batches, then over ranks; and the means
+    over subgroups of tokens, from their own sums and token counts."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
+        # A subgroup's share of the global token count is unknown until every rank has counted, so
+        # its mean is its sum over its token count, divided after the all-reduce.
+        self.subgroup_sums: dict[str, float] = defaultdict(float)
+        self.subgroup_tokens: dict[str, float] = defaultdict(float)
         self.ratio_counts = torch.zeros(RATIO_BINS, dtype=torch.float64)
         self.ratio_max = 0.0
 
@@ -152,6 +166,41 @@ class StepMetrics:
         self.sums["delta_mean"] += stats.mean_delta * share
         self.sums["weight_mean"] += stats.mean_weight * share
         self.sums["weight_clipped_fraction"] += stats.clipped_fraction * share
+
+    def add_teacher_diagnostics(
+        self,
+        advantages: torch.Tensor,
+        teacher: torch.Tensor,
+        student: torch.Tensor,
+        mask: torch.Tensor,
+        first_errors: torch.Tensor | None,
+    ) -> None:
+        """Whether the teacher is informative: `Delta_t` and the unclipped `w_t` over the tokens of
+        responses with `A > 0` and with `A < 0` (`delta_mean_positive`, ...), and, with the
+        responses' first wrong tokens, `Delta_t` over correct responses' tokens and over incorrect
+        ones' tokens before, at and after their first error (`delta_correct`, `delta_before_error`,
+        `delta_first_error`, `delta_after_error`)."""
+        delta = algorithms.privileged_gain(teacher, student)
+        weights = algorithms.rlsd_weights(advantages, teacher, student)
+        for sign, tokens in algorithms.advantage_sign_masks(advantages, mask).items():
+            self._add_to_mean(f"delta_mean_{sign}", delta, tokens)
+            self._add_to_mean(f"weight_mean_{sign}", weights, tokens)
+        if first_errors is not None:
+            for place, tokens in algorithms.error_position_masks(first_errors, mask).items():
+                self._add_to_mean(f"delta_{place}", delta, tokens)
+
+    def add_advantage_shift(
+        self, token_adv: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> None:
+        """`advantage_shift`: the mean `|A_t - A| / |A|`, how much RLSD's evidence weights changed the
+        token advantages from GRPO's (at most `lam * eps_w`)."""
+        shift, tokens = algorithms.relative_advantage_shift(token_adv, advantages, mask)
+        self._add_to_mean("advantage_shift", shift, tokens)
+
+    def _add_to_mean(self, key: str, values: torch.Tensor, tokens: torch.Tensor) -> None:
+        total, count = algorithms.masked_sum_and_count(values, tokens)
+        self.subgroup_sums[key] += total
+        self.subgroup_tokens[key] += count
 
     def add_importance(
         self,
@@ -175,9 +224,17 @@ class StepMetrics:
             self.ratio_counts += torch.histc(logs, RATIO_BINS, -RATIO_LOG_BOUND, RATIO_LOG_BOUND).cpu()
 
     def reduce(self, ctx: DistContext) -> dict[str, float]:
-        """Add up the ranks' sums; the importance ratio's percentiles from the summed histogram."""
+        """Add up the ranks' sums; the importance ratio's percentiles from the summed histogram; each
+        subgroup's mean from its summed sum and token count (NaN for a subgroup without tokens)."""
         keys = sorted(self.sums)
         totals = dict(zip(keys, all_reduce([self.sums[k] for k in keys], ctx), strict=True))
+        groups = sorted(self.subgroup_sums)  # the same on every rank: they depend on the plan only
+        if groups:
+            reduced = all_reduce(
+                [self.subgroup_sums[k] for k in groups] + [self.subgroup_tokens[k] for k in groups], ctx
+            )
+            for key, total, count in zip(groups, reduced[: len(groups)], reduced[len(groups) :], strict=True):
+                totals[key] = total / count if count else math.nan
         counts = torch.tensor(all_reduce(self.ratio_counts.tolist(), ctx), dtype=torch.float64)
         (totals["importance_ratio_max"],) = all_reduce([self.ratio_max], ctx, op="max")
         for name, quantile in (("importance_ratio_p50", 0.5), ("importance_ratio_p99", 0.99)):

@@ -39,3 +39,8 @@ class StepPlan:
     # One per response: the same weights' log-probs under the student's prompt, when those weights
     # are not the learner's teacher at `step` (see above).
     paired_student_logprobs: list[list[float]] | None = None
+    # One per response, where the task allows it (the embedded task, whose reference is the one
+    # solution the model was warmed up on): the index of its first wrong token, -1 for a correct
+    # response (`algorithms.first_divergence`). For the teacher's diagnostics only. A plan pickled
+    # into a checkpoint before this field existed reads it from this class default.
+    first_error_tokens: list[int] | None = None

@@ -29,6 +29,7 @@ from rlsd_trainer.rollout.engine import Completion, RolloutEngine, SamplingParam
 from rlsd_trainer.training.plan import StepPlan
 from rlsd_trainer.training.teacher import teacher_prompt_ids, teacher_version_at
 from rlsd_trainer.training.timing import StepTimer
+from rlsd_trainer.training.warmup import target_ids
 
 # Extra generation rounds of dynamic sampling draw their seeds from here on (round 0 keeps the
 # step's seed, so a run without dynamic sampling samples exactly as before).
@@ -67,6 +68,9 @@ class Planner:
         self.metrics = metrics
         self.needs_teacher = algorithms.needs_teacher(config.algorithm)
         self.pairs_delta = config.algorithm.name == "rlsd"  # OPSD's Delta needs the current student
+        # Only the embedded task's reference is the one solution the policy learned to write, so
+        # only there does leaving it mark a wrong token; the teacher's diagnostics are its only use.
+        self.locates_errors = self.needs_teacher and config.data.train.kind == "embedded"
         self.sampler = ResumableSampler(len(train_set), config.run.seed)
         self.rewards = RewardPool(config.reward).__enter__()
         self._prompt_cache: dict[str, list[int]] = {}
@@ -166,7 +170,21 @@ class Planner:
             values=values,
             teacher_version=teacher_version,
             paired_student_logprobs=paired_logprobs,
+            first_error_tokens=self._first_error_tokens(chosen) if self.locates_errors else None,
         )
+
+    def _first_error_tokens(self, groups: list[_Group]) -> list[int]:
+        """Each response's first wrong token, in the plan's order of responses: -1 for a correct
+        one (reward >= 1), else where it leaves its reference solution's tokens followed by EOS,
+        tokenized as the warm-up teaches them (`algorithms.first_divergence`)."""
+        first_errors = []
+        for group in groups:
+            solution = target_ids(self.tokenizer, group.example.reference or group.example.answer)
+            first_errors += [
+                -1 if reward >= 1.0 else algorithms.first_divergence(completion.token_ids, solution)
+                for completion, reward in zip(group.completions, group.rewards, strict=True)
+            ]
+        return first_errors
 
     def _sample_groups(
         self, step: int, count: int, round_: int, timer: StepTimer, verifier: Counter[str]

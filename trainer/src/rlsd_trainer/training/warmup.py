@@ -26,6 +26,11 @@ def direct_answer(answer: str) -> str:
     return f"Answer: \\boxed{{{answer}}}"
 
 
+def target_ids(tokenizer: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """The tokens the warm-up teaches for `target`: its text's tokens, then EOS."""
+    return tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def supervised_warmup(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -38,7 +43,6 @@ def supervised_warmup(
 ) -> list[float]:
     """Run `config.steps` AdamW steps of next-token loss on reference solutions; returns the losses."""
     rng = random.Random(seed)
-    eos = tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.1, 1 - step / config.steps)
@@ -56,7 +60,7 @@ def supervised_warmup(
             elif rng.random() < config.direct_answer_fraction:
                 target = direct_answer(example.answer)
             prompts.append(encode_prompt(tokenizer, text))
-            targets.append(tokenizer(target, add_special_tokens=False)["input_ids"] + [eos])
+            targets.append(target_ids(tokenizer, target))
         packed = pack(prompts, targets)
         logprobs, _ = response_logprobs(model, packed, chunk_tokens)
         loss = -(logprobs * packed.response_mask).sum() / packed.response_mask.sum()
