@@ -302,18 +302,18 @@ def plot(study: dict[str, dict[str, dict]], comparisons: dict, baseline: str | N
             for axis, key in ((row[2], "entropy"), (row[3], "response_length_mean")):
                 series = figures["per_step"][key]
                 axis.plot(list(series), list(series.values()), color=color, label=variant)
-        teacher = summary.get("rlsd") or next(iter(summary.values()))
-        for key in DIAGNOSTICS[:4]:
-            series = teacher["per_step"][key]
-            if series:
-                row[4].plot(list(series), list(series.values()), label=key)
+        # The first variant with a teacher (RLSD where it runs) draws Delta by token correctness.
+        teacher = next((v for v, f in summary.items() if f["per_step"]["delta_correct"]), None)
+        for key in DIAGNOSTICS[:4] if teacher else ():
+            series = summary[teacher]["per_step"][key]
+            row[4].plot(list(series), list(series.values()), label=key)
         row[1].axhline(0.0, color="black", linewidth=0.8)
         titles = (
             f"{task}: held-out accuracy (%), 95% bands",
             f"paired difference vs {baseline} (points)",
             "entropy (mean over seeds)",
             "response tokens (mean over seeds)",
-            "rlsd: Delta by token correctness",
+            f"{teacher}: Delta by token correctness",
         )
         for axis, title in zip(row, titles, strict=True):
             axis.set_title(title, fontsize=9)
