@@ -49,7 +49,11 @@ TOTAL_STEPS = 12
 
 def run_config(output_dir: Path, servers: dict[str, list[Server]], **changes: dict) -> Path:
     """A 2-rank RLSD run with remote rollout and teacher; returns the path of its YAML file."""
-    remote = {"model_name": "policy", "request_timeout_s": 60, "max_retries": 2}
+    # A learner killed in the middle of a push leaves its server in the transfer until the server's
+    # group timeout (60 s, processes.py) frees it; the next attempt waits for a live server up to
+    # request_timeout_s, which must outlast that on a loaded machine (a cluster's liveness probe
+    # replaces such a server instead). At 60 s both, CI saw the wait give up first.
+    remote = {"model_name": "policy", "request_timeout_s": 150, "max_retries": 2}
     config = {
         "run": {"seed": SEED, "output_dir": str(output_dir), "total_steps": TOTAL_STEPS},
         "model": {"path": "embedded"},
