@@ -3,12 +3,13 @@
 
 Design:
 - Every run is the real CLI (`rlsd-trainer local`) with a packaged config (`--tasks`), changing only
-  `run.seed`, `algorithm.name`, `rollout.max_staleness`, `run.total_steps` (`--steps`),
-  `run.output_dir` and what `--set` adds.
+  `run.seed`, `algorithm.name` (and that variant's own settings, `rlsd:algorithm.eps_w=0.9`),
+  `rollout.max_staleness`, `run.total_steps` (`--steps`), `run.output_dir` and what `--set` adds.
 - Paired seeds: each task's warm-up (SFT) runs once; every run of that task starts from a copy of
-  the same warmed-up policy, and a seed fixes the RL phase's data order and sampling for every
-  algorithm, so per-seed differences between algorithms measure the algorithms (the intervals do
-  not include warm-up-to-warm-up variation).
+  the same warmed-up policy, and a seed fixes the RL phase's questions (the embedded task's train
+  and held-out rows are generated from it), their order and the sampling for every algorithm, so
+  per-seed differences between algorithms measure the algorithms (the intervals do not include
+  warm-up-to-warm-up variation).
 - Runs go `--jobs` at a time (default 2, one thread each: the 2 cores this is sized for).
 - Intervals are Student-t 95% intervals over seeds; a difference between two algorithms is the
   interval of the per-seed differences (paired), with the count of seeds where the first is ahead.

@@ -30,6 +30,7 @@ NEW_KEYS = (
     "delta_before_error",
     "delta_first_error",
     "delta_after_error",
+    "advantage_shift",
 )
 
 

@@ -239,7 +239,7 @@ def rlsd_weight_stats(
 ) -> WeightStats:
     """Diagnostics of the evidence weights over real tokens: mean Delta_t, mean w_t and the share
     of tokens (of sequences with A != 0) whose weight was clipped to [1 - eps_w, 1 + eps_w]."""
-    delta = (teacher_logprobs - student_logprobs).float()
+    delta = privileged_gain(teacher_logprobs, student_logprobs)
     weights = rlsd_weights(advantages, teacher_logprobs, student_logprobs)
     informative = mask * (advantages != 0).float().unsqueeze(1)
     tokens = mask.sum().clamp(min=1)
