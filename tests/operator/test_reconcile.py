@@ -100,6 +100,11 @@ class Cluster:
         events = self.core.list_namespaced_event(self.namespace, field_selector=f"reason={reason}").items
         return [e.message for e in events]
 
+    def wait_events(self, reason: str) -> list[str]:
+        """The events of `reason` once there is one: kopf posts events in the background, after the
+        status patch that a test may have seen first."""
+        return wait_until(lambda: self.events(reason), f"a {reason} event")
+
 
 @pytest.fixture
 def cluster(api_client: client.ApiClient, namespace: str, checkpoint_claim: str) -> Cluster:
@@ -142,8 +147,7 @@ def test_create_makes_owned_pods_config_and_services(cluster: Cluster, operator:
     assert config["teacher"]["servers"]["urls"] == [f"http://demo-teacher-0.demo-teacher.{domain}:8000"]
     services = {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.namespace).items}
     assert services == {"demo-learners", "demo-rollout", "demo-teacher"}
-    assert cluster.events("AttemptStarted")
-    wait_until(lambda: cluster.events("Running"), "the Running event (kopf posts events in the background)")
+    assert cluster.wait_events("AttemptStarted") and cluster.wait_events("Running")
 
 
 @pytest.fixture
@@ -245,7 +249,7 @@ def test_preemption_restarts_the_whole_gang_without_counting_a_failure(
     assert (status["attempt"], status.get("preemptions"), status.get("restarts", 0)) == (2, 1, 0)
     servers_after = {name: pod.metadata.uid for name, pod in cluster.pods().items() if "rollout" in name}
     assert servers_after == servers_before  # the servers are not part of the gang
-    assert cluster.events("Preempted")
+    assert cluster.wait_events("Preempted")
 
 
 def test_application_failures_back_off_then_fail_the_run(cluster: Cluster, operator: Any) -> None:
@@ -298,7 +302,7 @@ def test_a_lost_rollout_pod_is_recreated_alone(cluster: Cluster, operator: Any) 
     assert {n: after[n] for n in LEARNERS_A1} == {n: before[n] for n in LEARNERS_A1}
     status = cluster.wait_phase("Running")
     assert status["attempt"] == 1 and status.get("preemptions", 0) == 0 and status.get("restarts", 0) == 0
-    assert cluster.events("ServerLost")
+    assert cluster.wait_events("ServerLost")
 
 
 def test_completion_cleans_up_servers_and_honours_the_ttl(cluster: Cluster, operator: Any) -> None:
@@ -372,12 +376,13 @@ def test_missing_references_are_reported_then_resolved(
     )
     status = cluster.status()
     assert status["phase"] == "Pending" and f"{field}: Secret 'hf' not found" in status["message"]
-    assert cluster.events("MissingSecret") and not cluster.pods()
+    assert cluster.wait_events("MissingSecret") and not cluster.pods()
 
     secret = {"metadata": {"name": "hf"}, "data": {key: base64.b64encode(b"secret").decode()}}
     cluster.core.create_namespaced_secret(cluster.namespace, secret)
     cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])
-    assert cluster.condition("ReferencesResolved")["status"] == "True"
+    # The pods are created before the status that says why is patched.
+    wait_until(lambda: cluster.condition("ReferencesResolved")["status"] == "True", "ReferencesResolved")
 
 
 def test_a_config_the_trainer_would_refuse_fails_in_seconds_before_any_pod(
@@ -386,7 +391,7 @@ def test_a_config_the_trainer_would_refuse_fails_in_seconds_before_any_pod(
     start_run(cluster, {"trainerConfig": {"algorithm": {"gruop_size": 4}}})
     status = cluster.wait_phase("Failed", timeout=10)
     assert "spec.trainerConfig.algorithm.gruop_size: unknown field" in status["message"]
-    assert cluster.condition("Failed")["reason"] == "InvalidSpec" and cluster.events("InvalidSpec")
+    assert cluster.condition("Failed")["reason"] == "InvalidSpec" and cluster.wait_events("InvalidSpec")
     assert not cluster.pods()
 
 
@@ -432,7 +437,7 @@ def test_a_name_held_by_another_object_is_reported_then_taken_once_free(
     assert (
         "Service demo-learners exists and is not owned by this run" in cluster.condition("Ready")["message"]
     )
-    assert cluster.events("NameConflict")
+    assert cluster.wait_events("NameConflict")
     assert cluster.status()["phase"] == "Pending" and not cluster.status().get("attemptLaunched")
     cluster.core.delete_namespaced_service("demo-learners", cluster.namespace)
     cluster.wait_pods_running([*LEARNERS_A1, *SERVERS])

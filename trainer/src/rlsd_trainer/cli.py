@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -119,6 +120,9 @@ def _train(config: RunConfig, watch: PreemptionWatch | None) -> int:
     from rlsd_trainer.training.distributed import barrier, init_distributed, shutdown_distributed
     from rlsd_trainer.training.trainer import run_training
 
+    # A rank that dies of a signal (SIGSEGV, SIGABRT, ...) prints every thread's Python stack first,
+    # so a crash in a pod leaves in its log where each thread was, not only torchrun's "exitcode -11".
+    faulthandler.enable(all_threads=True)
     ctx = init_distributed(config.learner.collective_timeout_s)
     try:
         summary = run_training(config, ctx, watch)
