@@ -14,6 +14,8 @@ What it runs
     * `learner-k1`   the same with `rollout.max_staleness: 1` (the planner's worker thread) (0)
     * `preempt-k0`   the same, SIGTERM once the ranks are past start-up: saved and stopped (75)
     * `preempt-k1`   ... with `rollout.max_staleness: 1` (75)
+    * `lost-server`  `learner-k0` with one of its two rollout replicas killed once the run has a
+                     checkpoint (tests/trainer/test_distributed.py's lost-server test) (0)
     * `bad-config`   2 ranks that find the config unusable (3)
     * `exit-race`    on demand (not in the default set): the abort at exit made likely. 2 gloo ranks
                      whose last collective's work (holding a tensor only C++ still refers to) is let
@@ -270,13 +272,26 @@ class Scenarios:
         assert self._model_dir is not None
         return self._servers, self._model_dir
 
-    def _learner(self, name: str, round_: int, expected: int, sigterm: bool = False, **changes: dict) -> Run:
+    def _learner(
+        self,
+        name: str,
+        round_: int,
+        expected: int,
+        sigterm: bool = False,
+        lose_server: bool = False,
+        **changes: dict,
+    ) -> Run:
         import test_distributed as td
 
         servers, model_dir = self._servers_up()
         directory = self.work / f"{name}-{round_:03d}"
         shutil.rmtree(directory, ignore_errors=True)
         td.prepare_output(directory, model_dir)
+        lost = None
+        if lose_server:  # a rollout replica of this run's own, killed once the run has a checkpoint
+            lost = processes.start_server("rollout", model_dir, directory, "policy")
+            processes.wait_healthy([lost])
+            servers = {**servers, "rollout": [servers["rollout"][0], lost]}
         changes["run"] = {"total_steps": self.steps, **changes.get("run", {})}
         config = td.run_config(directory, servers, **changes)
         log = directory / "learner.log"
@@ -288,9 +303,19 @@ class Scenarios:
             # As the chaos test does: once the ranks are past start-up, the pod is deleted.
             if sigterm and processes.wait_past_startup(process, log, since=0):
                 process.send_signal(signal.SIGTERM)
+            # As test_lost_rollout_server_is_routed_around does: the replica's node goes.
+            if lost is not None and processes.wait_for(
+                lambda: td.newest_checkpoint(directory) is not None,
+                process,
+                processes.RUN_TIMEOUT_S,
+                "a checkpoint",
+            ):
+                lost.kill()
             code = process.wait(timeout=processes.RUN_TIMEOUT_S)
         finally:
             processes.kill_session(process)
+            if lost is not None:
+                lost.stop()
         run = Run(name, round_, expected, code, time.monotonic() - started)
         return examine(run, log.read_text(errors="replace"), directory, self.keep_cores)
 
@@ -305,6 +330,9 @@ class Scenarios:
 
     def preempt_k1(self, round_: int) -> Run:
         return self._learner("preempt-k1", round_, EXIT_PREEMPTED, sigterm=True, rollout={"max_staleness": 1})
+
+    def lost_server(self, round_: int) -> Run:
+        return self._learner("lost-server", round_, 0, lose_server=True, rollout={"max_staleness": 0})
 
     def bad_config(self, round_: int) -> Run:
         # tests/trainer/test_distributed.py::test_config_error_found_by_the_ranks_exits_3
@@ -326,6 +354,7 @@ SCENARIOS: dict[str, Callable[[Scenarios, int], Run]] = {
     "learner-k1": Scenarios.learner_k1,
     "preempt-k0": Scenarios.preempt_k0,
     "preempt-k1": Scenarios.preempt_k1,
+    "lost-server": Scenarios.lost_server,
     "bad-config": Scenarios.bad_config,
     "exit-race": Scenarios.exit_race,
     "exit-race-plain": Scenarios.exit_race_plain,
