@@ -70,8 +70,10 @@ def test_hostile_runs_do_not_starve_healthy_ones(
         run = custom.get_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.PLURAL, name)
         return run.get("status") or {}
 
-    def invalid_spec_events() -> list[Any]:
-        return core.list_namespaced_event(namespace, field_selector="reason=InvalidSpec").items
+    def refusals_of_both() -> list[Any]:
+        """The InvalidSpec events, once both refused runs have theirs (else none)."""
+        events = core.list_namespaced_event(namespace, field_selector="reason=InvalidSpec").items
+        return events if len({e.involved_object.name for e in events}) == 2 else []
 
     unscheduled = {"schedulerName": "rlsd-test-none"}  # no scheduler picks these pods up
     hostile = {
@@ -104,13 +106,7 @@ def test_hostile_runs_do_not_starve_healthy_ones(
             assert "1048576" in status("too-large")["message"]
             assert "gruop_size" in status("typo")["message"]
             # kopf posts events in the background, after the status: wait for both refusals' events.
-            refusals = wait_until(
-                lambda: (
-                    len({e.involved_object.name for e in invalid_spec_events()}) == 2
-                    and invalid_spec_events()
-                ),
-                "the InvalidSpec events of both refused runs",
-            )
+            refusals = wait_until(refusals_of_both, "the InvalidSpec events of both refused runs")
             for name in healthy:
                 wait_until(lambda n=name: status(n).get("phase") == "Running", f"{name} Running", timeout=180)
 

@@ -62,16 +62,12 @@ class Queued(Cluster):
     def admitted(self, run: str) -> dict[str, Any]:
         return self.condition("Admitted", run)
 
-    def run_events(self, reason: str) -> list[str]:
-        """The operator's events of `reason` (Kueue posts some of the same reasons on Workloads)."""
+    def events(self, reason: str) -> list[str]:
+        """The operator's events of `reason` on runs only (Kueue posts some of the same reasons on
+        Workloads); `wait_events` waits on these."""
         selector = f"reason={reason},involvedObject.kind={names.KIND}"
         events = self.core.list_namespaced_event(self.namespace, field_selector=selector).items
         return [e.message for e in events]
-
-    def wait_run_events(self, reason: str) -> list[str]:
-        """`run_events` once there is one: kopf posts events in the background, after the status
-        patch that a test may have seen first."""
-        return wait_until(lambda: self.run_events(reason), f"a {reason} event")
 
     def wait_running(self, run: str, attempt: int = 1, timeout: float = 90) -> dict[str, Any]:
         expected = [f"{run}-learner-a{attempt}-{r}" for r in (0, 1)]
@@ -173,7 +169,7 @@ def test_a_run_waits_in_the_queue_until_quota_frees_then_starts(queued: Queued, 
         p.spec.security_context.run_as_non_root and p.spec.automount_service_account_token is False
         for p in second.values()
     )
-    assert any(m.startswith("queued in Kueue LocalQueue") for m in queued.wait_run_events("Queued"))
+    assert any(m.startswith("queued in Kueue LocalQueue") for m in queued.wait_events("Queued"))
 
     # Suspended while queued: its pods (which never ran) and its Workload go; resumed, it queues again.
     queued.patch_spec({"suspend": True}, "second")
@@ -214,7 +210,7 @@ def test_a_higher_priority_run_preempts_a_lower_one_which_resumes_later_from_its
     low = queued.wait_queued("low")
     status = queued.status("low")
     assert status["attempt"] == 2 and status["preemptions"] == 1 and status.get("restarts", 0) == 0
-    preempted = queued.wait_run_events("Preempted")
+    preempted = queued.wait_events("Preempted")
     assert preempted and "stopped by Kueue (WorkloadEvictedDueToPreempted)" in preempted[0], preempted
     assert "Preempted to accommodate a workload" in preempted[0]
     assert low["reason"] == "Pending"
