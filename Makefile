@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CONFIG ?= trainer/src/rlsd_trainer/configs/embedded.yaml
 
 .PHONY: train test test-vllm vllm-venv-start lint k8s-assets chart-tools kueue node images test-tools bench-learning bench-learning-async bench-cost bench-memory bench-peer bench-packing bench-weight-sync \
-	bench-checkpoint bench-scaling bench-rollout bench-async bench-gpu bench-operator stress-multirank clean
+	bench-checkpoint bench-scaling bench-rollout bench-async bench-gpu bench-operator stress-multirank stress-suite clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -158,6 +158,13 @@ LOAD ?= 1
 STRESS_ARGS ?=
 stress-multirank: $(VENV)/.trainer-installed
 	nice -n 10 $(BIN)/python benchmarks/stress_multirank.py --rounds $(ROUNDS) --load $(LOAD) $(STRESS_ARGS)
+
+# The whole test suite as CI runs it (.ci/run, on a clean clone of HEAD's committed work), RUNS times
+# in a row while LOAD cores are kept busy; stops at the first red run (benchmarks/stress_suite.py; a
+# table, logs under runs/stress-suite, benchmarks/results/stress_suite.json). About 40 min a run.
+RUNS ?= 3
+stress-suite: $(VENV)/.trainer-installed
+	$(BIN)/python benchmarks/stress_suite.py --runs $(RUNS) --load $(LOAD)
 
 clean:
 	rm -rf $(VENV) runs

@@ -12,6 +12,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -206,6 +207,26 @@ def matmul_peak_gflops(threads: int, size: int = 2048, repeats: int = 7) -> floa
         best = min(best, time.perf_counter() - started)
     torch.set_num_threads(previous)
     return 2 * size**3 / best / 1e9
+
+
+@contextmanager
+def busy_cores(count: int, cpus: set[int] | None = None) -> Iterator[None]:
+    """`count` processes of `yes > /dev/null`: that many cores kept busy, as another job would (on
+    `cpus` when given)."""
+    load = [
+        subprocess.Popen(
+            ["yes"],
+            stdout=subprocess.DEVNULL,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for process in load:
+            process.kill()
+            process.wait()
 
 
 def load_average() -> list[float]:

@@ -56,12 +56,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness import RESULTS, ROOT, environment, finish
+from harness import RESULTS, ROOT, busy_cores, environment, finish
 
 import processes  # tests/trainer/processes.py (harness puts tests/trainer on sys.path)  # isort: skip
 
@@ -361,26 +361,6 @@ SCENARIOS: dict[str, Callable[[Scenarios, int], Run]] = {
 }
 # What `make stress-multirank` runs: the test suite's multi-rank jobs (the exit races are on demand).
 DEFAULT_SCENARIOS = [name for name in SCENARIOS if not name.startswith("exit-race")]
-
-
-@contextlib.contextmanager
-def busy_cores(count: int, cpus: set[int] | None = None) -> Iterator[None]:
-    """`count` processes of `yes > /dev/null`: that many cores kept busy, as another job would (on
-    `cpus` when given)."""
-    load = [
-        subprocess.Popen(
-            ["yes"],
-            stdout=subprocess.DEVNULL,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
-        for _ in range(count)
-    ]
-    try:
-        yield
-    finally:
-        for process in load:
-            process.kill()
-            process.wait()
 
 
 # ---- report ----------------------------------------------------------------------------------------
