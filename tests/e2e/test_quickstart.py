@@ -19,6 +19,7 @@ runc, CNI, kube-proxy, CoreDNS; k8s/realnode.py), in a namespace enforcing Pod S
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -271,8 +272,7 @@ def test_the_quickstart_trains_to_the_end_through_a_preemption_and_a_lost_rollou
         # A rollout server wedged from here on (SIGSTOP, as a vLLM engine core stuck in a transfer): the
         # learners leave it out, and the kubelet's liveness probe gives up on it (checked below).
         wedged = cluster.core.read_namespaced_pod("quickstart-rollout-1", namespace).metadata.uid
-        for pid in cluster.container_pids(namespace, "quickstart-rollout-1"):
-            os.kill(pid, signal.SIGSTOP)
+        signal_processes(cluster.container_pids(namespace, "quickstart-rollout-1"), signal.SIGSTOP)
 
         # Preemption for real: a learner pod evicted once a checkpoint is on the claim.
         status = cluster.wait_status(
@@ -479,6 +479,15 @@ def check_wedged_server_replaced(cluster: RealCluster, namespace: str, pod: str,
     assert any(r == "ServerLost" and m.startswith(f"{pod} stopped (Failed)") for _, _, r, m in seen), seen
 
 
+def signal_processes(pids: list[int], signum: int) -> None:
+    """`signum` to each of a container's processes that still runs. They include the kubelet's exec
+    probes, which end on their own: a liveness probe caught by SIGSTOP is killed at its timeout (a
+    loaded run's SIGCONT then met ProcessLookupError)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
 def check_rollout_server_down(cluster: RealCluster, prometheus: Prometheus, namespace: str, pod: str) -> None:
     """SIGSTOP the server's processes: its pod stays Running, its scrapes fail, the alert goes pending
     then firing for that pod; SIGCONT: it resolves."""
@@ -498,8 +507,7 @@ def check_rollout_server_down(cluster: RealCluster, prometheus: Prometheus, name
     )
     pids = cluster.container_pids(namespace, pod)
     seen: list[str] = []
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    signal_processes(pids, signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 120
         while "firing" not in seen and time.monotonic() < deadline:
@@ -513,6 +521,5 @@ def check_rollout_server_down(cluster: RealCluster, prometheus: Prometheus, name
         assert prometheus.api("query", query=f"count_over_time({pending}[5m])")["result"], seen
         assert cluster.core.read_namespaced_pod(pod, namespace).status.phase == "Running"
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        signal_processes(pids, signal.SIGCONT)
     wait_until(lambda: not states(), "RLSDRolloutServerDown to resolve", timeout=120)
