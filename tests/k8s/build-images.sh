@@ -26,7 +26,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 log() { echo "build-images: $*" >&2; }
 
-"$here/install-debian-packages.sh" buildah debootstrap
+# runc: the OCI runtime buildah runs a RUN step in (Debian only recommends one, and recommends are
+# not installed; a build that came before build-node.sh's install failed with "exec: no command").
+"$here/install-debian-packages.sh" buildah runc debootstrap
 out=${RLSD_IMAGES_CACHE:-$HOME/.cache/rlsd/images}
 mkdir -p "$out"
 exec 9>"$out/.lock"

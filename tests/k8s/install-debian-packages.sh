@@ -2,7 +2,7 @@
 # Installs the Debian packages given as arguments that are not installed yet (apt-get, as root), one
 # install at a time on this machine; a no-op when all are there. Used by build-node.sh and
 # build-images.sh: a real node needs containerd, runc, the CNI plugins, iptables and conntrack; the
-# images need buildah and debootstrap.
+# images need buildah, runc and debootstrap.
 set -euo pipefail
 log() { echo "install-debian-packages: $*" >&2; }
 
