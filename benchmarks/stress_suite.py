@@ -13,7 +13,7 @@ What it reports
     Each run's exit code, wall time, the summary line of every pytest session in its log
     (`735 passed, 2 warnings in 2037.46s`) and the tests that failed; the log is kept under `--logs`,
     a red run's clone is kept for its test directories. A table, and
-    `benchmarks/results/<--name>.json`.
+    `benchmarks/results/<--name>.json`, rewritten after every round.
 
     make stress-suite RUNS=3 LOAD=1
     .venv/bin/python benchmarks/stress_suite.py --runs 1 --load 0 --ref HEAD~1
@@ -124,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(1, args.runs + 1):
             runs.append(run_once(round_, commit, args.logs))
             print(describe(runs[-1]), flush=True)
+            # Written after every round: a stopped two-hour benchmark keeps the rounds it finished.
+            report["runs"] = [asdict(run) for run in runs]
+            report["green_in_a_row"] = next((i for i, run in enumerate(runs) if not run.green), len(runs))
+            finish(report, RESULTS / f"{args.name}.json")
             if not runs[-1].green and not args.keep_going:
                 break
-    green_in_a_row = next((i for i, run in enumerate(runs) if not run.green), len(runs))
+    green_in_a_row = report["green_in_a_row"]
     print(f"\n{green_in_a_row} green run(s) in a row of {args.runs} asked, under {args.load} busy core(s)")
-    report["runs"] = [asdict(run) for run in runs]
-    report["green_in_a_row"] = green_in_a_row
-    finish(report, RESULTS / f"{args.name}.json")
     return 0 if green_in_a_row == args.runs else 1
 
 
