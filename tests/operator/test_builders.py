@@ -322,6 +322,49 @@ def test_cpu_rollout_and_teacher_pods_run_the_trainer_servers() -> None:
     ]  # fmt: skip
 
 
+def omp_threads(container: dict) -> list[str]:
+    return [e["value"] for e in container["env"] if e["name"] == "OMP_NUM_THREADS"]
+
+
+@pytest.mark.parametrize(
+    ("learner", "threads"),
+    [
+        ({"resources": {"requests": {"cpu": "250m"}}}, ["1"]),  # 4 processes: at least one thread each
+        ({"resources": {"requests": {"cpu": "16"}}}, ["4"]),  # 16 cores over 4 processes
+        ({"resources": {"requests": {"cpu": "64"}, "limits": {"cpu": "8500m"}}}, ["2"]),  # the limit first
+        ({}, []),  # no CPU named: torch's own default
+        (
+            {"resources": {"requests": {"cpu": "16"}}, "env": [{"name": "OMP_NUM_THREADS", "value": "3"}]},
+            ["3"],
+        ),
+    ],
+)
+def test_torch_threads_follow_the_containers_cpu(learner: dict, threads: list[str]) -> None:
+    """Torch's threads in a pod are the pod's CPU, not the node's cores (which other pods share)."""
+    pod = builders.build_learner_pod(defaulted_run(spec={"learner": learner}), node_rank=0, attempt=1)
+    assert omp_threads(pod["spec"]["containers"][0]) == threads
+
+
+def test_the_trainers_servers_size_torch_threads_and_vllm_its_own() -> None:
+    cpu = {"resources": {"requests": {"cpu": "200m"}}}
+    run = defaulted_run(
+        spec={
+            "rollout": {"backend": "cpu", **cpu},
+            "teacher": {
+                "placement": "remote",
+                "replicas": 1,
+                "image": "t",
+                "weightTransfer": "gloo",
+                "resources": {"limits": {"cpu": 3}},
+            },
+        }
+    )
+    assert omp_threads(builders.build_server_pod(run, "rollout", 0)["spec"]["containers"][0]) == ["1"]
+    assert omp_threads(builders.build_server_pod(run, "teacher", 0)["spec"]["containers"][0]) == ["3"]
+    vllm = builders.build_server_pod(defaulted_run(spec={"rollout": cpu}), "rollout", 0)
+    assert omp_threads(vllm["spec"]["containers"][0]) == []
+
+
 @pytest.mark.parametrize(("push_timeout", "failures"), [(None, 62), (10, 4)])
 def test_a_server_is_alive_while_its_engine_answers_or_has_stalled_no_longer_than_a_push(
     push_timeout: float | None, failures: int

@@ -7,7 +7,10 @@ their float results can be compared exactly.
 
 from __future__ import annotations
 
+import http.server
 import importlib
+import json
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +25,7 @@ import httpx
 import pytest
 import torch
 import yaml
-from processes import Server, one_torch_thread, start_server, wait_healthy
+from processes import Server, free_port, one_torch_thread, start_server, wait_healthy
 from tiny_models import EOS, save_tiny_model, tiny_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -34,6 +37,7 @@ from rlsd_trainer.cli import _served_model
 from rlsd_trainer.cli import main as cli_main
 from rlsd_trainer.model.embedded import build_model_dir
 from rlsd_trainer.model.logprobs import shared_prompt_logprobs
+from rlsd_trainer.remote.http import HttpCallError
 from rlsd_trainer.remote.replicas import chunk_bounds
 from rlsd_trainer.remote.rollout_client import (
     RemoteRolloutEngine,
@@ -279,6 +283,58 @@ def _probe(url: str) -> subprocess.CompletedProcess[str]:
     """The kubelet's liveness probe of the operator's server pods, run as it runs it."""
     command = [sys.executable, "-m", "rlsd_contracts.liveness", "--port", str(_port(url)), "--timeout", "1"]
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+WORLD_SIZE_ONE = json.dumps({"world_size": 1}).encode()
+
+
+@contextmanager
+def _server_gone_after_its_world_size() -> Iterator[str]:
+    """A server that answers /get_world_size and is gone by the next call (/init_weight_transfer_engine
+    answers 503), as a rollout pod deleted between the two. A stub: no test can time a real server's
+    end to fall between two calls."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # /get_world_size
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(WORLD_SIZE_ONE)))
+            self.end_headers()
+            self.wfile.write(WORLD_SIZE_ONE)
+
+        def do_POST(self) -> None:
+            self.send_error(503, "gone")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_push_that_failed_with_its_group_half_built_leaves_the_next_a_free_port(
+    servers: dict[str, Server], model_dir: Path
+) -> None:
+    """The learner's transfer port is fixed in a pod (29600): a try whose group never formed still
+    holds its store's port (the group's constructor waits for the missing servers), so the next try
+    takes the next port. The quick start's attempt 2 failed so: every retry met EADDRINUSE."""
+    port = free_port()
+    sender = BroadcastSender("gloo", httpx.Client(timeout=60), "127.0.0.1", port, 10.0, 10.0)
+    initial = [(n, t.detach()) for n, t in _load(model_dir).named_parameters()]
+    try:
+        with _server_gone_after_its_world_size() as gone, pytest.raises(HttpCallError, match="init_weight"):
+            sender.push([gone], initial, 1)
+        with pytest.raises(OSError):  # what the next try met before: the port still held
+            socket.create_server(("127.0.0.1", port)).close()
+        sender.push([servers["r1"].url], initial, 0)  # the initial weights: the other tests' state
+        assert httpx.get(servers["r1"].url + "/weight_info").json() == {"weight_version": "0"}
+        assert (sender.groups_tried, sender.groups_built) == (2, 1)
+    finally:
+        sender.close()
 
 
 def test_a_wedged_replica_bounds_the_push_fails_liveness_and_is_taken_back_once_replaced(

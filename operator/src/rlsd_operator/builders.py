@@ -16,6 +16,7 @@ from typing import Any
 
 import kopf
 import yaml
+from kubernetes.utils import parse_quantity
 
 from rlsd_contracts.config import RolloutSection, ServersSection
 from rlsd_contracts.wire import (
@@ -275,6 +276,22 @@ def _resources(section: Object) -> Object:
     }
 
 
+def _torch_threads_env(section: Object, processes: int = 1) -> list[Object]:
+    """OMP_NUM_THREADS for a container of `processes` torch processes: the container's CPU (its
+    limit, else its request) in whole cores per process, at least one. Unset, torch starts a thread
+    per core of the node, and on a node shared with other pods they spin waiting for each other: the
+    quick start's warm-up took 15 times longer beside one busy core (docs/kubernetes.md). Nothing
+    where the section names no CPU or sets the variable itself."""
+    if any(variable.get("name") == "OMP_NUM_THREADS" for variable in section.get("env") or []):
+        return []
+    resources = section.get("resources") or {}
+    cpu = (resources.get("limits") or {}).get("cpu") or (resources.get("requests") or {}).get("cpu")
+    if cpu is None:
+        return []
+    threads = max(1, math.floor(parse_quantity(str(cpu)) / processes))
+    return [{"name": "OMP_NUM_THREADS", "value": str(threads)}]
+
+
 def _secret_env(variable: str, reference: Object) -> Object:
     secret = {"name": reference["name"], "key": reference["key"]}
     return {"name": variable, "valueFrom": {"secretKeyRef": secret}}
@@ -447,6 +464,7 @@ def build_learner_pod(
         {"name": "RLSD_ATTEMPT", "value": str(attempt)},
         # Why it failed, where the kubelet reads it: the run's status shows it (see lifecycle).
         {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG_PATH},
+        *_torch_threads_env(learner, learner["nprocPerNode"]),
         *tracker_env(spec),
     ]
     container = {
@@ -522,7 +540,9 @@ def build_server_pod(run: Object, role: str, index: int) -> Object:
     name = _run_name(run)
     spec = run["spec"]
     section = spec[role]
-    extra_env = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}] if section.get("backend") == "vllm" else []
+    vllm = role == ROLLOUT and section.get("backend") == "vllm"
+    # vLLM sizes its own CPU threads; the trainer's servers run torch as the learners do.
+    extra_env = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}] if vllm else _torch_threads_env(section)
     pod_name = names.server_pod_name(name, role, index)
     container = {
         "name": role,
