@@ -8,7 +8,9 @@ runc, CNI, kube-proxy, CoreDNS; k8s/realnode.py), in a namespace enforcing Pod S
   the headless Service's DNS names, two CPU rollout servers and a teacher server; `kubectl get rlsd`
   shows the step and reward the operator reads from the real learner; a learner pod evicted mid-run
   makes the gang restart from the checkpoint on the claim (a preemption, not a failure); a rollout
-  pod deleted mid-run is recreated alone and the learners finish without it;
+  pod deleted mid-run is recreated alone and the learners finish without it; what needs the run
+  alive is checked while one learner rank is stopped (the other waits for it), so the run's pace,
+  24 steps in 15 s on an idle machine, cannot outrun the test;
 - a real Prometheus scrapes the real pods through scrape jobs derived from the chart's monitors: every
   dashboard panel answers for the run, and RLSDRolloutServerDown fires for a rollout server that
   stops answering (SIGSTOP) while its pod stays Running; left stopped, the server fails its liveness
