@@ -282,8 +282,8 @@ def test_the_quickstart_trains_to_the_end_through_a_preemption_and_a_lost_rollou
         cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLES / "quickstart-cpu.yaml"))
         run_dir = volume / RUN
 
-        # The gang held by a straggling rank from its first checkpoint on: 24 steps take 15 s on an idle
-        # machine, less than what follows, which needs the run alive.
+        # The gang held by a straggling rank once it has a checkpoint and steps with signal: 24 steps take
+        # 15 s on an idle machine, less than what follows, which needs the run alive.
         wait_until(lambda: ready_to_hold(run_dir), "a checkpoint and steps with signal", timeout=900)
         checkpointed_s = time.monotonic() - applied
         with straggling(cluster, namespace, "quickstart-learner-a1-1"):

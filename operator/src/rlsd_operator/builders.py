@@ -518,7 +518,7 @@ def server_command(spec: Object, role: str) -> list[str]:
         common += ["--weight-transfer-config", json.dumps({"backend": backend})]
     if spec["model"].get("dtype"):
         common += ["--dtype", spec["model"]["dtype"]]
-    if role == ROLLOUT and section["backend"] == "vllm":
+    if serves_vllm(spec, role):
         command = ["vllm", "serve", model, *common]
     else:
         command = ["rlsd-trainer", "serve", role, "--model", model, *common]
@@ -527,11 +527,15 @@ def server_command(spec: Object, role: str) -> list[str]:
     return command + list(section.get("extraArgs") or [])
 
 
+def serves_vllm(spec: Object, role: str) -> bool:
+    """Whether the `role` server is vLLM's (rollouts with the vllm backend), not rlsd-trainer's."""
+    return role == ROLLOUT and spec[role].get("backend") == "vllm"
+
+
 def serves_embedded_model(spec: Object, role: str) -> bool:
     """Whether the `role` server is rlsd-trainer's with the embedded task's model (`model.path:
     embedded`), which it builds from the run's config file (mounted as the learners have it)."""
-    vllm = role == ROLLOUT and spec[role].get("backend") == "vllm"
-    return spec["model"]["path"] == "embedded" and not vllm
+    return spec["model"]["path"] == "embedded" and not serves_vllm(spec, role)
 
 
 def build_server_pod(run: Object, role: str, index: int) -> Object:
@@ -540,8 +544,8 @@ def build_server_pod(run: Object, role: str, index: int) -> Object:
     name = _run_name(run)
     spec = run["spec"]
     section = spec[role]
-    vllm = role == ROLLOUT and section.get("backend") == "vllm"
     # vLLM sizes its own CPU threads; the trainer's servers run torch as the learners do.
+    vllm = serves_vllm(spec, role)
     extra_env = [{"name": "VLLM_SERVER_DEV_MODE", "value": "1"}] if vllm else _torch_threads_env(section)
     pod_name = names.server_pod_name(name, role, index)
     container = {

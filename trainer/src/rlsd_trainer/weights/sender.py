@@ -190,13 +190,8 @@ class BroadcastSender:
         sizes = fan_out(lambda url: int(self.control.get("/get_world_size", url)["world_size"]), urls)
         offsets = [1 + sum(sizes[:i]) for i in range(len(urls))]
         world_size = 1 + sum(sizes)
-        # A fresh port per try: a server still holding an old group can never join the new one, and
-        # a try that failed (a server gone between two calls) may still hold its port, its group's
-        # constructor waiting out the timeout for the servers that never came.
-        port = 0 if self.port == 0 else self.port + self.groups_tried
-        self.groups_tried += 1
         if self.backend == "gloo":
-            self._connect_gloo(urls, offsets, world_size, port)
+            self._connect_gloo(urls, offsets, world_size)
         else:
             # Read here, on the caller's thread: the current CUDA device is per thread.
             self._device = torch.device("cuda", torch.cuda.current_device())
@@ -210,7 +205,12 @@ class BroadcastSender:
             for url, info in zip(urls, infos, strict=True)
         ]
 
-    def _connect_gloo(self, urls: list[str], offsets: list[int], world_size: int, port: int) -> None:
+    def _connect_gloo(self, urls: list[str], offsets: list[int], world_size: int) -> None:
+        # A fresh port per try: a server still holding an old group can never join the new one, and
+        # a try that failed (a server gone between two calls) may still hold its port, its group's
+        # constructor waiting out the timeout for the servers that never came.
+        port = 0 if self.port == 0 else self.port + self.groups_tried
+        self.groups_tried += 1
         store = dist.TCPStore(self.host, port, None, True, self.timeout, wait_for_workers=False)
         infos = [
             {
