@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.server
 import importlib
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -335,6 +336,92 @@ def test_a_push_that_failed_with_its_group_half_built_leaves_the_next_a_free_por
         assert (sender.groups_tried, sender.groups_built) == (2, 1)
     finally:
         sender.close()
+
+
+class Relay:
+    """A TCP hop in front of a server, standing for a pod's DNS name: after `forget_after(n)` it
+    takes n more connections and then closes its listener (the name gone, as for a pod being
+    deleted: new connections fail), while every connection made before goes on being served."""
+
+    def __init__(self, target_url: str) -> None:
+        self.target = ("127.0.0.1", _port(target_url))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.left: int | None = None  # connections still taken; None: no end
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def forget_after(self, connections: int) -> None:
+        self.left = connections
+        if connections == 0:
+            self._forget()
+
+    def _forget(self) -> None:
+        with suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            if self.left is not None:
+                self.left -= 1
+                if self.left <= 0:
+                    self._forget()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    with suppress(OSError):
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    with suppress(OSError):
+        sink.shutdown(socket.SHUT_WR)
+
+
+def test_a_replica_lost_mid_push_is_left_out_at_no_retry_and_its_old_connections_do_not_keep_it(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rollout pod deleted while the learner pushes: its DNS name goes at once, the process goes on
+    answering on the connections it has. The quick start's attempt 2 failed so (learner exit 1): the
+    probe, on a pooled connection, called the pod live, and the push's three tries, each failing to
+    connect, were spent in 40 ms. Now a probe opens a new connection, and a try that failed because a
+    replica was lost costs no retry: here none is allowed (max_retries 0)."""
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
+    with _servers([("rollout", "gloo"), ("rollout", "gloo")], model_dir, tmp_path) as (first, second):
+        relay = Relay(second.url)
+        urls = [first.url, relay.url]
+        engine = RemoteRolloutEngine(urls, NAME, "gloo", request_timeout_s=60.0, max_retries=0)
+        try:
+            engine.update_weights(_load(model_dir).named_parameters(), version=1)
+            engine.generate(PROMPTS, params)  # each replica now has a pooled connection of the engine's
+
+            # The name goes after the next probe's two calls (/health, /weight_info), mid-push.
+            relay.forget_after(2)
+            new = tiny_model(seed=4)
+            with caplog.at_level(logging.WARNING, logger="rlsd_trainer.remote.replicas"):
+                engine.update_weights(new.named_parameters(), version=2)
+            (failed_try,) = [r.getMessage() for r in caplog.records if "version 2" in r.message]
+            assert relay.url in failed_try and "ConnectError" in failed_try, failed_try
+            assert engine.replicas.pushed == {first.url: "2", relay.url: "1"}
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(relay.url + "/health")
+
+            # Its pooled connection still answers, yet the next push and calls leave it out at once.
+            caplog.clear()
+            newer = tiny_model(seed=5)
+            with caplog.at_level(logging.WARNING, logger="rlsd_trainer.remote.replicas"):
+                engine.update_weights(newer.named_parameters(), version=3)
+                assert engine.generate(PROMPTS, params) == _local_chunks(newer, PROMPTS, params, 2, 3)
+            assert not caplog.records, [r.getMessage() for r in caplog.records]
+            assert engine.replicas.pushed == {first.url: "3", relay.url: "1"}
+            assert httpx.get(second.url + "/weight_info").json() == {"weight_version": "1"}
+        finally:
+            engine.close()
 
 
 def test_a_wedged_replica_bounds_the_push_fails_liveness_and_is_taken_back_once_replaced(

@@ -177,6 +177,8 @@ class ServersSection(_Section):
     # worker never returns) is abandoned and tried again without the servers that do not answer.
     # The operator's liveness probe of a server tolerates a stall this long before replacing it.
     weight_push_timeout_s: Annotated[float, Field(gt=0.0)] = 300.0
+    # More tries of a request on other replicas, and of a push that failed with every server still
+    # live (one that failed because a server was lost goes on with the others at no cost).
     max_retries: Annotated[int, Field(ge=0)] = 2
     weight_transfer: WeightTransferSection = WeightTransferSection()
 

@@ -14,12 +14,14 @@ to it again, for up to the request timeout, without counting as a failure. While
 at all (all lost together), calls and pushes wait for one, probing again, for up to the request
 timeout: the operator replaces lost servers, and the run should not fail for the moments that takes.
 
-A replica is live when `/health` and `/weight_info` both answer within `HEALTH_TIMEOUT_S`. vLLM's
-`/health` answers from its API server alone, while `/weight_info` is a utility call on the engine
-core, which runs them inline: an engine core wedged in a weight transfer (an NCCL receive whose
-sender died never returns) fails the second. A push that runs past `weight_push_timeout_s` is
-abandoned and tried again on a new group of the replicas still live; the operator's liveness probe
-(the same route) replaces a replica that stays wedged, and the first push after that takes it back.
+A replica is live when `/health` and `/weight_info` both answer within `HEALTH_TIMEOUT_S` on a new
+connection (a deleted pod still answers on the ones it has). vLLM's `/health` answers from its API
+server alone, while `/weight_info` is a utility call on the engine core, which runs them inline: an
+engine core wedged in a weight transfer (an NCCL receive whose sender died never returns) fails the
+second. A push that runs past `weight_push_timeout_s` is abandoned and tried again on a new group of
+the replicas still live; a replica lost mid-push costs no retry, only the wait for the others. The
+operator's liveness probe (the same route) replaces a replica that stays wedged, and the first push
+after that takes it back.
 """
 
 from __future__ import annotations
@@ -84,15 +86,17 @@ class ReplicaSet:
         # Every request carries the run's token, where the run has one (its pods on Kubernetes).
         headers = authorization_headers()
         self.http = httpx.Client(timeout=request_timeout_s, headers=headers)
-        # The weight routes get a connection per call: after an error answer (an update session
-        # already open, say) vLLM's server closes the connection, and the clean-up calls that follow
-        # must not be sent down it.
-        self.control_http = httpx.Client(
+        # Probes and the weight routes get a connection per call. A probe must see what a new
+        # connection sees: a pod being deleted goes on answering on the connections it has while its
+        # DNS name is already gone, so a pooled probe called it live and every push to it failed at
+        # once. And after an error answer (an update session already open, say) vLLM's server closes
+        # the connection, so the clean-up calls that follow must not be sent down it.
+        self.fresh_http = httpx.Client(
             timeout=request_timeout_s, limits=httpx.Limits(max_keepalive_connections=0), headers=headers
         )
         self.sender = make_sender(
             weight_transfer,
-            self.control_http,
+            self.fresh_http,
             transfer_host,
             transfer_port,
             shared_dir,
@@ -109,8 +113,8 @@ class ReplicaSet:
 
     def _probe(self, url: str) -> Probe:
         try:
-            call_json(self.http, "GET", url, "/health", timeout_s=HEALTH_TIMEOUT_S)
-            reported = call_json(self.http, "GET", url, "/weight_info", timeout_s=HEALTH_TIMEOUT_S)
+            call_json(self.fresh_http, "GET", url, "/health", timeout_s=HEALTH_TIMEOUT_S)
+            reported = call_json(self.fresh_http, "GET", url, "/weight_info", timeout_s=HEALTH_TIMEOUT_S)
         except HttpCallError as exc:
             return Probe(url, None, exc.cause)
         label = reported.get("weight_version") if isinstance(reported, dict) else None
@@ -201,13 +205,25 @@ class ReplicaSet:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Push the weights to every live replica; retried (on a new group) when one fails mid-way.
 
+        A try that failed because one of its replicas was lost meanwhile (not live at the next probe:
+        deleted, wedged, restarting) is tried again with the others, for up to the request timeout,
+        as calls wait out lost replicas. A try that failed with every replica still live is a fault
+        of the push itself, tried `max_retries` more times.
+
         `named_tensors` is consumed once (under FSDP every rank gathers in step), into one CPU copy
         that a retry can send again."""
         tensors = [(name, tensor.detach().to("cpu")) for name, tensor in named_tensors]
+        deadline = time.monotonic() + self.request_timeout_s
         causes: list[str] = []
-        for _ in range(self.max_retries + 1):
+        failed_with: list[str] = []  # the replicas of the last failed try
+        unexplained = 0
+        while True:
             probes = [p for p in self._live_probes() if p.label is not None]
             live = [p.url for p in probes]
+            if failed_with:
+                unexplained += set(failed_with) <= set(live)
+                if unexplained > self.max_retries or time.monotonic() > deadline:
+                    break
             if not live:
                 causes.append("no server is live")
                 break
@@ -219,6 +235,7 @@ class ReplicaSet:
                 if isinstance(exc, HttpCallError) and not exc.retryable:
                     raise self.error(f"{self.role} server rejected policy version {version}: {exc}") from exc
                 causes.append(f"push to {live} failed: {exc}")
+                failed_with = live
                 log.warning(
                     "%s push of policy version %d to %s failed (%s); trying again with the servers "
                     "still live",
@@ -232,15 +249,18 @@ class ReplicaSet:
             self.pushed.update(dict.fromkeys(live, self.current))
             self.policy_version = version
             return
+        shown = causes[-(self.max_retries + 2) :]  # a run of lost replicas can make many
+        left_out = len(causes) - len(shown)
+        hidden = f" ({left_out} earlier failures not shown)" if left_out else ""
         raise self.error(
-            f"could not push policy version {version} to the {self.role} servers {self.urls}: "
-            + "; ".join(causes)
+            f"could not push policy version {version} to the {self.role} servers {self.urls}{hidden}: "
+            + "; ".join(shown)
         )
 
     def close(self) -> None:
         self.sender.close()
         self.http.close()
-        self.control_http.close()
+        self.fresh_http.close()
 
 
 def _describe(probe: Probe, wanted: str) -> str:
