@@ -7,9 +7,7 @@ their float results can be compared exactly.
 
 from __future__ import annotations
 
-import http.server
 import importlib
-import json
 import logging
 import socket
 import subprocess
@@ -286,58 +284,6 @@ def _probe(url: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
 
 
-WORLD_SIZE_ONE = json.dumps({"world_size": 1}).encode()
-
-
-@contextmanager
-def _server_gone_after_its_world_size() -> Iterator[str]:
-    """A server that answers /get_world_size and is gone by the next call (/init_weight_transfer_engine
-    answers 503), as a rollout pod deleted between the two. A stub: no test can time a real server's
-    end to fall between two calls."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # /get_world_size
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(WORLD_SIZE_ONE)))
-            self.end_headers()
-            self.wfile.write(WORLD_SIZE_ONE)
-
-        def do_POST(self) -> None:
-            self.send_error(503, "gone")
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_a_push_that_failed_with_its_group_half_built_leaves_the_next_a_free_port(
-    servers: dict[str, Server], model_dir: Path
-) -> None:
-    """The learner's transfer port is fixed in a pod (29600): a try whose group never formed still
-    holds its store's port (the group's constructor waits for the missing servers), so the next try
-    takes the next port. The quick start's attempt 2 failed so: every retry met EADDRINUSE."""
-    port = free_port()
-    sender = BroadcastSender("gloo", httpx.Client(timeout=60), "127.0.0.1", port, 10.0, 10.0)
-    initial = [(n, t.detach()) for n, t in _load(model_dir).named_parameters()]
-    try:
-        with _server_gone_after_its_world_size() as gone, pytest.raises(HttpCallError, match="init_weight"):
-            sender.push([gone], initial, 1)
-        with pytest.raises(OSError):  # what the next try met before: the port still held
-            socket.create_server(("127.0.0.1", port)).close()
-        sender.push([servers["r1"].url], initial, 0)  # the initial weights: the other tests' state
-        assert httpx.get(servers["r1"].url + "/weight_info").json() == {"weight_version": "0"}
-        assert (sender.groups_tried, sender.groups_built) == (2, 1)
-    finally:
-        sender.close()
-
-
 class Relay:
     """A TCP hop in front of a server, standing for a pod's DNS name: after `forget_after(n)` it
     takes n more connections and then closes its listener (the name gone, as for a pod being
@@ -366,13 +312,13 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.left is not None:
+                self.left -= 1
+                if self.left <= 0:  # before the last one is served: no later call can get in first
+                    self._forget()
             upstream = socket.create_connection(self.target)
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
-            if self.left is not None:
-                self.left -= 1
-                if self.left <= 0:
-                    self._forget()
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
@@ -381,6 +327,33 @@ def _pump(source: socket.socket, sink: socket.socket) -> None:
             sink.sendall(data)
     with suppress(OSError):
         sink.shutdown(socket.SHUT_WR)
+
+
+def test_a_push_that_failed_with_its_group_half_built_leaves_the_next_a_free_port(
+    servers: dict[str, Server], model_dir: Path
+) -> None:
+    """The learner's transfer port is fixed in a pod (29600): a try whose group never formed still
+    holds its store's port (the group's constructor waits for the missing servers), so the next try
+    takes the next port. The quick start's attempt 2 failed so: every retry met EADDRINUSE."""
+    port = free_port()
+    # A connection per call, as the learner's sender has (ReplicaSet.fresh_http).
+    http = httpx.Client(timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
+    sender = BroadcastSender("gloo", http, "127.0.0.1", port, 10.0, 10.0)
+    initial = [(n, t.detach()) for n, t in _load(model_dir).named_parameters()]
+    # A server gone between /get_world_size and /init_weight_transfer_engine, as a rollout pod deleted
+    # between the two: the push's release of the old group, then /get_world_size, get through.
+    gone = Relay(servers["r2"].url)
+    gone.forget_after(2)
+    try:
+        with pytest.raises(HttpCallError, match="init_weight_transfer_engine: ConnectError"):
+            sender.push([gone.url], initial, 1)
+        with pytest.raises(OSError):  # what the next try met before: the port still held
+            socket.create_server(("127.0.0.1", port)).close()
+        sender.push([servers["r1"].url], initial, 0)  # the initial weights: the other tests' state
+        assert httpx.get(servers["r1"].url + "/weight_info").json() == {"weight_version": "0"}
+        assert (sender.groups_tried, sender.groups_built) == (2, 1)
+    finally:
+        sender.close()
 
 
 def test_a_replica_lost_mid_push_is_left_out_at_no_retry_and_its_old_connections_do_not_keep_it(
@@ -411,7 +384,7 @@ def test_a_replica_lost_mid_push_is_left_out_at_no_retry_and_its_old_connections
             with pytest.raises(httpx.ConnectError):
                 httpx.get(relay.url + "/health")
 
-            # Its pooled connection still answers, yet the next push and calls leave it out at once.
+            # Gone for good: the next push and calls leave it out with no failed try.
             caplog.clear()
             newer = tiny_model(seed=5)
             with caplog.at_level(logging.WARNING, logger="rlsd_trainer.remote.replicas"):
